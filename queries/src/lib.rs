@@ -1,2 +1,12 @@
 //! ZQL, the query language of Zero: the AST as Zero's JSON, normalization, hashing, parsing and
 //! validation. This crate does no I/O so that every piece can be tested with plain `#[test]`s.
+//!
+//! # Layout
+//!
+//! * [`value`]: [`Value`] and [`Row`], with Zero's total comparator (keys for dataflow).
+//! * [`ast`]: Zero's AST (protocol §6), reading and writing Zero's JSON.
+
+pub mod ast;
+pub mod value;
+
+pub use value::{Row, Value};
