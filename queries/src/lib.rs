@@ -5,8 +5,11 @@
 //!
 //! * [`value`]: [`Value`] and [`Row`], with Zero's total comparator (keys for dataflow).
 //! * [`ast`]: Zero's AST (protocol §6), reading and writing Zero's JSON.
+//! * [`normalize`] and [`hash`]: Zero's `normalizeAST` and query ids (protocol §5).
 
 pub mod ast;
+pub mod hash;
+pub mod normalize;
 pub mod value;
 
 pub use value::{Row, Value};
