@@ -6,10 +6,14 @@
 //! * [`value`]: [`Value`] and [`Row`], with Zero's total comparator (keys for dataflow).
 //! * [`ast`]: Zero's AST (protocol §6), reading and writing Zero's JSON.
 //! * [`normalize`] and [`hash`]: Zero's `normalizeAST` and query ids (protocol §5).
+//! * [`schema`]: tables, typed columns, primary keys and relationships, loaded from JSON.
+//! * [`validate`]: checks an AST against a schema; binds static parameters; completes orderings.
 
 pub mod ast;
 pub mod hash;
 pub mod normalize;
+pub mod schema;
+pub mod validate;
 pub mod value;
 
 pub use value::{Row, Value};
