@@ -8,10 +8,12 @@
 //! * [`normalize`] and [`hash`]: Zero's `normalizeAST` and query ids (protocol §5).
 //! * [`schema`]: tables, typed columns, primary keys and relationships, loaded from JSON.
 //! * [`validate`]: checks an AST against a schema; binds static parameters; completes orderings.
+//! * [`parse`]: ZQL as written in TypeScript (`issue.where('open', true)...`) into an AST.
 
 pub mod ast;
 pub mod hash;
 pub mod normalize;
+pub mod parse;
 pub mod schema;
 pub mod validate;
 pub mod value;
