@@ -1,1 +1,28 @@
-pub fn x(){}
+//! `zero-cache`: a sync server for Zero apps, a drop-in replacement for Rocicorp's zero-cache.
+//!
+//! # Layout
+//! - [`config`]: every `ZERO_*` option, from environment, `.env` and flags.
+//! - [`upstream`]: the app and shard schemas, publications, DDL triggers and slots upstream.
+//! - [`pgconn`]: SQL and replication connections to upstream.
+//! - [`schema`]: the published schema and its mapping onto replica tables and types.
+//! - [`pgvalue`]: conversion of upstream values into replica values.
+//! - [`initial_sync`]: copying a slot's snapshot into a new replica file.
+//! - [`replication`]: decoding pgoutput and applying the stream to the replica.
+//! - [`replica`]: the SQLite replica's layout and its transactional applier.
+//! - [`replicator`]: the replication manager tying these together.
+//! - [`server`]: the process supervisor (`server::run`).
+//! - [`devpg`]: a private Postgres cluster for `zero-cache-dev` and tests.
+//! - [`version`]: LSNs and lexi-encoded versions.
+
+pub mod config;
+pub mod devpg;
+pub mod initial_sync;
+pub mod pgconn;
+pub mod pgvalue;
+pub mod replica;
+pub mod replication;
+pub mod replicator;
+pub mod schema;
+pub mod server;
+pub mod upstream;
+pub mod version;

@@ -1,1 +1,23 @@
-fn main(){}
+//! The `zero-cache` server binary.
+
+use zero_cache::config::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env_and_args();
+    zero_cache::server::init_logging(&config);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    if let Err(e) = zero_cache::server::run(config, shutdown).await {
+        tracing::error!(error = %e, "zero-cache stopped");
+        eprintln!("zero-cache: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
+}

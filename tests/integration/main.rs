@@ -1,1 +1,8 @@
-mod x;
+//! The integration test binary: every test here runs against a real Postgres cluster started by
+//! the harness in `tests/support`.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+/// Initial sync, streaming and restart of the replica.
+mod replication;

@@ -1,0 +1,358 @@
+//! Configuration: every `ZERO_*` variable of zero-cache 1.9.0, read from the environment (and a
+//! `.env` file) or from the equivalent `--kebab-case` flag.
+//!
+//! Options that this server does not act on yet are still accepted, so that an existing
+//! deployment's environment keeps working unchanged; `zero-cache --help` lists every one with its
+//! environment name and default.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use clap::builder::BoolishValueParser;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Minimum level of log lines written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Everything, including per-transaction detail.
+    Debug,
+    /// Status changes.
+    Info,
+    /// Unexpected but recoverable conditions.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive for this level.
+    pub fn as_filter(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// The server's whole configuration.
+///
+/// Field names follow zero-cache's option names, so `upstream_db` is `--upstream-db` and
+/// `ZERO_UPSTREAM_DB`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "zero-cache",
+    version,
+    about = "Sync server for Zero apps: a drop-in replacement for zero-cache",
+    max_term_width = 100
+)]
+pub struct Config {
+    /// Upstream Postgres URI (postgres://user:password@host:port/db). Required.
+    #[arg(long, env = "ZERO_UPSTREAM_DB")]
+    pub upstream_db: Option<String>,
+
+    /// Maximum upstream connections, used by initial sync workers and writes.
+    #[arg(long, env = "ZERO_UPSTREAM_MAX_CONNS", default_value_t = 20)]
+    pub upstream_max_conns: u32,
+
+    /// Create the replication slot with FAILOVER (Postgres 17+).
+    #[arg(long, env = "ZERO_UPSTREAM_PG_REPLICATION_SLOT_FAILOVER", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub upstream_pg_replication_slot_failover: bool,
+
+    /// Path of the SQLite replica file.
+    #[arg(long, env = "ZERO_REPLICA_FILE", default_value = "zero.db")]
+    pub replica_file: PathBuf,
+
+    /// App id: names the upstream schemas, slots and publications (`[a-z0-9_]+`).
+    #[arg(long, env = "ZERO_APP_ID", default_value = "zero")]
+    pub app_id: String,
+
+    /// Shard number within the app.
+    #[arg(long, env = "ZERO_SHARD_NUM", default_value_t = 0)]
+    pub shard_num: u32,
+
+    /// Publications to replicate, comma separated. Default: all tables of schema `public`.
+    #[arg(long, env = "ZERO_APP_PUBLICATIONS", value_delimiter = ',')]
+    pub app_publications: Vec<String>,
+
+    /// Parallel connections used to copy tables during initial sync.
+    #[arg(
+        long,
+        env = "ZERO_INITIAL_SYNC_TABLE_COPY_WORKERS",
+        default_value_t = 5
+    )]
+    pub initial_sync_table_copy_workers: u32,
+
+    /// Copy tables in text format instead of binary during initial sync.
+    #[arg(long, env = "ZERO_INITIAL_SYNC_TEXT_COPY", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub initial_sync_text_copy: bool,
+
+    /// Wipe the replica and resync when replication cannot continue (lost slot, other upstream,
+    /// schema change without DDL detection).
+    #[arg(long, env = "ZERO_AUTO_RESET", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_reset: bool,
+
+    /// Run VACUUM on the replica at startup when this many hours passed since the last one.
+    #[arg(long, env = "ZERO_REPLICA_VACUUM_INTERVAL_HOURS")]
+    pub replica_vacuum_interval_hours: Option<f64>,
+
+    /// Log level.
+    #[arg(long, env = "ZERO_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+
+    /// Log format.
+    #[arg(long, env = "ZERO_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Interval of replication lag reports (milliseconds); 0 or less disables them.
+    #[arg(
+        long,
+        env = "ZERO_REPLICATION_LAG_REPORT_INTERVAL_MS",
+        default_value_t = 30000,
+        allow_negative_numbers = true
+    )]
+    pub replication_lag_report_interval_ms: i64,
+
+    /// Port of the sync server (HTTP and WebSocket).
+    #[arg(long, env = "ZERO_PORT", default_value_t = 4848)]
+    pub port: u16,
+
+    /// Port of the change streamer (replication manager); default: port + 1.
+    #[arg(long, env = "ZERO_CHANGE_STREAMER_PORT")]
+    pub change_streamer_port: Option<u16>,
+
+    /// URI of the replication manager, for view syncers that do not replicate themselves.
+    #[arg(long, env = "ZERO_CHANGE_STREAMER_URI")]
+    pub change_streamer_uri: Option<String>,
+
+    /// How view syncers find the replication manager: `dedicated` or `discover`.
+    #[arg(long, env = "ZERO_CHANGE_STREAMER_MODE", default_value = "dedicated")]
+    pub change_streamer_mode: String,
+
+    /// Number of sync workers; 0 runs only the replication manager. Default: cores - 1, at least 1.
+    #[arg(long, env = "ZERO_NUM_SYNC_WORKERS")]
+    pub num_sync_workers: Option<u32>,
+
+    /// Password for the admin endpoints (`/statz`).
+    #[arg(long, env = "ZERO_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// Postgres database for client view records; default: the replica's directory (SQLite).
+    #[arg(long, env = "ZERO_CVR_DB")]
+    pub cvr_db: Option<String>,
+
+    /// Maximum CVR database connections.
+    #[arg(long, env = "ZERO_CVR_MAX_CONNS", default_value_t = 30)]
+    pub cvr_max_conns: u32,
+
+    /// Postgres database for the change log; default: the upstream database.
+    #[arg(long, env = "ZERO_CHANGE_DB")]
+    pub change_db: Option<String>,
+
+    /// Maximum change database connections.
+    #[arg(long, env = "ZERO_CHANGE_MAX_CONNS", default_value_t = 5)]
+    pub change_max_conns: u32,
+
+    /// Custom mutator endpoint(s) of the API server (URL patterns, comma separated).
+    #[arg(long, env = "ZERO_MUTATE_URL", value_delimiter = ',')]
+    pub mutate_url: Vec<String>,
+
+    /// API key sent as `X-Api-Key` to the mutate endpoint.
+    #[arg(long, env = "ZERO_MUTATE_API_KEY", hide_env_values = true)]
+    pub mutate_api_key: Option<String>,
+
+    /// Synced-query transform endpoint(s) of the API server (URL patterns, comma separated).
+    #[arg(long, env = "ZERO_QUERY_URL", value_delimiter = ',')]
+    pub query_url: Vec<String>,
+
+    /// API key sent as `X-Api-Key` to the query endpoint.
+    #[arg(long, env = "ZERO_QUERY_API_KEY", hide_env_values = true)]
+    pub query_api_key: Option<String>,
+
+    /// Allow legacy CRUD mutations.
+    #[arg(long, env = "ZERO_ENABLE_CRUD_MUTATIONS", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_crud_mutations: bool,
+
+    /// Maximum WebSocket message size in bytes.
+    #[arg(long, env = "ZERO_WEBSOCKET_MAX_PAYLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub websocket_max_payload_bytes: usize,
+
+    /// Litestream backup location (e.g. `s3://bucket/path` or `file:///dir`).
+    #[arg(long, env = "ZERO_LITESTREAM_BACKUP_URL")]
+    pub litestream_backup_url: Option<String>,
+
+    /// Litestream executable used for backup and restore.
+    #[arg(long, env = "ZERO_LITESTREAM_EXECUTABLE")]
+    pub litestream_executable: Option<String>,
+
+    /// Task id used in logs and slot ownership; default: random.
+    #[arg(long, env = "ZERO_TASK_ID")]
+    pub task_id: Option<String>,
+
+    /// Enable anonymous telemetry (this server never sends any).
+    #[arg(long, env = "ZERO_ENABLE_TELEMETRY", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_telemetry: bool,
+
+    /// Other zero-cache options that are accepted for compatibility.
+    #[command(flatten)]
+    pub compat: CompatOptions,
+}
+
+/// zero-cache options that are accepted so that existing deployments start unchanged, but that
+/// do not (yet) change this server's behaviour.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompatOptions {
+    /// Query planner switch (cost-based flip planning).
+    #[arg(long, env = "ZERO_ENABLE_QUERY_PLANNER", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_query_planner: bool,
+    /// Maximum IVM time slice before yielding (ms).
+    #[arg(long, env = "ZERO_YIELD_THRESHOLD_MS", default_value_t = 10.0)]
+    pub yield_threshold_ms: f64,
+    /// Log row counts of slow hydrations.
+    #[arg(long, env = "ZERO_QUERY_HYDRATION_STATS", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub query_hydration_stats: Option<bool>,
+    /// Slow hydration threshold (ms).
+    #[arg(long, env = "ZERO_LOG_SLOW_HYDRATE_THRESHOLD", default_value_t = 100.0)]
+    pub log_slow_hydrate_threshold: f64,
+    /// Slow row threshold (ms).
+    #[arg(long, env = "ZERO_LOG_SLOW_ROW_THRESHOLD", default_value_t = 2.0)]
+    pub log_slow_row_threshold: f64,
+    /// Authentication revalidation interval (s).
+    #[arg(
+        long,
+        env = "ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub auth_revalidate_interval_seconds: u64,
+    /// Keepalive drain timeout (ms).
+    #[arg(long, env = "ZERO_KEEPALIVE_TIMEOUT_MS")]
+    pub keepalive_timeout_ms: Option<u64>,
+    /// Back pressure limit as a proportion of memory.
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STREAMER_BACK_PRESSURE_LIMIT_HEAP_PROPORTION",
+        default_value_t = 0.04
+    )]
+    pub change_streamer_back_pressure_limit_heap_proportion: f64,
+    /// Incremental backup interval (minutes).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_INCREMENTAL_BACKUP_INTERVAL_MINUTES",
+        default_value_t = 15
+    )]
+    pub litestream_incremental_backup_interval_minutes: u64,
+    /// Snapshot backup interval (hours).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
+        default_value_t = 12
+    )]
+    pub litestream_snapshot_backup_interval_hours: u64,
+    /// Server version reported to clients and logs.
+    #[arg(long, env = "ZERO_SERVER_VERSION")]
+    pub server_version: Option<String>,
+    /// Start on the first request.
+    #[arg(long, env = "ZERO_LAZY_STARTUP", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub lazy_startup: bool,
+}
+
+/// A configuration that cannot be used, with the option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required option is missing.
+    #[error("missing required option {env} (--{flag})")]
+    Missing {
+        /// Environment name.
+        env: &'static str,
+        /// Flag name.
+        flag: &'static str,
+    },
+    /// An option's value is not acceptable.
+    #[error("invalid value for {env}: {reason}")]
+    Invalid {
+        /// Environment name.
+        env: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Parses flags and environment (after loading `.env` if present).
+    pub fn from_env_and_args() -> Self {
+        // A missing .env file is the normal case, so the result is deliberately ignored.
+        let _ = dotenvy::dotenv();
+        if std::env::var_os("ZERO_SHARD_ID").is_some() {
+            eprintln!("ZERO_SHARD_ID is no longer supported: use ZERO_APP_ID");
+            std::process::exit(2);
+        }
+        Config::parse()
+    }
+
+    /// Checks the values that clap cannot check on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream_db.is_none() {
+            return Err(ConfigError::Missing {
+                env: "ZERO_UPSTREAM_DB",
+                flag: "upstream-db",
+            });
+        }
+        if self.app_id.is_empty()
+            || !self
+                .app_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_APP_ID",
+                reason: format!(
+                    "\"{}\" must consist of lower-case letters, digits and underscores",
+                    self.app_id
+                ),
+            });
+        }
+        for p in &self.app_publications {
+            let ok = !p.is_empty()
+                && p.len() <= 63
+                && !p.starts_with('_')
+                && p.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    env: "ZERO_APP_PUBLICATIONS",
+                    reason: format!(
+                        "\"{p}\" is not a valid publication name ([A-Za-z][A-Za-z0-9_]*, at most 63 characters, no leading underscore)"
+                    ),
+                });
+            }
+        }
+        if self.initial_sync_table_copy_workers == 0 {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_INITIAL_SYNC_TABLE_COPY_WORKERS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The upstream URI; only call after [`Config::validate`].
+    pub fn upstream(&self) -> &str {
+        self.upstream_db
+            .as_deref()
+            .expect("validate() checked that ZERO_UPSTREAM_DB is set")
+    }
+
+    /// The shard identity derived from app id and shard number.
+    pub fn shard(&self) -> crate::upstream::Shard {
+        crate::upstream::Shard::new(&self.app_id, self.shard_num, &self.app_publications)
+    }
+}

@@ -1,0 +1,393 @@
+//! The streaming loop. It runs on its own thread because SQLite calls block; the replication
+//! transport runs on the tokio runtime and is driven from here through a runtime handle.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::pgoutput::{self, Message, RelationColumn, TupleValue};
+use crate::pgconn::UpstreamConfig;
+use crate::pgvalue;
+use crate::replica::{Applier, ColumnValue, ReplicaError, ReplicaState};
+use crate::schema::{PublishedSchema, ReplicaTable};
+use crate::upstream::{self, Shard};
+use crate::version::{Lsn, lexi_decode};
+
+/// Why streaming stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The connection or the server failed; reconnecting may help.
+    #[error("replication stream: {0}")]
+    Transport(#[from] pgwire_replication::PgWireError),
+    /// An SQL query to upstream failed.
+    #[error("replication stream: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    /// The replica could not be written.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A message could not be decoded or applied; the replica is left at its last commit.
+    #[error("replication stream: {0}")]
+    Data(String),
+    /// The replica cannot continue from this upstream (see the message); a resync is needed.
+    #[error("replica must be resynced: {0}")]
+    ResetRequired(String),
+}
+
+/// How streaming ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamOutcome {
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// What the stream knows about a relation from its Relation message.
+struct Relation {
+    /// Replica table name, if the table is replicated.
+    table: Option<String>,
+    /// For each relation column, the replica column index it fills.
+    map: Vec<Option<usize>>,
+    columns: Vec<RelationColumn>,
+}
+
+/// Streams changes from `slot` into the applier until shutdown or an error. `watermarks`
+/// receives each committed watermark.
+pub fn stream_changes(
+    rt: &tokio::runtime::Handle,
+    up: &UpstreamConfig,
+    shard: &Shard,
+    state: &ReplicaState,
+    applier: &mut Applier,
+    watermarks: &watch::Sender<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<StreamOutcome, StreamError> {
+    let slot = state.slot.as_str();
+    let start = Lsn(lexi_decode(applier.watermark()).unwrap_or(0));
+    let cfg = up
+        .replication(slot, shard)
+        .with_start_lsn(WireLsn(0))
+        .with_buffer_size(16_384);
+    let sql = rt.block_on(up.connect())?;
+    let exists = rt
+        .block_on(sql.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        ))?
+        .is_some();
+    if !exists {
+        return Err(StreamError::ResetRequired(format!(
+            "replication slot \"{slot}\" no longer exists upstream"
+        )));
+    }
+    let registered = rt
+        .block_on(sql.query_opt(
+            &format!(
+                "SELECT 1 FROM {}.replicas WHERE slot = $1 AND version = $2",
+                crate::upstream::quote_ident(&shard.schema())
+            ),
+            &[&slot, &state.replica_version],
+        ))
+        .map(|r| r.is_some())
+        .unwrap_or(false);
+    if !registered {
+        return Err(StreamError::ResetRequired(format!(
+            "replica version {} is not registered upstream (the replica belongs to another upstream)",
+            state.replica_version
+        )));
+    }
+    let mut client = rt.block_on(ReplicationClient::connect_gated(cfg))?;
+    let sys = rt.block_on(client.identify_system())?;
+    if sys.system_id != state.system_id {
+        return Err(StreamError::ResetRequired(format!(
+            "upstream is a different cluster (system id {} instead of {})",
+            sys.system_id, state.system_id
+        )));
+    }
+    rt.block_on(client.start())?;
+    // The slot may still be held by a walsender of a previous (killed) process for a moment.
+    rt.block_on(client.wait_started())?;
+    info!(slot = %slot, watermark = %applier.watermark(), lsn = %start, "streaming changes");
+
+    let mut s = Stream {
+        rt,
+        shard,
+        sql,
+        relations: HashMap::new(),
+        skipping: false,
+        in_txn: false,
+        txn_started: Instant::now(),
+        changes: 0,
+        ddl_prefix: shard.ddl_message_prefix(),
+    };
+    let result = loop {
+        let ev = rt.block_on(async {
+            tokio::select! {
+                ev = client.recv() => Some(ev),
+                _ = shutdown.wait_for(|s| *s) => None,
+            }
+        });
+        let Some(ev) = ev else {
+            break Ok(StreamOutcome::Shutdown);
+        };
+        let ev = match ev {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break Err(StreamError::Data("replication stream ended".into())),
+            Err(e) => break Err(e.into()),
+        };
+        match s.handle(ev, applier, start) {
+            Ok(Some(end_lsn)) => {
+                client.update_applied_lsn(end_lsn);
+                watermarks.send_replace(applier.watermark().to_string());
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    applier.rollback()?;
+    client.stop();
+    let _ = rt.block_on(client.shutdown());
+    result
+}
+
+struct Stream<'a> {
+    rt: &'a tokio::runtime::Handle,
+    shard: &'a Shard,
+    sql: tokio_postgres::Client,
+    relations: HashMap<u32, Relation>,
+    /// Inside a transaction the replica already has (at or below its watermark).
+    skipping: bool,
+    in_txn: bool,
+    txn_started: Instant,
+    changes: u64,
+    ddl_prefix: String,
+}
+
+impl Stream<'_> {
+    /// Handles one event; returns the LSN to acknowledge after a commit.
+    fn handle(
+        &mut self,
+        ev: ReplicationEvent,
+        applier: &mut Applier,
+        start: Lsn,
+    ) -> Result<Option<WireLsn>, StreamError> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, .. } => {
+                self.in_txn = true;
+                self.changes = 0;
+                self.txn_started = Instant::now();
+                let lsn = Lsn(final_lsn.0);
+                self.skipping = lsn <= start || lsn.to_version().as_str() <= applier.watermark();
+                if !self.skipping {
+                    applier.begin(lsn.to_version())?;
+                }
+                Ok(None)
+            }
+            ReplicationEvent::Commit { end_lsn, lsn, .. } => {
+                self.in_txn = false;
+                if self.skipping {
+                    self.skipping = false;
+                    debug!(lsn = %Lsn(lsn.0), "skipped transaction already in the replica");
+                    return Ok(Some(end_lsn));
+                }
+                let v = applier.commit()?;
+                debug!(
+                    watermark = %v,
+                    changes = self.changes,
+                    elapsed_us = self.txn_started.elapsed().as_micros() as u64,
+                    "committed"
+                );
+                Ok(Some(end_lsn))
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                if self.skipping {
+                    return Ok(None);
+                }
+                self.data(data, applier)?;
+                Ok(None)
+            }
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                transactional,
+                ..
+            } => {
+                if prefix == self.ddl_prefix && transactional && self.in_txn && !self.skipping {
+                    #[derive(serde::Deserialize)]
+                    struct Ddl {
+                        tag: String,
+                        schema: PublishedSchema,
+                    }
+                    let ddl: Ddl = serde_json::from_slice(&content)
+                        .map_err(|e| StreamError::Data(format!("bad DDL message: {e}")))?;
+                    if applier.apply_schema(ddl.schema)? {
+                        info!(tag = %ddl.tag, "applied upstream schema change");
+                        self.remap(applier);
+                    }
+                }
+                Ok(None)
+            }
+            ReplicationEvent::KeepAlive { .. } | ReplicationEvent::StoppedAt { .. } => Ok(None),
+        }
+    }
+
+    fn data(&mut self, data: Bytes, applier: &mut Applier) -> Result<(), StreamError> {
+        let msg = pgoutput::decode(data).map_err(|e| StreamError::Data(e.to_string()))?;
+        let Some(msg) = msg else { return Ok(()) };
+        match msg {
+            Message::Relation {
+                oid,
+                namespace,
+                name,
+                columns,
+                ..
+            } => {
+                let rel = Relation {
+                    table: None,
+                    map: Vec::new(),
+                    columns,
+                };
+                self.relations.insert(oid, rel);
+                if !self.relation_matches(oid, applier) {
+                    // The schema changed without a DDL message (no event triggers, or a table
+                    // newly published): read it from upstream and apply it now.
+                    info!(table = %format!("{namespace}.{name}"), "relation changed; reloading upstream schema");
+                    let schema = self
+                        .rt
+                        .block_on(upstream::published_schema(&self.sql, self.shard))
+                        .map_err(|e| StreamError::Data(e.to_string()))?;
+                    if applier.apply_schema(schema)? {
+                        info!("applied upstream schema change");
+                    }
+                }
+                self.remap(applier);
+            }
+            Message::Insert { oid, new } => {
+                self.changes += 1;
+                let Some((table, row)) = self.row(oid, &new, applier)? else {
+                    return Ok(());
+                };
+                applier.upsert(&table, &row)?;
+            }
+            Message::Update { oid, old, new } => {
+                self.changes += 1;
+                let Some((table, row)) = self.row(oid, &new, applier)? else {
+                    return Ok(());
+                };
+                if let Some(old) = old
+                    && let Some((_, old_row)) = self.row(oid, &old, applier)?
+                    && !applier.same_key(&table, &old_row, &row)
+                {
+                    applier.delete(&table, &old_row)?;
+                }
+                applier.upsert(&table, &row)?;
+            }
+            Message::Delete { oid, old } => {
+                self.changes += 1;
+                let Some((table, row)) = self.row(oid, &old, applier)? else {
+                    return Ok(());
+                };
+                applier.delete(&table, &row)?;
+            }
+            Message::Truncate { oids } => {
+                for oid in oids {
+                    if let Some(t) = self.relations.get(&oid).and_then(|r| r.table.clone()) {
+                        applier.truncate(&t)?;
+                    } else if let Some(t) = applier.table_by_oid(oid as i64) {
+                        let name = t.name.clone();
+                        applier.truncate(&name)?;
+                    }
+                }
+            }
+            Message::Type { .. } | Message::Origin => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the relation's columns are the ones the replica's schema has for it.
+    fn relation_matches(&self, oid: u32, applier: &Applier) -> bool {
+        let rel = &self.relations[&oid];
+        let Some(up) = applier.schema().tables.iter().find(|t| t.oid == oid as i64) else {
+            // Unknown table: it matches only if the current upstream schema lacks it too,
+            // which we cannot know without asking, so ask.
+            return false;
+        };
+        up.columns.len() == rel.columns.len()
+            && up
+                .columns
+                .iter()
+                .zip(&rel.columns)
+                .all(|(a, b)| a.name == b.name)
+    }
+
+    /// Recomputes every relation's column mapping after a schema change.
+    fn remap(&mut self, applier: &Applier) {
+        for (oid, rel) in self.relations.iter_mut() {
+            match applier.table_by_oid(*oid as i64) {
+                Some(t) => {
+                    rel.table = Some(t.name.clone());
+                    rel.map = rel
+                        .columns
+                        .iter()
+                        .map(|c| t.column_index(&c.name))
+                        .collect();
+                }
+                None => {
+                    rel.table = None;
+                    rel.map.clear();
+                }
+            }
+        }
+    }
+
+    /// Converts a tuple into replica column order; `None` for tables that are not replicated.
+    fn row(
+        &mut self,
+        oid: u32,
+        tuple: &[TupleValue],
+        applier: &Applier,
+    ) -> Result<Option<(String, Vec<ColumnValue>)>, StreamError> {
+        let Some(rel) = self.relations.get(&oid) else {
+            return Err(StreamError::Data(format!(
+                "change for relation {oid} before its Relation message"
+            )));
+        };
+        let Some(table_name) = &rel.table else {
+            return Ok(None);
+        };
+        let t: &ReplicaTable = applier
+            .table_by_oid(oid as i64)
+            .ok_or_else(|| StreamError::Data(format!("relation {oid} lost its table")))?;
+        let mut row = vec![ColumnValue::Set(rusqlite::types::Value::Null); t.columns.len()];
+        for (i, v) in tuple.iter().enumerate() {
+            let Some(Some(ci)) = rel.map.get(i) else {
+                continue;
+            };
+            row[*ci] = match v {
+                TupleValue::Null => ColumnValue::Set(rusqlite::types::Value::Null),
+                TupleValue::Unchanged => ColumnValue::Unchanged,
+                TupleValue::Text(b) => {
+                    let s = std::str::from_utf8(b)
+                        .map_err(|_| StreamError::Data("invalid utf-8 in tuple".into()))?;
+                    ColumnValue::Set(pgvalue::from_text(t.columns[*ci].kind, s).map_err(|e| {
+                        StreamError::Data(format!(
+                            "table \"{}\" column \"{}\": {e}",
+                            t.name, t.columns[*ci].name
+                        ))
+                    })?)
+                }
+                TupleValue::Binary(_) => {
+                    return Err(StreamError::Data(
+                        "binary tuple data was not requested".into(),
+                    ));
+                }
+            };
+        }
+        if tuple.len() != rel.map.len() {
+            warn!(table = %t.name, "tuple and relation column counts differ");
+        }
+        Ok(Some((table_name.clone(), row)))
+    }
+}

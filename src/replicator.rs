@@ -1,0 +1,144 @@
+//! The replication manager: makes sure a valid replica exists (initial sync, or resync when the
+//! old one cannot continue), then streams changes into it, reconnecting after transient
+//! failures.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::initial_sync::{self, SyncError, SyncOptions};
+use crate::pgconn::UpstreamConfig;
+use crate::replica::{self, Applier, ReplicaError, ReplicaState};
+use crate::replication::{StreamError, StreamOutcome, stream_changes};
+use crate::upstream::Shard;
+
+/// Settings of the replication manager.
+#[derive(Debug, Clone)]
+pub struct ReplicatorConfig {
+    /// Upstream database.
+    pub upstream: UpstreamConfig,
+    /// Shard identity.
+    pub shard: Shard,
+    /// Initial sync settings (including the replica file).
+    pub sync: SyncOptions,
+    /// Resync automatically when the replica cannot continue.
+    pub auto_reset: bool,
+}
+
+/// Errors that stop the replication manager.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatorError {
+    /// Initial sync failed.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// The replica file failed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// The replica cannot continue and `ZERO_AUTO_RESET` is off.
+    #[error("{0}; set ZERO_AUTO_RESET=true to resync automatically, or delete the replica file")]
+    ResetDisabled(String),
+    /// Streaming failed permanently.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// Ensures a replica exists, syncing if needed; returns its state. Used by the manager and by
+/// tools that only need a replica.
+pub async fn ensure_replica(cfg: &ReplicatorConfig) -> Result<ReplicaState, ReplicatorError> {
+    let path = &cfg.sync.replica_file;
+    if let Some(state) = existing_state(path)? {
+        if state.publications == cfg.shard.publications() {
+            return Ok(state);
+        }
+        let why = format!(
+            "replica publications {:?} differ from the configured {:?}",
+            state.publications,
+            cfg.shard.publications()
+        );
+        if !cfg.auto_reset {
+            return Err(ReplicatorError::ResetDisabled(why));
+        }
+        warn!(reason = %why, "resyncing replica");
+    }
+    Ok(initial_sync::run(&cfg.upstream, &cfg.shard, &cfg.sync).await?)
+}
+
+fn existing_state(path: &Path) -> Result<Option<ReplicaState>, ReplicaError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = replica::open(path)?;
+    let state = replica::read_state(&conn)?;
+    if state.is_none() {
+        warn!(file = %path.display(), "replica file is incomplete; it will be replaced");
+    }
+    Ok(state)
+}
+
+/// Runs the replication manager until `shutdown` turns true. `watermarks` receives the replica's
+/// watermark after the initial sync and after every commit; `ready` is told once the replica is
+/// ready to serve.
+pub async fn run(
+    cfg: ReplicatorConfig,
+    watermarks: watch::Sender<String>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ReplicatorError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let state = ensure_replica(&cfg).await?;
+        watermarks.send_replace(state.watermark.clone());
+        info!(
+            replica_version = %state.replica_version,
+            watermark = %state.watermark,
+            file = %cfg.sync.replica_file.display(),
+            "replica ready"
+        );
+        let rt = tokio::runtime::Handle::current();
+        let thread_cfg = cfg.clone();
+        let thread_wm = watermarks.clone();
+        let thread_shutdown = shutdown.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = replica::open(&thread_cfg.sync.replica_file)?;
+            let mut applier = Applier::new(conn, &state);
+            let r = stream_changes(
+                &rt,
+                &thread_cfg.upstream,
+                &thread_cfg.shard,
+                &state,
+                &mut applier,
+                &thread_wm,
+                thread_shutdown,
+            );
+            Ok::<_, ReplicatorError>(r)
+        })
+        .await
+        .map_err(|e| ReplicatorError::Stream(StreamError::Data(format!("stream thread: {e}"))))??;
+        match result {
+            Ok(StreamOutcome::Shutdown) => return Ok(()),
+            Err(StreamError::ResetRequired(why)) => {
+                if !cfg.auto_reset {
+                    return Err(ReplicatorError::ResetDisabled(why));
+                }
+                warn!(reason = %why, "replica cannot continue; resyncing");
+                initial_sync::remove_replica_files(&cfg.sync.replica_file)
+                    .map_err(|e| ReplicatorError::Sync(SyncError::Io(e)))?;
+            }
+            Err(e) => {
+                error!(error = %e, retry_ms = backoff.as_millis() as u64, "replication stream failed; reconnecting");
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = sd.wait_for(|s| *s) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        }
+        backoff = Duration::from_millis(100);
+    }
+}

@@ -1,0 +1,287 @@
+//! Test harness: one private Postgres cluster per test binary (initdb into a temp folder, a free
+//! loopback port, `wal_level=logical`), a fresh database per test, and helpers to run the
+//! replicator and compare the replica with upstream.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::types::Value;
+use tokio::sync::watch;
+use zero_cache::devpg::{DevPgOptions, DevPostgres};
+use zero_cache::initial_sync::SyncOptions;
+use zero_cache::pgconn::UpstreamConfig;
+use zero_cache::replicator::{ReplicatorConfig, ReplicatorError};
+use zero_cache::schema::PublishedSchema;
+use zero_cache::upstream::{Shard, quote_ident};
+
+static CLUSTER: OnceLock<DevPostgres> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The cluster shared by this test binary.
+pub fn cluster() -> &'static DevPostgres {
+    CLUSTER.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("zero-test-pg-{}", std::process::id()));
+        let pg = DevPostgres::start(
+            &dir,
+            &DevPgOptions {
+                port: None,
+                fsync: false,
+                remove_on_drop: true,
+            },
+        )
+        .expect("starting the test Postgres cluster");
+        pg.stop_when_process_exits()
+            .expect("installing the cluster cleanup");
+        pg
+    })
+}
+
+/// A database of its own for one test, with a scratch folder for replica files.
+pub struct TestDb {
+    /// Database name.
+    pub name: String,
+    /// URI of the database.
+    pub uri: String,
+    /// A connection to it.
+    pub client: tokio_postgres::Client,
+    /// Scratch folder.
+    pub dir: tempfile::TempDir,
+}
+
+/// Creates a fresh database.
+pub async fn test_db() -> TestDb {
+    let pg = cluster();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let name = format!("t{}_{n}", std::process::id());
+    let admin = connect(&pg.uri("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let uri = pg.uri(&name);
+    let client = connect(&uri).await;
+    TestDb {
+        name,
+        uri,
+        client,
+        dir: tempfile::tempdir().expect("temp dir"),
+    }
+}
+
+/// Connects with the session settings the server uses.
+pub async fn connect(uri: &str) -> tokio_postgres::Client {
+    UpstreamConfig::parse(uri)
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to test postgres")
+}
+
+impl TestDb {
+    /// Runs SQL statements.
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// The replica file path in the scratch folder.
+    pub fn replica_file(&self) -> PathBuf {
+        self.dir.path().join("replica.db")
+    }
+
+    /// Replicator settings for this database.
+    pub fn replicator_config(&self) -> ReplicatorConfig {
+        ReplicatorConfig {
+            upstream: UpstreamConfig::parse(&self.uri).expect("uri"),
+            shard: Shard::new("zero", 0, &[]),
+            sync: SyncOptions {
+                replica_file: self.replica_file(),
+                workers: 3,
+                text_copy: false,
+            },
+            auto_reset: true,
+        }
+    }
+}
+
+/// A replicator running in this process.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<Result<(), ReplicatorError>>,
+    /// Watermarks as they are committed.
+    pub watermarks: watch::Receiver<String>,
+}
+
+/// Starts the replication manager as a task.
+pub fn start(cfg: ReplicatorConfig) -> Running {
+    let (wm_tx, wm_rx) = watch::channel(String::new());
+    let (stop, stop_rx) = watch::channel(false);
+    let handle = tokio::spawn(zero_cache::replicator::run(cfg, wm_tx, stop_rx));
+    Running {
+        stop,
+        handle,
+        watermarks: wm_rx,
+    }
+}
+
+impl Running {
+    /// Waits until the initial sync is done.
+    pub async fn ready(&mut self) {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.watermarks.wait_for(|w| !w.is_empty()),
+        )
+        .await
+        .expect("replica ready within 60 s")
+        .expect("replicator alive");
+    }
+
+    /// Stops the replicator and returns its result.
+    pub async fn stop(self) -> Result<(), ReplicatorError> {
+        self.stop.send_replace(true);
+        self.handle.await.expect("replicator task")
+    }
+
+    /// Whether the replicator task ended (e.g. with an error).
+    pub fn finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// One table's rows in a canonical, comparable form.
+pub type Rows = BTreeSet<Vec<String>>;
+
+/// Canonical text of a replica value.
+pub fn canon(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Integer(i) => format!("{i}"),
+        Value::Real(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
+        Value::Real(f) => format!("{f}"),
+        Value::Text(s) => format!("{s:?}"),
+        Value::Blob(b) => format!("{b:?}"),
+    }
+}
+
+/// Reads the schema recorded in a replica.
+pub fn replica_schema(path: &Path) -> PublishedSchema {
+    let conn = rusqlite::Connection::open(path).expect("open replica");
+    zero_cache::replica::read_state(&conn)
+        .expect("read state")
+        .expect("complete replica")
+        .schema
+}
+
+/// All rows of the replicated tables of `schema`, read from the replica.
+pub fn replica_rows(path: &Path, schema: &PublishedSchema) -> BTreeMap<String, Rows> {
+    let conn = rusqlite::Connection::open(path).expect("open replica");
+    let mut out = BTreeMap::new();
+    for (name, t) in schema.replica_tables() {
+        if t.schema != "public" {
+            continue;
+        }
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let sql = format!("SELECT {} FROM {}", cols.join(", "), quote_ident(&name));
+        let mut stmt = conn.prepare(&sql).expect("prepare");
+        let rows: Rows = stmt
+            .query_map([], |r| {
+                (0..cols.len())
+                    .map(|i| r.get::<_, Value>(i).map(|v| canon(&v)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        out.insert(name, rows);
+    }
+    out
+}
+
+/// All rows of the same tables read from upstream, converted the way replication converts them.
+pub async fn upstream_rows(
+    client: &tokio_postgres::Client,
+    schema: &PublishedSchema,
+) -> BTreeMap<String, Rows> {
+    let mut out = BTreeMap::new();
+    for (name, t) in schema.replica_tables() {
+        if t.schema != "public" {
+            continue;
+        }
+        let cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{}",
+            cols.join(", "),
+            quote_ident(&t.schema),
+            quote_ident(&t.upstream_name)
+        );
+        let rows = client.query(&sql, &[]).await.expect("query upstream");
+        let mut set = Rows::new();
+        for r in rows {
+            let mut row = Vec::new();
+            for (i, c) in t.columns.iter().enumerate() {
+                let v: Option<String> = r.get(i);
+                let v = match v {
+                    None => Value::Null,
+                    Some(s) => zero_cache::pgvalue::from_text(c.kind, &s).expect("convert"),
+                };
+                row.push(canon(&v));
+            }
+            set.insert(row);
+        }
+        out.insert(name, set);
+    }
+    out
+}
+
+/// Waits until the replica holds exactly upstream's rows (and schema); panics with the
+/// difference after `timeout`.
+pub async fn wait_equal(db: &TestDb, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let schema = replica_schema(&db.replica_file());
+        let up_schema =
+            zero_cache::upstream::published_schema(&db.client, &Shard::new("zero", 0, &[]))
+                .await
+                .expect("upstream schema");
+        let replica = replica_rows(&db.replica_file(), &up_schema);
+        let upstream = upstream_rows(&db.client, &up_schema).await;
+        if schema == up_schema && replica == upstream {
+            return;
+        }
+        if Instant::now() > deadline {
+            for (t, rows) in &upstream {
+                let r = replica.get(t).cloned().unwrap_or_default();
+                let missing: Vec<_> = rows.difference(&r).take(5).collect();
+                let extra: Vec<_> = r.difference(rows).take(5).collect();
+                if !missing.is_empty() || !extra.is_empty() {
+                    eprintln!(
+                        "table {t}: missing in replica {missing:?}; extra in replica {extra:?}"
+                    );
+                }
+            }
+            panic!(
+                "replica did not converge to upstream within {timeout:?} (schemas equal: {})",
+                schema == up_schema
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a single value from the replica.
+pub fn replica_query<T: rusqlite::types::FromSql>(path: &Path, sql: &str) -> T {
+    let conn = rusqlite::Connection::open(path).expect("open replica");
+    conn.query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
