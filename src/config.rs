@@ -53,7 +53,8 @@ impl LogLevel {
     name = "zero-cache",
     version,
     about = "Sync server for Zero apps: a drop-in replacement for zero-cache",
-    max_term_width = 100
+    max_term_width = 100,
+    args_override_self = true
 )]
 pub struct Config {
     /// Upstream Postgres URI (postgres://user:password@host:port/db). Required.
@@ -296,6 +297,11 @@ impl Config {
             std::process::exit(2);
         }
         Config::parse()
+    }
+
+    /// Parses the given arguments (first is the program name) and the environment.
+    pub fn from_args(args: Vec<String>) -> Self {
+        Config::parse_from(args)
     }
 
     /// Checks the values that clap cannot check on its own.

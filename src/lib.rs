@@ -11,10 +11,12 @@
 //! - [`replica`]: the SQLite replica's layout and its transactional applier.
 //! - [`replicator`]: the replication manager tying these together.
 //! - [`server`]: the process supervisor (`server::run`).
+//! - [`demo`]: the zbugs-like demo and benchmark dataset.
 //! - [`devpg`]: a private Postgres cluster for `zero-cache-dev` and tests.
 //! - [`version`]: LSNs and lexi-encoded versions.
 
 pub mod config;
+pub mod demo;
 pub mod devpg;
 pub mod initial_sync;
 pub mod pgconn;

@@ -9,12 +9,18 @@
 //! * [`schema`]: tables, typed columns, primary keys and relationships, loaded from JSON.
 //! * [`validate`]: checks an AST against a schema; binds static parameters; completes orderings.
 //! * [`parse`]: ZQL as written in TypeScript (`issue.where('open', true)...`) into an AST.
+//! * [`eval`]: row predicates with Zero's filter semantics (null rules, LIKE with escapes).
+//! * [`sql`]: AST → SQLite SQL over the replica, and a tree evaluator over a caller's executor.
+//! * [`memory`]: a naive whole-AST evaluator over in-memory rows (oracle for incremental views).
 
 pub mod ast;
+pub mod eval;
 pub mod hash;
+pub mod memory;
 pub mod normalize;
 pub mod parse;
 pub mod schema;
+pub mod sql;
 pub mod validate;
 pub mod value;
 

@@ -384,32 +384,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// The zbugs-like schema of the recorded 1.9 trace, with relationships.
-    pub(crate) const ZBUGS: &str = r#"{
-      "tables": {
-        "comment": {"columns": {"id": {"type":"string"}, "issueID": {"type":"string"}, "created": {"type":"number"}, "body": {"type":"string"}, "creatorID": {"type":"string"}}, "primaryKey": ["id"]},
-        "issue": {"columns": {"id": {"type":"string"}, "title": {"type":"string"}, "description": {"type":"string"}, "open": {"type":"boolean"}, "modified": {"type":"number"}, "created": {"type":"number"}, "creatorID": {"type":"string"}, "assigneeID": {"type":"string", "optional": true}, "meta": {"type":"json", "optional": true}}, "primaryKey": ["id"]},
-        "issueLabel": {"columns": {"issueID": {"type":"string"}, "labelID": {"type":"string"}}, "primaryKey": ["issueID","labelID"]},
-        "label": {"columns": {"id": {"type":"string"}, "name": {"type":"string"}}, "primaryKey": ["id"]},
-        "user": {"columns": {"id": {"type":"string"}, "login": {"type":"string"}, "name": {"type":"string"}}, "primaryKey": ["id"]}
-      },
-      "relationships": {
-        "issue": {
-          "creator": [{"sourceField": ["creatorID"], "destField": ["id"], "destSchema": "user", "cardinality": "one"}],
-          "assignee": [{"sourceField": ["assigneeID"], "destField": ["id"], "destSchema": "user", "cardinality": "one"}],
-          "comments": [{"sourceField": ["id"], "destField": ["issueID"], "destSchema": "comment"}],
-          "labels": [{"sourceField": ["id"], "destField": ["issueID"], "destSchema": "issueLabel"},
-                     {"sourceField": ["labelID"], "destField": ["id"], "destSchema": "label"}]
-        },
-        "comment": {
-          "creator": [{"sourceField": "creatorID", "destField": "id", "destSchema": "user", "cardinality": "one"}],
-          "issue": [{"sourceField": ["issueID"], "destField": ["id"], "destSchema": "issue", "cardinality": "one"}]
-        },
-        "label": {
-          "issues": [{"sourceField": ["id"], "destField": ["labelID"], "destSchema": "issueLabel"},
-                     {"sourceField": ["issueID"], "destField": ["id"], "destSchema": "issue"}]
-        }
-      }
-    }"#;
+    pub(crate) const ZBUGS: &str = include_str!("../tests/fixtures/zbugs-schema.json");
 
     pub(crate) fn zbugs() -> Schema {
         Schema::from_json_str(ZBUGS).expect("zbugs schema")
