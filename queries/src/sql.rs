@@ -158,7 +158,7 @@ pub fn select_statement(
         }
     }
     if let Some(w) = &ast.where_ {
-        preds.push(b.condition(w, "t0", table)?);
+        preds.push(b.condition(w, "t0")?);
     }
     let order = completed_order(ast, table);
     if let Some(start) = &ast.start {
@@ -234,12 +234,7 @@ impl SqlBuilder<'_> {
         format!("?{}", self.params.len())
     }
 
-    fn condition(
-        &mut self,
-        cond: &Condition,
-        alias: &str,
-        table: &TableSchema,
-    ) -> Result<String, SqlError> {
+    fn condition(&mut self, cond: &Condition, alias: &str) -> Result<String, SqlError> {
         Ok(match cond {
             Condition::And { conditions } if conditions.is_empty() => "1".to_owned(),
             Condition::Or { conditions } if conditions.is_empty() => "0".to_owned(),
@@ -251,7 +246,7 @@ impl SqlBuilder<'_> {
                 };
                 let parts = conditions
                     .iter()
-                    .map(|c| self.condition(c, alias, table))
+                    .map(|c| self.condition(c, alias))
                     .collect::<Result<Vec<_>, _>>()?;
                 format!("({})", parts.join(sep))
             }
@@ -262,7 +257,8 @@ impl SqlBuilder<'_> {
                     return Ok(if negate { "1" } else { "0" }.to_owned());
                 }
                 let sub = &c.related.subquery;
-                let child = table_of(self.schema, sub)?;
+                // Fails early with a clear error when the child table is unknown.
+                table_of(self.schema, sub)?;
                 let child_alias = format!("t{}", self.next_alias);
                 self.next_alias += 1;
                 let mut preds: Vec<String> = c
@@ -280,7 +276,7 @@ impl SqlBuilder<'_> {
                     })
                     .collect();
                 if let Some(w) = &sub.where_ {
-                    preds.push(self.condition(w, &child_alias, child)?);
+                    preds.push(self.condition(w, &child_alias)?);
                 }
                 format!(
                     "{}EXISTS (SELECT 1 FROM {} AS {child_alias} WHERE {})",
@@ -314,7 +310,7 @@ impl SqlBuilder<'_> {
             }),
             ValuePosition::Static(_) => return Err(unbound()),
         };
-        let mut left = |b: &mut Self| match (&s.left, &left_lit) {
+        let left = |b: &mut Self| match (&s.left, &left_lit) {
             (ValuePosition::Column { name }, _) => format!("{alias}.{}", quote_ident(name)),
             (_, Some(v)) => b.param(v),
             _ => "NULL".to_owned(),
@@ -469,6 +465,9 @@ pub fn like_to_glob(pattern: &str, case_insensitive: bool) -> Result<String, Lik
     Ok(out)
 }
 
+/// Runs one statement and returns its rows, one SQLite value per selected column.
+pub type Executor<'a, E> = dyn FnMut(&Statement) -> Result<Vec<Vec<SqlValue>>, E> + 'a;
+
 /// One row of a hierarchical result, with its relationships.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultNode {
@@ -510,7 +509,7 @@ fn evaluate_node<E: std::error::Error + 'static>(
     ast: &Ast,
     schema: &Schema,
     correlation: Option<(&[String], &[Value])>,
-    exec: &mut dyn FnMut(&Statement) -> Result<Vec<Vec<SqlValue>>, E>,
+    exec: &mut Executor<'_, E>,
 ) -> Result<Vec<ResultNode>, EvaluateError<E>> {
     let stmt = select_statement(ast, schema, correlation)?;
     let rows = exec(&stmt).map_err(EvaluateError::Exec)?;
