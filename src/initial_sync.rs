@@ -84,16 +84,29 @@ pub async fn run(
     upstream::check_requirements(&client).await?;
     upstream::setup(&mut client, shard).await?;
 
-    let slot = choose_slot_name(&client, shard).await?;
-    let mut repl =
-        pgwire_replication::ReplicationClient::connect_gated(up.replication(&slot, shard)).await?;
-    let system = repl.identify_system().await?;
-    let rows = repl
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(&slot)
-        ))
-        .await?;
+    // Another replica of the same app may create a slot at the same moment: on a name clash,
+    // take the next free name.
+    let mut tried = Vec::new();
+    let (slot, repl, system, rows) = loop {
+        let slot = choose_slot_name(&client, shard, &tried).await?;
+        let mut repl =
+            pgwire_replication::ReplicationClient::connect_gated(up.replication(&slot, shard))
+                .await?;
+        let system = repl.identify_system().await?;
+        match repl
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+                quote_ident(&slot)
+            ))
+            .await
+        {
+            Ok(rows) => break (slot, repl, system, rows),
+            Err(e) if e.to_string().contains("42710") && tried.len() < 50 => {
+                tried.push(slot);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let row = rows.into_iter().next().ok_or_else(|| SyncError::Copy {
         table: String::new(),
         reason: "CREATE_REPLICATION_SLOT returned no row".into(),
@@ -373,7 +386,10 @@ async fn copy_table(
             if text_copy || binary_direct(c) {
                 quote_ident(&c.name)
             } else {
-                format!("{}::text", quote_ident(&c.name))
+                // format() renders with the type's output function, exactly as pgoutput does
+                // (a plain ::text cast differs for some types, e.g. inet).
+                let col = quote_ident(&c.name);
+                format!("CASE WHEN {col} IS NULL THEN NULL ELSE format('%s', {col}) END")
             }
         })
         .collect();
@@ -609,6 +625,7 @@ fn unescape_copy_text(f: &[u8]) -> Result<String, String> {
 async fn choose_slot_name(
     client: &tokio_postgres::Client,
     shard: &Shard,
+    taken: &[String],
 ) -> Result<String, tokio_postgres::Error> {
     let existing: Vec<String> = client
         .query(
@@ -622,7 +639,7 @@ async fn choose_slot_name(
     let mut n = 0u32;
     loop {
         let name = format!("{}{}", shard.slot_prefix(), suffix(n));
-        if !existing.contains(&name) {
+        if !existing.contains(&name) && !taken.contains(&name) {
             return Ok(name);
         }
         n += 1;

@@ -112,31 +112,32 @@ fn parse_date_part(text: &str) -> Option<(i64, &str)> {
     Some((days_from_civil(y, m, d), rest))
 }
 
-/// Parses `HH:MM:SS[.ffffff]` and returns (ms, rest).
-fn parse_clock(text: &str) -> Option<(f64, &str)> {
+/// Parses `HH:MM:SS[.ffffff]` and returns (microseconds, rest). Integer microseconds keep the
+/// result bit-identical to the binary format's.
+fn parse_clock(text: &str) -> Option<(i64, &str)> {
     let b = text.as_bytes();
     if b.len() < 8 || b[2] != b':' || b[5] != b':' {
         return None;
     }
-    let h: f64 = text[0..2].parse().ok()?;
-    let mi: f64 = text[3..5].parse().ok()?;
-    let s: f64 = text[6..8].parse().ok()?;
+    let h: i64 = text[0..2].parse().ok()?;
+    let mi: i64 = text[3..5].parse().ok()?;
+    let s: i64 = text[6..8].parse().ok()?;
     let mut rest = &text[8..];
-    let mut frac = 0.0;
+    let mut frac_us = 0i64;
     if let Some(r) = rest.strip_prefix('.') {
         let n = r.bytes().take_while(u8::is_ascii_digit).count();
-        let digits = &r[..n];
-        frac = format!("0.{digits}").parse::<f64>().ok()?;
+        let digits = &r[..n.min(6)];
+        frac_us = format!("{digits:0<6}").parse::<i64>().ok()?;
         rest = &r[n..];
     }
-    Some(((h * 3600.0 + mi * 60.0 + s + frac) * 1000.0, rest))
+    Some(((h * 3600 + mi * 60 + s) * 1_000_000 + frac_us, rest))
 }
 
-/// Parses a zone offset `+HH[:MM[:SS]]` into milliseconds east of UTC.
-fn parse_offset(text: &str) -> Option<(f64, &str)> {
+/// Parses a zone offset `+HH[:MM[:SS]]` into microseconds east of UTC.
+fn parse_offset(text: &str) -> Option<(i64, &str)> {
     let sign = match text.as_bytes().first()? {
-        b'+' => 1.0,
-        b'-' => -1.0,
+        b'+' => 1,
+        b'-' => -1,
         _ => return None,
     };
     let t = &text[1..];
@@ -145,23 +146,10 @@ fn parse_offset(text: &str) -> Option<(f64, &str)> {
         .take_while(|b| b.is_ascii_digit() || *b == b':')
         .count();
     let mut parts = t[..n].split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts
-        .next()
-        .map(str::parse)
-        .transpose()
-        .ok()?
-        .unwrap_or(0.0);
-    let s: f64 = parts
-        .next()
-        .map(str::parse)
-        .transpose()
-        .ok()?
-        .unwrap_or(0.0);
-    Some((
-        sign * (h * 3_600_000.0 + m * 60_000.0 + s * 1000.0),
-        &t[n..],
-    ))
+    let h: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    let s: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    Some((sign * ((h * 3600 + m * 60 + s) * 1_000_000), &t[n..]))
 }
 
 /// Parses an ISO timestamp (with or without zone) into epoch milliseconds.
@@ -173,12 +161,12 @@ pub fn parse_timestamp(text: &str) -> Option<f64> {
     }
     let (days, rest) = parse_date_part(text)?;
     let rest = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('T'))?;
-    let (ms, rest) = parse_clock(rest)?;
-    let mut total = days as f64 * MS_PER_DAY + ms;
+    let (us, rest) = parse_clock(rest)?;
+    let mut total = days.checked_mul(86_400_000_000)?.checked_add(us)?;
     if let Some((off, _)) = parse_offset(rest) {
         total -= off;
     }
-    Some(total)
+    Some(total as f64 / 1000.0)
 }
 
 fn parse_date_ms(text: &str) -> Option<f64> {
@@ -192,8 +180,8 @@ fn parse_date_ms(text: &str) -> Option<f64> {
 }
 
 fn parse_time_ms(text: &str) -> Option<f64> {
-    let (ms, _) = parse_clock(text)?;
-    Some(ms)
+    let (us, _) = parse_clock(text)?;
+    Some(us as f64 / 1000.0)
 }
 
 /// Parses a Postgres array literal into a JSON array, converting elements by `elem`.
@@ -361,7 +349,7 @@ pub fn from_binary(kind: ValueKind, b: &[u8]) -> Result<Value, ValueError> {
             Value::Real(match us {
                 i64::MAX => f64::INFINITY,
                 i64::MIN => f64::NEG_INFINITY,
-                _ => (us as f64 + PG_EPOCH_US as f64) / 1000.0,
+                _ => us.saturating_add(PG_EPOCH_US) as f64 / 1000.0,
             })
         }
         ValueKind::Date => {
@@ -369,7 +357,7 @@ pub fn from_binary(kind: ValueKind, b: &[u8]) -> Result<Value, ValueError> {
             Value::Real(match d {
                 d if d == i32::MAX as i64 => f64::INFINITY,
                 d if d == i32::MIN as i64 => f64::NEG_INFINITY,
-                d => (d as f64) * MS_PER_DAY + PG_EPOCH_US as f64 / 1000.0,
+                d => (d * 86_400_000_000 + PG_EPOCH_US) as f64 / 1000.0,
             })
         }
         ValueKind::Time => Value::Real(int(8)? as f64 / 1000.0),

@@ -6,3 +6,6 @@ mod support;
 
 /// Initial sync, streaming and restart of the replica.
 mod replication;
+
+/// Zero's type mapping, through binary COPY, text COPY and pgoutput.
+mod types;

@@ -85,10 +85,11 @@ pub async fn connect(uri: &str) -> tokio_postgres::Client {
 impl TestDb {
     /// Runs SQL statements.
     pub async fn exec(&self, sql: &str) {
-        self.client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        self.client.batch_execute(sql).await.unwrap_or_else(|e| {
+            let mut s = sql.to_string();
+            s.truncate(300);
+            panic!("{s}: {e:?}")
+        });
     }
 
     /// The replica file path in the scratch folder.
@@ -134,13 +135,17 @@ pub fn start(cfg: ReplicatorConfig) -> Running {
 impl Running {
     /// Waits until the initial sync is done.
     pub async fn ready(&mut self) {
-        tokio::time::timeout(
+        let r = tokio::time::timeout(
             Duration::from_secs(60),
             self.watermarks.wait_for(|w| !w.is_empty()),
         )
         .await
         .expect("replica ready within 60 s")
-        .expect("replicator alive");
+        .is_ok();
+        if !r {
+            let result = (&mut self.handle).await;
+            panic!("replicator stopped before the replica was ready: {result:?}");
+        }
     }
 
     /// Stops the replicator and returns its result.
@@ -164,7 +169,7 @@ pub fn canon(v: &Value) -> String {
         Value::Null => "null".into(),
         Value::Integer(i) => format!("{i}"),
         Value::Real(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
-        Value::Real(f) => format!("{f}"),
+        Value::Real(f) => format!("{f:?}"),
         Value::Text(s) => format!("{s:?}"),
         Value::Blob(b) => format!("{b:?}"),
     }
@@ -214,26 +219,26 @@ pub async fn upstream_rows(
         if t.schema != "public" {
             continue;
         }
-        let cols: Vec<String> = t
-            .columns
-            .iter()
-            .map(|c| format!("{}::text", quote_ident(&c.name)))
-            .collect();
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let sql = format!(
             "SELECT {} FROM {}.{}",
             cols.join(", "),
             quote_ident(&t.schema),
             quote_ident(&t.upstream_name)
         );
-        let rows = client.query(&sql, &[]).await.expect("query upstream");
+        // The simple query protocol returns each value in its text output format, exactly as
+        // pgoutput sends it.
+        let msgs = client.simple_query(&sql).await.expect("query upstream");
         let mut set = Rows::new();
-        for r in rows {
+        for m in msgs {
+            let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
             let mut row = Vec::new();
             for (i, c) in t.columns.iter().enumerate() {
-                let v: Option<String> = r.get(i);
-                let v = match v {
+                let v = match r.get(i) {
                     None => Value::Null,
-                    Some(s) => zero_cache::pgvalue::from_text(c.kind, &s).expect("convert"),
+                    Some(s) => zero_cache::pgvalue::from_text(c.kind, s).expect("convert"),
                 };
                 row.push(canon(&v));
             }
