@@ -12,6 +12,7 @@
 //! * [`eval`]: row predicates with Zero's filter semantics (null rules, LIKE with escapes).
 //! * [`sql`]: AST → SQLite SQL over the replica, and a tree evaluator over a caller's executor.
 //! * [`memory`]: a naive whole-AST evaluator over in-memory rows (oracle for incremental views).
+//! * [`plan`]: the plan IR for the dataflow engine, split into a template (shape) and params.
 
 pub mod ast;
 pub mod eval;
@@ -19,6 +20,7 @@ pub mod hash;
 pub mod memory;
 pub mod normalize;
 pub mod parse;
+pub mod plan;
 pub mod schema;
 pub mod sql;
 pub mod validate;
