@@ -6,14 +6,15 @@
 //! "some correlated child passes the child's `where`" (constant when the child has `limit: 0`),
 //! ordering completed with the primary key under [`Value`]'s order (nulls first ascending),
 //! `start` as a cursor in that ordering, per-parent `limit` in `related`, related entries
-//! deduplicated by alias (last wins), and null correlation keys never matching.
+//! deduplicated by alias (last wins), null correlation keys never matching, and EXISTS witness
+//! rows as in [`crate::sql::evaluate`].
 
 use std::cmp::Ordering;
 
-use crate::ast::{Ast, Condition, CorrelatedSubquery, Direction, ExistsOp, OrderPart};
+use crate::ast::{Ast, Condition, Direction, ExistsOp, OrderPart};
 use crate::eval::{EvalError, eval_simple};
 use crate::schema::{Schema, TableSchema};
-use crate::sql::{Relationship, ResultNode};
+use crate::sql::{ChildQuery, Relationship, ResultNode, child_queries};
 use crate::validate::{ValidationError, validate};
 use crate::value::{Row, Value};
 
@@ -127,21 +128,11 @@ impl Ctx<'_, '_> {
         if let Some(limit) = ast.limit {
             rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         }
-        let related: Vec<&CorrelatedSubquery> = ast
-            .related()
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| {
-                !ast.related()[i + 1..]
-                    .iter()
-                    .any(|later| later.subquery.alias == r.subquery.alias)
-            })
-            .map(|(_, r)| r)
-            .collect();
+        let children = child_queries(ast);
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut relationships = Vec::new();
-            for r in &related {
+            for ChildQuery { sub: r, exists } in &children {
                 let keys: Vec<Value> = r
                     .correlation
                     .parent_field
@@ -157,6 +148,7 @@ impl Ctx<'_, '_> {
                     alias: r.subquery.alias.clone().unwrap_or_default(),
                     hidden: r.hidden == Some(true),
                     system: r.system,
+                    exists: *exists,
                     nodes,
                 });
             }

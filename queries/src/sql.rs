@@ -17,7 +17,10 @@
 //! * the ordering is completed with the primary key; `start` becomes a lexicographic cursor
 //!   predicate that follows Zero's null ordering (nulls first ascending, last descending);
 //! * `limit` in a `related` subquery is per parent: [`evaluate`] runs one statement per parent
-//!   row and relationship, with the correlation bound as parameters.
+//!   row and relationship, with the correlation bound as parameters;
+//! * rows Zero syncs for a top-level EXISTS (up to 3 child rows per parent, all of them when
+//!   flipped) come back as `exists` relationships, so [`synced_rows`] is the full set of rows a
+//!   client receives.
 //!
 //! The crate does no I/O: [`evaluate`] calls an executor closure for every statement and
 //! decodes the rows it returns with the schema's column types.
@@ -488,8 +491,66 @@ pub struct Relationship {
     pub hidden: bool,
     /// `permissions` rows are evaluated but never synced.
     pub system: Option<System>,
+    /// Witness rows of a top-level EXISTS rather than a `related` entry: synced (so the client
+    /// can evaluate the condition) but not part of the view.
+    pub exists: bool,
     /// Child rows in the child ordering.
     pub nodes: Vec<ResultNode>,
+}
+
+/// Rows Zero syncs per parent for a non-flipped EXISTS (`EXISTS_LIMIT`).
+pub const EXISTS_LIMIT: u64 = 3;
+/// Rows Zero fetches per parent for a permission EXISTS (never synced).
+pub const PERMISSIONS_EXISTS_LIMIT: u64 = 1;
+
+/// A child query evaluated for every output row of a node.
+pub(crate) struct ChildQuery {
+    pub(crate) sub: CorrelatedSubquery,
+    pub(crate) exists: bool,
+}
+
+/// The child queries of `ast`: its `related` entries, deduplicated by alias (last wins, as in
+/// Zero), then one witness query per top-level `EXISTS` conjunct. A witness query is the
+/// EXISTS subquery capped at [`EXISTS_LIMIT`] rows per parent ([`PERMISSIONS_EXISTS_LIMIT`]
+/// for permission rules, no cap when flipped) in the child's ordering. Witnesses of EXISTS
+/// nested under OR / NOT are not modeled.
+pub(crate) fn child_queries(ast: &Ast) -> Vec<ChildQuery> {
+    let related = ast.related();
+    let mut out: Vec<ChildQuery> = related
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            !related[i + 1..]
+                .iter()
+                .any(|later| later.subquery.alias == r.subquery.alias)
+        })
+        .map(|(_, r)| ChildQuery {
+            sub: r.clone(),
+            exists: false,
+        })
+        .collect();
+    let conjuncts: Vec<&Condition> = match &ast.where_ {
+        Some(Condition::And { conditions }) => conditions.iter().collect(),
+        Some(c) => vec![c],
+        None => vec![],
+    };
+    for c in conjuncts {
+        if let Condition::CorrelatedSubquery(csq) = c
+            && csq.op == ExistsOp::Exists
+            && csq.related.subquery.limit != Some(0)
+        {
+            let mut sub = csq.related.clone();
+            sub.subquery.limit = if sub.system == Some(System::Permissions) {
+                Some(PERMISSIONS_EXISTS_LIMIT)
+            } else if csq.flip == Some(true) {
+                None
+            } else {
+                Some(EXISTS_LIMIT)
+            };
+            out.push(ChildQuery { sub, exists: true });
+        }
+    }
+    out
 }
 
 /// Executes `ast` through `exec` and builds the hierarchical result. Validates first.
@@ -514,18 +575,7 @@ fn evaluate_node<E: std::error::Error + 'static>(
     let stmt = select_statement(ast, schema, correlation)?;
     let rows = exec(&stmt).map_err(EvaluateError::Exec)?;
     let table = table_of(schema, ast)?;
-    // Zero deduplicates `related` by alias; the last entry wins, at its own position.
-    let related: Vec<&CorrelatedSubquery> = ast
-        .related()
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| {
-            !ast.related()[i + 1..]
-                .iter()
-                .any(|later| later.subquery.alias == r.subquery.alias)
-        })
-        .map(|(_, r)| r)
-        .collect();
+    let children = child_queries(ast);
     let mut out = Vec::with_capacity(rows.len());
     for raw in rows {
         let row: Row = stmt
@@ -535,7 +585,7 @@ fn evaluate_node<E: std::error::Error + 'static>(
             .map(|((_, ty), v)| from_sql(*ty, v))
             .collect();
         let mut relationships = Vec::new();
-        for r in &related {
+        for ChildQuery { sub: r, exists } in &children {
             let keys: Vec<Value> = r
                 .correlation
                 .parent_field
@@ -562,6 +612,7 @@ fn evaluate_node<E: std::error::Error + 'static>(
                 alias: r.subquery.alias.clone().unwrap_or_default(),
                 hidden: r.hidden == Some(true),
                 system: r.system,
+                exists: *exists,
                 nodes,
             });
         }
@@ -575,8 +626,8 @@ fn evaluate_node<E: std::error::Error + 'static>(
 }
 
 /// The distinct `(table, row)` pairs a client would receive for this result: every row of
-/// every relationship, junction rows included, permission rows excluded. EXISTS witness rows
-/// are not part of the hierarchical result and are not included.
+/// every relationship, junction rows and EXISTS witness rows included, permission rows
+/// excluded.
 pub fn synced_rows(nodes: &[ResultNode]) -> BTreeSet<(String, Row)> {
     fn walk(nodes: &[ResultNode], out: &mut BTreeSet<(String, Row)>) {
         for n in nodes {
@@ -607,7 +658,7 @@ fn node_json(n: &ResultNode, schema: &Schema) -> serde_json::Value {
         }
     }
     for r in &n.relationships {
-        if r.system == Some(System::Permissions) {
+        if r.system == Some(System::Permissions) || r.exists {
             continue;
         }
         let children: Vec<serde_json::Value> = if r.hidden {

@@ -182,6 +182,7 @@ fn small_db() -> Db {
         ("c3", "i1", 2),
         ("c4", "i2", 1),
         ("c5", "i4", 9),
+        ("c7", "i1", 0),
     ];
     for (id, issue, created) in comments {
         db.insert(
@@ -356,6 +357,65 @@ fn related_is_hierarchical_with_per_parent_limits() {
             count("label")
         ),
         (2, 2, 1, 3, 2)
+    );
+}
+
+#[test]
+fn exists_witness_rows_are_synced_but_not_viewed() {
+    let db = small_db();
+    let count = |src: &str, table: &str| {
+        let ast = db.parse(src);
+        let got = db.run_sql(&ast);
+        assert_eq!(got, db.run_memory(&ast), "{src}");
+        synced_rows(&got)
+            .iter()
+            .filter(|(t, _)| t == table)
+            .map(|(_, r)| r[0].as_str().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // At most 3 witnesses per parent, in the child's ordering (c7 is i1's fourth comment).
+    assert_eq!(
+        count("issue.whereExists('comments')", "comment"),
+        ["c1", "c2", "c3", "c4", "c5"]
+    );
+    // Flipped EXISTS syncs every matching child.
+    assert_eq!(
+        count("issue.whereExists('comments', {flip: true})", "comment"),
+        ["c1", "c2", "c3", "c4", "c5", "c7"]
+    );
+    // Two hops: junction rows and their labels.
+    assert_eq!(
+        count(
+            "issue.whereExists('labels', l => l.where('name', 'docs'))",
+            "issueLabel"
+        ),
+        ["i1", "i3"]
+    );
+    assert_eq!(
+        count(
+            "issue.whereExists('labels', l => l.where('name', 'docs'))",
+            "label"
+        ),
+        ["l2"]
+    );
+    // NOT EXISTS has nothing to witness; a limited parent drops its witnesses.
+    assert!(
+        count(
+            "issue.where(({not, exists}) => not(exists('comments')))",
+            "comment"
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        count("issue.whereExists('comments').limit(1)", "comment"),
+        ["c1", "c2", "c3"]
+    );
+    let ast = db.parse("issue.whereExists('comments').where('id', 'i2')");
+    let view = to_view_json(&db.run_sql(&ast), &db.schema);
+    assert_eq!(
+        view[0].get("zsubq_comments"),
+        None,
+        "witnesses are not in the view"
     );
 }
 
