@@ -13,6 +13,7 @@
 //! * [`sql`]: AST → SQLite SQL over the replica, and a tree evaluator over a caller's executor.
 //! * [`memory`]: a naive whole-AST evaluator over in-memory rows (oracle for incremental views).
 //! * [`plan`]: the plan IR for the dataflow engine, split into a template (shape) and params.
+//! * [`permissions`]: read permission rules for legacy queries (protocol §15).
 
 pub mod ast;
 pub mod eval;
@@ -20,6 +21,7 @@ pub mod hash;
 pub mod memory;
 pub mod normalize;
 pub mod parse;
+pub mod permissions;
 pub mod plan;
 pub mod schema;
 pub mod sql;

@@ -595,6 +595,27 @@ mod tests {
     }
 
     #[test]
+    fn zero_ast_test_cases() {
+        // Cases from Zero's ast.test.ts: sorting by column, then by literal, then by op.
+        let v = json!({"table":"table","where":{"type":"and","conditions":[simple("b","=",json!("value")), simple("a","=",json!("value"))]}});
+        let want = json!({"table":"table","where":{"type":"and","conditions":[simple("a","=",json!("value")), simple("b","=",json!("value"))]}});
+        assert_eq!(norm_json(&v), js_stringify(&want));
+        let v = json!({"table":"table","where":{"type":"and","conditions":[simple("a","=",json!("y")), simple("a","=",json!("x"))]}});
+        let want = json!({"table":"table","where":{"type":"and","conditions":[simple("a","=",json!("x")), simple("a","=",json!("y"))]}});
+        assert_eq!(norm_typed(&v), js_stringify(&want));
+        let v = json!({"table":"table","where":{"type":"and","conditions":[simple("a","<",json!("x")), simple("a",">",json!("y"))]}});
+        assert_eq!(norm_typed(&v), js_stringify(&v));
+        // Undefined fields vanish, so key order and absent fields do not change the text.
+        let a = json!({"alias":"alias","table":"table"});
+        let b = json!({"table":"table","alias":"alias"});
+        assert_eq!(norm_json(&a), norm_json(&b));
+        let a = json!({"schema":"schema","alias":"alias","limit":10,"orderBy":[],"related":[],"table":"table"});
+        let b = json!({"related":[],"schema":"schema","limit":10,"table":"table","orderBy":[],"alias":"alias"});
+        assert_eq!(norm_json(&a), norm_json(&b));
+        assert_eq!(norm_typed(&a), norm_json(&b));
+    }
+
+    #[test]
     fn normalization_is_idempotent() {
         let v = json!({"table":"t","where":{"type":"and","conditions":[
             {"type":"or","conditions":[simple("b","=",json!(2)), simple("a","=",json!(1))]},
