@@ -203,6 +203,19 @@ impl Stream<'_> {
             }
             ReplicationEvent::XLogData { data, .. } => {
                 if self.skipping {
+                    // Relation messages are sent once per session, possibly inside a transaction
+                    // the replica already has: remember them, skip everything else.
+                    if let Ok(Some(Message::Relation { oid, columns, .. })) = pgoutput::decode(data) {
+                        self.relations.insert(
+                            oid,
+                            Relation {
+                                table: None,
+                                map: Vec::new(),
+                                columns,
+                            },
+                        );
+                        self.remap(applier);
+                    }
                     return Ok(None);
                 }
                 self.data(data, applier)?;

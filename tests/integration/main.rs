@@ -9,3 +9,6 @@ mod replication;
 
 /// Zero's type mapping, through binary COPY, text COPY and pgoutput.
 mod types;
+
+/// Random inserts, updates, deletes and truncates over several tables.
+mod workload;

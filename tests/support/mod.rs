@@ -25,6 +25,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// The cluster shared by this test binary.
 pub fn cluster() -> &'static DevPostgres {
     CLUSTER.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
         let dir = std::env::temp_dir().join(format!("zero-test-pg-{}", std::process::id()));
         let pg = DevPostgres::start(
             &dir,
@@ -289,4 +296,80 @@ pub fn replica_query<T: rusqlite::types::FromSql>(path: &Path, sql: &str) -> T {
     let conn = rusqlite::Connection::open(path).expect("open replica");
     conn.query_row(sql, [], |r| r.get(0))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Checks the change log against the rows: every row changed since initial sync has exactly
+/// one `s` entry at its `_0_version`; every other row is at the replica version with no entry;
+/// `d` entries name rows that are absent. Returns the number of entries checked.
+pub fn check_change_log(path: &Path) -> usize {
+    let conn = rusqlite::Connection::open(path).expect("open replica");
+    let state = zero_cache::replica::read_state(&conn)
+        .expect("state")
+        .expect("complete");
+    let mut checked = 0;
+    for (name, t) in state.schema.replica_tables() {
+        let key_cols: Vec<String> = t.key.iter().map(|k| quote_ident(k)).collect();
+        let sql = format!(
+            "SELECT {}, \"_0_version\" FROM {}",
+            key_cols.join(", "),
+            quote_ident(&name)
+        );
+        let mut stmt = conn.prepare(&sql).expect("prepare");
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| {
+                let mut obj = serde_json::Map::new();
+                for (i, k) in t.key.iter().enumerate() {
+                    let v: Value = r.get(i)?;
+                    obj.insert(
+                        k.clone(),
+                        match v {
+                            Value::Null => serde_json::Value::Null,
+                            Value::Integer(i) => i.into(),
+                            Value::Real(f) => f.into(),
+                            Value::Text(s) => s.into(),
+                            Value::Blob(_) => panic!("blob key"),
+                        },
+                    );
+                }
+                Ok((
+                    serde_json::Value::Object(obj).to_string(),
+                    r.get::<_, String>(t.key.len())?,
+                ))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let mut log: BTreeMap<String, (String, String)> = conn
+            .prepare("SELECT \"rowKey\", \"stateVersion\", op FROM \"_zero.changeLog2\" WHERE \"table\" = ?1 AND op IN ('s', 'd')")
+            .expect("prepare")
+            .query_map([&name], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("log");
+        let reset: Option<String> = conn
+            .query_row(
+                "SELECT max(\"stateVersion\") FROM \"_zero.changeLog2\" WHERE \"table\" = ?1 AND op IN ('t', 'r')",
+                [&name],
+                |r| r.get(0),
+            )
+            .expect("reset");
+        for (key, version) in rows {
+            match log.remove(&key) {
+                Some((v, op)) => {
+                    assert_eq!(op, "s", "{name} {key}: present row logged as {op}");
+                    assert_eq!(v, version, "{name} {key}: log version differs from _0_version");
+                }
+                None => assert!(
+                    version == state.replica_version || reset.as_ref().is_some_and(|r| &version <= r),
+                    "{name} {key}: row at version {version} has no change-log entry"
+                ),
+            }
+            checked += 1;
+        }
+        for (key, (_, op)) in log {
+            assert_eq!(op, "d", "{name} {key}: absent row logged as {op}");
+            checked += 1;
+        }
+    }
+    checked
 }
