@@ -12,3 +12,6 @@ mod types;
 
 /// Random inserts, updates, deletes and truncates over several tables.
 mod workload;
+
+/// kill -9 of the server at random points, then restart.
+mod crash;

@@ -373,3 +373,12 @@ pub fn check_change_log(path: &Path) -> usize {
     }
     checked
 }
+
+/// The replica's state if the file is a complete replica.
+pub fn try_replica_state(path: &Path) -> Option<zero_cache::replica::ReplicaState> {
+    if !path.exists() {
+        return None;
+    }
+    let conn = rusqlite::Connection::open(path).ok()?;
+    zero_cache::replica::read_state(&conn).ok().flatten()
+}
