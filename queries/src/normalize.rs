@@ -615,6 +615,135 @@ mod tests {
         assert_eq!(norm_typed(&a), norm_json(&b));
     }
 
+    /// Deterministic generator for the property tests below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        fn shuffle<T>(&mut self, items: &mut [T]) {
+            for i in (1..items.len()).rev() {
+                items.swap(i, self.below(i + 1));
+            }
+        }
+    }
+
+    /// A random condition whose siblings never tie in Zero's comparator (unique literals and
+    /// aliases), so that its normalized form cannot depend on input order.
+    fn random_condition(rng: &mut Rng, depth: u32, counter: &mut usize) -> serde_json::Value {
+        *counter += 1;
+        let n = *counter;
+        match if depth >= 3 {
+            rng.below(2)
+        } else {
+            rng.below(5)
+        } {
+            0 => {
+                let ops = ["=", "!=", "<", ">=", "LIKE", "IS NOT"];
+                let value = match rng.below(3) {
+                    0 => json!(n),
+                    1 => json!(format!("s{n}")),
+                    _ => json!(n as f64 + 0.5),
+                };
+                simple(
+                    &format!("c{}", rng.below(4)),
+                    ops[rng.below(ops.len())],
+                    value,
+                )
+            }
+            1 => simple(
+                &format!("c{}", rng.below(4)),
+                "IN",
+                json!([n, format!("x{n}")]),
+            ),
+            2 => {
+                json!({"type":"correlatedSubquery","related":{"correlation":{"parentField":["id"],"childField":["pid"]},
+                "subquery":{"table":"child","alias":format!("zsubq_{n}"),"where":random_condition(rng, depth + 1, counter)}},
+                "op": if rng.below(2) == 0 { "EXISTS" } else { "NOT EXISTS" }})
+            }
+            k => {
+                let len = rng.below(4);
+                let items: Vec<_> = (0..len)
+                    .map(|_| random_condition(rng, depth + 1, counter))
+                    .collect();
+                json!({"type": if k == 3 { "and" } else { "or" }, "conditions": items})
+            }
+        }
+    }
+
+    fn random_ast(rng: &mut Rng, counter: &mut usize) -> serde_json::Value {
+        let mut ast = json!({"table":"t","where":random_condition(rng, 0, counter)});
+        let related: Vec<_> = (0..rng.below(4))
+            .map(|i| json!({"correlation":{"parentField":["id"],"childField":["pid"]},
+                "subquery":{"table":"child","alias":format!("r{i}"),"where":random_condition(rng, 2, counter)}}))
+            .collect();
+        if !related.is_empty() {
+            ast["related"] = json!(related);
+        }
+        ast
+    }
+
+    /// Shuffles every and/or condition list and every related list, recursively.
+    fn shuffled(v: &serde_json::Value, rng: &mut Rng) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut out = m.clone();
+                for (k, child) in m {
+                    let mut c = shuffled(child, rng);
+                    if (k == "conditions" || k == "related")
+                        && let serde_json::Value::Array(items) = &mut c
+                    {
+                        rng.shuffle(items);
+                    }
+                    out.insert(k.clone(), c);
+                }
+                serde_json::Value::Object(out)
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(|i| shuffled(i, rng)).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    #[test]
+    fn random_asts_normalize_consistently() {
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        for _ in 0..300 {
+            let mut counter = 0;
+            let v = random_ast(&mut rng, &mut counter);
+            let typed = norm_typed(&v);
+            // The typed and JSON paths agree on builder-ordered input.
+            assert_eq!(typed, norm_json(&v), "{v}");
+            // Zero's one-level flattening can leave a same-type and/or nested, which the next
+            // pass lifts; so normalization is not idempotent, but it reaches a fixpoint.
+            let mut cur = typed.clone();
+            for _ in 0..5 {
+                let parsed: serde_json::Value = serde_json::from_str(&cur).expect("json");
+                let next = norm_json(&parsed);
+                assert_eq!(next, norm_typed(&parsed));
+                if next == cur {
+                    break;
+                }
+                cur = next;
+            }
+            let fixpoint: serde_json::Value = serde_json::from_str(&cur).expect("json");
+            assert_eq!(norm_json(&fixpoint), cur, "no fixpoint for {v}");
+            // Independent of the order conditions and related entries were written in.
+            let s = shuffled(&v, &mut rng);
+            assert_eq!(norm_typed(&s), typed, "{v}\nshuffled: {s}");
+            assert_eq!(
+                hash_of_ast_json(&s).expect("hash"),
+                hash_of_ast_json(&v).expect("hash")
+            );
+        }
+    }
+
     #[test]
     fn normalization_is_idempotent() {
         let v = json!({"table":"t","where":{"type":"and","conditions":[

@@ -1337,6 +1337,21 @@ mod tests {
     }
 
     #[test]
+    fn bare_table_query_hashes_like_the_client() {
+        // query-manager.test.ts: `z.query.issue` is sent as {table, orderBy:[[id, asc]]} and
+        // hashed to 12hwg3ihkijhm.
+        let ast = parse("z.query.issue");
+        assert_eq!(
+            ast.to_json_string(),
+            r#"{"table":"issue","orderBy":[["id","asc"]]}"#
+        );
+        assert_eq!(
+            crate::hash::hash_of_ast(&ast).expect("hash"),
+            "12hwg3ihkijhm"
+        );
+    }
+
+    #[test]
     fn parsed_queries_validate_and_hash() {
         let ast = parse(
             "issue.where('open', true).whereExists('labels', l => l.where('name', 'bug')).related('creator').orderBy('modified', 'desc').limit(100)",
