@@ -15,6 +15,8 @@
 //! * [`plan`]: the plan IR for the dataflow engine, split into a template (shape) and params.
 //! * [`permissions`]: read permission rules for legacy queries (protocol §15).
 
+#![warn(missing_docs)]
+
 pub mod ast;
 pub mod eval;
 pub mod hash;

@@ -244,7 +244,16 @@ struct RawHop {
 impl Schema {
     /// Loads and checks a schema from its JSON description (see the module docs).
     pub fn from_json_str(text: &str) -> Result<Schema, SchemaError> {
-        let raw: RawSchema = serde_json::from_str(text)?;
+        Schema::from_raw(serde_json::from_str(text)?)
+    }
+
+    /// Loads a schema from already-parsed JSON, such as the `clientSchema` of an
+    /// `initConnection` message.
+    pub fn from_json_value(value: &serde_json::Value) -> Result<Schema, SchemaError> {
+        Schema::from_raw(RawSchema::deserialize(value)?)
+    }
+
+    fn from_raw(raw: RawSchema) -> Result<Schema, SchemaError> {
         let mut schema = Schema::default();
         for (name, table) in raw.tables {
             let table: RawTable = serde_json::from_value(table)?;
@@ -414,6 +423,8 @@ pub(crate) mod tests {
         let text = r#"{"tables":{"comment":{"columns":{"body":{"type":"string"},"created":{"type":"number"},"creatorID":{"type":"string"},"id":{"type":"string"},"issueID":{"type":"string"}},"primaryKey":["id"]},"issueLabel":{"columns":{"issueID":{"type":"string"},"labelID":{"type":"string"}},"primaryKey":["issueID","labelID"]}}}"#;
         let s = Schema::from_json_str(text).expect("client schema");
         assert_eq!(s.tables.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(Schema::from_json_value(&v).expect("from value"), s);
         assert!(s.relationships.is_empty());
     }
 

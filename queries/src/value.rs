@@ -344,8 +344,29 @@ impl Hash for Value {
     }
 }
 
+/// The form of a [`Value`] in binary formats (timely/differential exchange between processes),
+/// which cannot carry self-describing JSON. JSON arrays/objects travel as JSON text.
+#[derive(Serialize, Deserialize)]
+enum Compact {
+    Null,
+    Bool(bool),
+    Number(f64),
+    String(String),
+    Json(String),
+}
+
 impl Serialize for Value {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if !serializer.is_human_readable() {
+            let compact = match self.view() {
+                View::Null => Compact::Null,
+                View::Bool(b) => Compact::Bool(b),
+                View::Number(n) => Compact::Number(n),
+                View::String(s) => Compact::String(s.to_owned()),
+                View::Json(j) => Compact::Json(j.to_string()),
+            };
+            return compact.serialize(serializer);
+        }
         match self.view() {
             View::Null => serializer.serialize_unit(),
             View::Bool(b) => serializer.serialize_bool(b),
@@ -358,6 +379,17 @@ impl Serialize for Value {
 
 impl<'de> Deserialize<'de> for Value {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if !deserializer.is_human_readable() {
+            return Ok(match Compact::deserialize(deserializer)? {
+                Compact::Null => Value::Null,
+                Compact::Bool(b) => Value::Bool(b),
+                Compact::Number(n) => Value::Number(n),
+                Compact::String(s) => Value::String(s),
+                Compact::Json(text) => serde_json::from_str(&text)
+                    .map(Value::from_json)
+                    .map_err(serde::de::Error::custom)?,
+            });
+        }
         serde_json::Value::deserialize(deserializer).map(Value::from_json)
     }
 }
@@ -538,6 +570,23 @@ mod tests {
             serde_json::to_string(&Value::Number(1e300)).expect("big"),
             "1e+300"
         );
+    }
+
+    #[test]
+    fn binary_formats_round_trip() {
+        let vals: Vec<Value> = vec![
+            Value::Null,
+            Value::Bool(false),
+            Value::Number(-2.5),
+            Value::from("héllo"),
+            Value::Json(json!({"a": [1, null, "x"]})),
+        ];
+        let bytes = bincode::serialize(&vals).expect("bincode");
+        let back: Vec<Value> = bincode::deserialize(&bytes).expect("bincode back");
+        assert_eq!(back, vals);
+        let row: Row = vals.clone().into();
+        let back: Row = bincode::deserialize(&bincode::serialize(&row).expect("ser")).expect("de");
+        assert_eq!(back, row);
     }
 
     #[test]
