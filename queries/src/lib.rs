@@ -15,6 +15,35 @@
 //! * [`plan`]: the plan IR for the dataflow engine, split into a template (shape) and params.
 //! * [`permissions`]: read permission rules for legacy queries (protocol §15).
 
+//!
+//! # Example
+//!
+//! ```
+//! use zero_queries::{hash, parse, plan, schema::Schema, sql, validate};
+//!
+//! let schema = Schema::from_json_str(r#"{
+//!   "tables": {
+//!     "issue": {"columns": {"id": {"type": "string"}, "open": {"type": "boolean"},
+//!                           "modified": {"type": "number"}}, "primaryKey": ["id"]},
+//!     "comment": {"columns": {"id": {"type": "string"}, "issueID": {"type": "string"}},
+//!                 "primaryKey": ["id"]}},
+//!   "relationships": {"issue": {"comments": [
+//!     {"sourceField": ["id"], "destField": ["issueID"], "destSchema": "comment"}]}}
+//! }"#)?;
+//! let ast = parse::parse_query(
+//!     "issue.where('open', true).related('comments').orderBy('modified', 'desc').limit(10)",
+//!     &schema,
+//! )?;
+//! validate::validate(&ast, &schema)?;
+//! let id = hash::hash_of_ast(&ast)?;            // what the client would use as the query id
+//! let (template, params) = plan::plan_query(&ast, &schema)?;
+//! assert_eq!(params.len(), template.param_count);
+//! let stmt = sql::select_statement(&ast, &schema, None)?;
+//! assert!(stmt.sql.starts_with("SELECT"));
+//! # let _ = id;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 #![warn(missing_docs)]
 
 pub mod ast;
