@@ -291,6 +291,47 @@ mod tests {
     }
 
     #[test]
+    fn client_query_manager_vectors() {
+        // Hashes the client sent for these (client-name) ASTs in Zero's query-manager and
+        // zero-client tests.
+        let cases = [
+            (
+                r#"{"table":"issue","orderBy":[["id","desc"]]}"#,
+                "1hydj1t7t5yv4",
+            ),
+            (
+                r#"{"table":"user","orderBy":[["id","asc"]]}"#,
+                "3c5d3uiyypuxu",
+            ),
+            (
+                r#"{"table":"user","orderBy":[["id","desc"]]}"#,
+                "2q7cds8pild5w",
+            ),
+            (
+                r#"{"table":"issue","limit":1,"orderBy":[["id","asc"]]}"#,
+                "1vsd9vcx6ynd4",
+            ),
+            // Simple condition written {type, left, op, right}; related without alias.
+            (
+                r#"{"table":"issue","where":{"type":"and","conditions":[
+                    {"type":"simple","left":{"type":"column","name":"ownerId"},"op":"IS NOT","right":{"type":"literal","value":"null"}},
+                    {"type":"correlatedSubquery","related":{"correlation":{"parentField":["id"],"childField":["issueId"]},"subquery":{"table":"comment"}},"op":"EXISTS"}]},
+                  "related":[{"correlation":{"parentField":["ownerId"],"childField":["id"]},"subquery":{"table":"user"}}],
+                  "orderBy":[["ownerId","desc"],["id","asc"]],
+                  "start":{"row":{"id":"123","ownerId":"foobar"},"exclusive":false}}"#,
+                "2courpv3kf7et",
+            ),
+        ];
+        for (text, want) in cases {
+            let json: serde_json::Value = serde_json::from_str(text).expect("json");
+            assert_eq!(hash_of_ast_json(&json).expect("hash"), want, "{text}");
+        }
+        // The typed path agrees when the input uses the builder's key order.
+        let ast = Ast::from_json_str(cases[3].0).expect("ast");
+        assert_eq!(hash_of_ast(&ast).expect("hash"), "1vsd9vcx6ynd4");
+    }
+
+    #[test]
     fn xxhash32_reference_values() {
         // Published xxHash32 values.
         assert_eq!(xxhash32(b"", 0), 0x02CC_5D05);

@@ -65,7 +65,8 @@ fn normalize_ast(ast: &Ast, err: &ErrCell) -> Ast {
         let mut rel: Vec<_> = rel
             .iter()
             .map(|r| {
-                if r.subquery.alias.is_none() {
+                // Zero's comparator requires aliases, but a single entry is never compared.
+                if rel.len() > 1 && r.subquery.alias.is_none() {
                     fail(err, NormalizeError::MissingAlias(r.subquery.table.clone()));
                 }
                 crate::ast::CorrelatedSubquery {
@@ -155,14 +156,20 @@ pub(crate) fn cmp_condition(a: &Condition, b: &Condition, err: &ErrCell) -> Orde
         }
         (Condition::Simple(_), _) => Ordering::Less,
         (_, Condition::Simple(_)) => Ordering::Greater,
-        (Condition::CorrelatedSubquery(x), Condition::CorrelatedSubquery(y)) => x
-            .related
-            .subquery
-            .alias
-            .cmp(&y.related.subquery.alias)
-            .then_with(|| x.op.as_str().cmp(y.op.as_str()))
-            .then_with(|| x.flip.cmp(&y.flip))
-            .then_with(|| x.scalar.cmp(&y.scalar)),
+        (Condition::CorrelatedSubquery(x), Condition::CorrelatedSubquery(y)) => {
+            for sub in [&x.related.subquery, &y.related.subquery] {
+                if sub.alias.is_none() {
+                    fail(err, NormalizeError::MissingAlias(sub.table.clone()));
+                }
+            }
+            x.related
+                .subquery
+                .alias
+                .cmp(&y.related.subquery.alias)
+                .then_with(|| x.op.as_str().cmp(y.op.as_str()))
+                .then_with(|| x.flip.cmp(&y.flip))
+                .then_with(|| x.scalar.cmp(&y.scalar))
+        }
         (Condition::CorrelatedSubquery(_), _) => Ordering::Less,
         (_, Condition::CorrelatedSubquery(_)) => Ordering::Greater,
         (
@@ -314,18 +321,16 @@ fn normalize_ast_json(
             let sub = r
                 .get("subquery")
                 .ok_or_else(|| NormalizeError::Json("related entry without subquery".to_owned()))?;
-            let alias = sub
-                .get("alias")
-                .and_then(|a| a.as_str())
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    NormalizeError::MissingAlias(
-                        sub.get("table")
-                            .and_then(|t| t.as_str())
-                            .unwrap_or_default()
-                            .to_owned(),
-                    )
-                })?;
+            let alias = sub.get("alias").and_then(|a| a.as_str()).map(str::to_owned);
+            if items.len() > 1 && alias.is_none() {
+                // Zero's comparator requires aliases, but a single entry is never compared.
+                return Err(NormalizeError::MissingAlias(
+                    sub.get("table")
+                        .and_then(|t| t.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                ));
+            }
             e.insert("subquery".to_owned(), normalize_ast_json(sub, err)?);
             if let Some(s) = r.get("system") {
                 e.insert("system".to_owned(), s.clone());
