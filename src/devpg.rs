@@ -206,11 +206,11 @@ impl DevPostgres {
         if !out.status.success() {
             let mut output = String::from_utf8_lossy(&out.stderr).into_owned();
             output.push_str(&String::from_utf8_lossy(&out.stdout));
-            if program == "pg_ctl" {
-                if let Ok(log) = std::fs::read_to_string(self.dir.join("postgres.log")) {
-                    let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                    output.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-                }
+            if program == "pg_ctl"
+                && let Ok(log) = std::fs::read_to_string(self.dir.join("postgres.log"))
+            {
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                output.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
             return Err(DevPgError::Command {
                 command: format!("{program} {}", args.join(" ")),

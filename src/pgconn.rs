@@ -39,7 +39,7 @@ impl UpstreamConfig {
             pg.host("localhost");
         }
         if pg.get_user().is_none() {
-            pg.user(&std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+            pg.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
         }
         pg.options(SESSION_OPTIONS);
         pg.application_name("zero-cache");

@@ -28,6 +28,9 @@ pub enum ReplicaError {
     /// A change refers to something the replica does not know.
     #[error("replica: {0}")]
     Inconsistent(String),
+    /// Upstream changed in a way the replica can only follow by a full resync.
+    #[error("{0}")]
+    NeedsResync(String),
 }
 
 /// What the replica records about its origin and position.
@@ -75,10 +78,10 @@ pub fn create_metadata_tables(conn: &Connection) -> Result<(), ReplicaError> {
         r#"
 CREATE TABLE "_zero.replicationConfig" (
   "replicaVersion" TEXT NOT NULL, "publications" TEXT NOT NULL, "initialSyncContext" TEXT,
-  "lock" INTEGER PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
+  "lock" INT PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
 CREATE TABLE "_zero.replicationState" (
   "stateVersion" TEXT NOT NULL, "writeTimeMs" INTEGER,
-  "lock" INTEGER PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
+  "lock" INT PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
 CREATE TABLE "_zero.changeLog2" (
   "stateVersion" TEXT NOT NULL, "pos" INTEGER NOT NULL, "table" TEXT NOT NULL,
   "rowKey" TEXT NOT NULL, "op" TEXT NOT NULL, "backfillingColumnVersions" TEXT DEFAULT '{}',
@@ -96,10 +99,10 @@ CREATE TABLE "_zero.tableMetadata" (
   "upstreamMetadata" TEXT, "metadata" TEXT, PRIMARY KEY ("schema", "table"));
 CREATE TABLE "_zero.versionHistory" (
   "dataVersion" INTEGER NOT NULL, "schemaVersion" INTEGER NOT NULL,
-  "minSafeVersion" INTEGER NOT NULL, "lock" INTEGER PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
+  "minSafeVersion" INTEGER NOT NULL, "lock" INT PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
 INSERT INTO "_zero.versionHistory" ("dataVersion", "schemaVersion", "minSafeVersion") VALUES (7, 7, 1);
 CREATE TABLE "_zero.upstreamSchema" (
-  "schema" TEXT NOT NULL, "lock" INTEGER PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
+  "schema" TEXT NOT NULL, "lock" INT PRIMARY KEY DEFAULT 1 CHECK ("lock" = 1));
 "#,
     )?;
     Ok(())
@@ -535,6 +538,20 @@ impl Applier {
         if new == self.schema {
             return Ok(false);
         }
+        self.apply_schema_inner(new)?;
+        Ok(true)
+    }
+
+    /// Tables (by oid) that are replicated under `new` but not now.
+    pub fn new_tables(&self, new: &PublishedSchema) -> Vec<(i64, String)> {
+        new.replica_tables()
+            .into_values()
+            .filter(|t| !self.by_oid.contains_key(&t.oid))
+            .map(|t| (t.oid, t.name))
+            .collect()
+    }
+
+    fn apply_schema_inner(&mut self, new: PublishedSchema) -> Result<(), ReplicaError> {
         let version = self.version()?.to_string();
         let old_tables: HashMap<i64, ReplicaTable> =
             self.tables.values().map(|t| (t.oid, t.clone())).collect();
@@ -580,7 +597,7 @@ impl Applier {
         for t in reset {
             self.reset(&t)?;
         }
-        Ok(true)
+        Ok(())
     }
 
     fn alter_table(
@@ -658,12 +675,25 @@ impl Applier {
             if !ot.columns.iter().any(|c| c.attnum == nc.attnum) {
                 // Existing rows get the value Postgres fills in for them (attmissingval), which
                 // the schema function reports as the column default when it is a constant.
-                let default = upstream
+                let expr = upstream
                     .columns
                     .iter()
                     .find(|c| c.attnum == nc.attnum)
-                    .and_then(|c| c.default.as_deref())
-                    .and_then(|d| constant_default(nc.kind, d));
+                    .and_then(|c| c.default.as_deref());
+                let default = match expr {
+                    None => None,
+                    Some(d) => match constant_default(nc.kind, d) {
+                        Some(v) => Some(v),
+                        // Postgres computed a value per existing row (e.g. a sequence), which
+                        // the stream never carries.
+                        None => {
+                            return Err(ReplicaError::NeedsResync(format!(
+                                "column \"{}\" of \"{}\" was added with the non-constant default {d}",
+                                nc.name, nt.name
+                            )));
+                        }
+                    },
+                };
                 self.conn.execute_batch(&format!(
                     "ALTER TABLE {table} ADD COLUMN {} {}",
                     quote_ident(&nc.name),

@@ -433,6 +433,8 @@ BEGIN
   IF pubs IS NULL THEN pubs := ARRAY[{pubs}]; END IF;
   PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
     'tag', tg_tag,
+    'created', (SELECT coalesce(json_agg(objid::int8), '[]'::json) FROM pg_event_trigger_ddl_commands()
+                WHERE object_type = 'table' AND command_tag = 'CREATE TABLE'),
     'schema', {sh}.published_schema(pubs))::text);
 END $$ LANGUAGE plpgsql;
 DROP EVENT TRIGGER IF EXISTS {trigger};

@@ -110,10 +110,7 @@ mod tests {
     fn lsn_display_and_parse() {
         let l = Lsn::parse("16/B374D848").unwrap();
         assert_eq!(l.to_string(), "16/B374D848");
-        assert_eq!(
-            Lsn::parse("0/9").unwrap() < Lsn::parse("0/10").unwrap(),
-            true
-        );
+        assert!(Lsn::parse("0/9").unwrap() < Lsn::parse("0/10").unwrap());
         assert_eq!(Lsn::parse("zz"), None);
     }
 }

@@ -121,6 +121,7 @@ pub fn stream_changes(
         txn_started: Instant::now(),
         changes: 0,
         ddl_prefix: shard.ddl_message_prefix(),
+        pending: None,
     };
     let result = loop {
         let ev = rt.block_on(async {
@@ -163,6 +164,18 @@ struct Stream<'a> {
     txn_started: Instant,
     changes: u64,
     ddl_prefix: String,
+    /// The latest schema announced by a DDL message of the open transaction, not yet applied.
+    pending: Option<Ddl>,
+}
+
+/// A DDL message from the event trigger.
+#[derive(serde::Deserialize)]
+struct Ddl {
+    tag: String,
+    /// Oids of tables created by this command (empty for other commands).
+    #[serde(default)]
+    created: Vec<i64>,
+    schema: PublishedSchema,
 }
 
 impl Stream<'_> {
@@ -176,6 +189,7 @@ impl Stream<'_> {
         match ev {
             ReplicationEvent::Begin { final_lsn, .. } => {
                 self.in_txn = true;
+                self.pending = None;
                 self.changes = 0;
                 self.txn_started = Instant::now();
                 let lsn = Lsn(final_lsn.0);
@@ -187,6 +201,9 @@ impl Stream<'_> {
             }
             ReplicationEvent::Commit { end_lsn, lsn, .. } => {
                 self.in_txn = false;
+                if !self.skipping {
+                    self.flush_ddl(applier)?;
+                }
                 if self.skipping {
                     self.skipping = false;
                     debug!(lsn = %Lsn(lsn.0), "skipped transaction already in the replica");
@@ -205,7 +222,8 @@ impl Stream<'_> {
                 if self.skipping {
                     // Relation messages are sent once per session, possibly inside a transaction
                     // the replica already has: remember them, skip everything else.
-                    if let Ok(Some(Message::Relation { oid, columns, .. })) = pgoutput::decode(data) {
+                    if let Ok(Some(Message::Relation { oid, columns, .. })) = pgoutput::decode(data)
+                    {
                         self.relations.insert(
                             oid,
                             Relation {
@@ -218,6 +236,7 @@ impl Stream<'_> {
                     }
                     return Ok(None);
                 }
+                self.flush_ddl(applier)?;
                 self.data(data, applier)?;
                 Ok(None)
             }
@@ -228,17 +247,14 @@ impl Stream<'_> {
                 ..
             } => {
                 if prefix == self.ddl_prefix && transactional && self.in_txn && !self.skipping {
-                    #[derive(serde::Deserialize)]
-                    struct Ddl {
-                        tag: String,
-                        schema: PublishedSchema,
-                    }
                     let ddl: Ddl = serde_json::from_slice(&content)
                         .map_err(|e| StreamError::Data(format!("bad DDL message: {e}")))?;
-                    if applier.apply_schema(ddl.schema)? {
-                        info!(tag = %ddl.tag, "applied upstream schema change");
-                        self.remap(applier);
-                    }
+                    // Applied before the next change or at commit, so that the intermediate
+                    // states of a multi-statement DDL transaction (e.g. a primary key being
+                    // replaced) never reach the replica.
+                    let mut created = self.pending.take().map(|p| p.created).unwrap_or_default();
+                    created.extend(ddl.created.iter().copied());
+                    self.pending = Some(Ddl { created, ..ddl });
                 }
                 Ok(None)
             }
@@ -264,16 +280,14 @@ impl Stream<'_> {
                 };
                 self.relations.insert(oid, rel);
                 if !self.relation_matches(oid, applier) {
-                    // The schema changed without a DDL message (no event triggers, or a table
-                    // newly published): read it from upstream and apply it now.
+                    // The schema changed without a DDL message (no event triggers): read it from
+                    // upstream and apply it now.
                     info!(table = %format!("{namespace}.{name}"), "relation changed; reloading upstream schema");
                     let schema = self
                         .rt
                         .block_on(upstream::published_schema(&self.sql, self.shard))
                         .map_err(|e| StreamError::Data(e.to_string()))?;
-                    if applier.apply_schema(schema)? {
-                        info!("applied upstream schema change");
-                    }
+                    self.apply_schema(applier, schema, &[])?;
                 }
                 self.remap(applier);
             }
@@ -315,6 +329,39 @@ impl Stream<'_> {
                 }
             }
             Message::Type { .. } | Message::Origin => {}
+        }
+        Ok(())
+    }
+
+    fn flush_ddl(&mut self, applier: &mut Applier) -> Result<(), StreamError> {
+        if let Some(ddl) = self.pending.take() {
+            self.apply_schema(applier, ddl.schema, &ddl.created)?;
+            info!(tag = %ddl.tag, "applied upstream schema change");
+        }
+        Ok(())
+    }
+
+    /// Applies a schema. A table that becomes replicated without having been created in this
+    /// transaction (primary key added, publication changed, or seen without DDL detection) may
+    /// already hold rows that the stream will never send, so it needs a resync.
+    fn apply_schema(
+        &mut self,
+        applier: &mut Applier,
+        schema: PublishedSchema,
+        created: &[i64],
+    ) -> Result<(), StreamError> {
+        for (oid, name) in applier.new_tables(&schema) {
+            if !created.contains(&oid) {
+                return Err(StreamError::ResetRequired(format!(
+                    "table \"{name}\" became replicated with rows that were never streamed"
+                )));
+            }
+        }
+        match applier.apply_schema(schema) {
+            Ok(true) => self.remap(applier),
+            Ok(false) => {}
+            Err(ReplicaError::NeedsResync(why)) => return Err(StreamError::ResetRequired(why)),
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }

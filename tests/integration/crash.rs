@@ -47,7 +47,11 @@ async fn kill_9_at_random_points_loses_and_repeats_nothing() {
     let mut kills = 0;
     while !writer.is_finished() {
         let mut child = spawn_server(&db);
-        let ms = if kills == 0 { 30 } else { rng.random_range(50..400) };
+        let ms = if kills == 0 {
+            30
+        } else {
+            rng.random_range(50..400)
+        };
         tokio::time::sleep(Duration::from_millis(ms)).await;
         child.kill().expect("kill -9");
         child.wait().expect("reap");
@@ -60,7 +64,10 @@ async fn kill_9_at_random_points_loses_and_repeats_nothing() {
     // The server may need a resync if a kill landed between sync and registration; allow time.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while crate::support::try_replica_state(&db.replica_file()).is_none() {
-        assert!(std::time::Instant::now() < deadline, "no replica after restart");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replica after restart"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_equal(&db, Duration::from_secs(30)).await;

@@ -15,3 +15,6 @@ mod workload;
 
 /// kill -9 of the server at random points, then restart.
 mod crash;
+
+/// Upstream DDL while streaming, with and without event triggers.
+mod schema_changes;

@@ -37,11 +37,16 @@ pub(crate) fn random_statement(rng: &mut StdRng) -> String {
         ),
         // Updates that leave the TOASTed column unchanged.
         75..=84 => format!("UPDATE c SET small = small + 1 WHERE id = 'c{id}'"),
-        85..=89 => format!("INSERT INTO d VALUES ({id}, 'w') ON CONFLICT (u) DO UPDATE SET w = d.w || 'x'"),
+        85..=89 => {
+            format!("INSERT INTO d VALUES ({id}, 'w') ON CONFLICT (u) DO UPDATE SET w = d.w || 'x'")
+        }
         90..=92 => format!("DELETE FROM d WHERE u = {id}"),
         93..=94 => "TRUNCATE b".to_string(),
         95 => "TRUNCATE a, d".to_string(),
-        _ => format!("UPDATE b SET payload = '{{\"y\": {id}}}' WHERE k1 = 'k{}'", id % 10),
+        _ => format!(
+            "UPDATE b SET payload = '{{\"y\": {id}}}' WHERE k1 = 'k{}'",
+            id % 10
+        ),
     }
 }
 
@@ -50,7 +55,8 @@ pub(crate) async fn run_workload(db: &TestDb, rng: &mut StdRng, txns: usize) {
     for _ in 0..txns {
         let n = rng.random_range(1..=10);
         let stmts: Vec<String> = (0..n).map(|_| random_statement(rng)).collect();
-        db.exec(&format!("BEGIN; {}; COMMIT;", stmts.join("; "))).await;
+        db.exec(&format!("BEGIN; {}; COMMIT;", stmts.join("; ")))
+            .await;
     }
 }
 
@@ -82,7 +88,10 @@ async fn random_workload_ends_equal_with_a_consistent_change_log() {
             &db.replica_file(),
             "SELECT \"replicaVersion\" FROM \"_zero.replicationConfig\"",
         );
-        assert_eq!(version_before, version_after, "seed {seed}: restart must not resync");
+        assert_eq!(
+            version_before, version_after,
+            "seed {seed}: restart must not resync"
+        );
         r.stop().await.expect("clean stop");
     }
 }
