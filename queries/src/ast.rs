@@ -9,7 +9,8 @@
 //! Serialization writes keys in the order Zero's own `transformAST` / `cmp` produce them:
 //! `schema, table, alias, where, related, start, limit, orderBy` for an AST;
 //! `correlation, hidden, subquery, system` for a related entry; `type, left, right, op` for a
-//! simple condition; `type, related, op, flip, scalar` for an EXISTS condition. ASTs that come
+//! simple condition; `type, related{system, correlation, subquery}, op, flip, scalar` for an
+//! EXISTS condition. ASTs that come
 //! from Zero's server-side mapping (for example custom-query ASTs) therefore round-trip byte for
 //! byte. Key order of arbitrary client input is not kept by these types; use
 //! [`crate::normalize::normalize_json`] when the exact client key order matters.
@@ -210,7 +211,12 @@ pub struct SimpleCondition {
 }
 
 /// `EXISTS`-style condition.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Serialized as `type, related, op, flip, scalar`, with `related` written
+/// `system, correlation, hidden, subquery`: the order the client's `exists()` builds and that
+/// Zero's normalization and name mapping keep (they spread the object), unlike `related`
+/// entries of an AST, which normalization rebuilds as `correlation, hidden, subquery, system`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 pub struct CorrelatedSubqueryCondition {
     /// The child query and how it correlates with the row being filtered.
     pub related: CorrelatedSubquery,
@@ -222,6 +228,44 @@ pub struct CorrelatedSubqueryCondition {
     /// Marks a one-row lookup the server may resolve to a constant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scalar: Option<bool>,
+}
+
+impl Serialize for CorrelatedSubqueryCondition {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let n = 2 + usize::from(self.flip.is_some()) + usize::from(self.scalar.is_some());
+        let mut st = serializer.serialize_struct("CorrelatedSubqueryCondition", n)?;
+        st.serialize_field("related", &ExistsRelated(&self.related))?;
+        st.serialize_field("op", &self.op)?;
+        if let Some(flip) = self.flip {
+            st.serialize_field("flip", &flip)?;
+        }
+        if let Some(scalar) = self.scalar {
+            st.serialize_field("scalar", &scalar)?;
+        }
+        st.end()
+    }
+}
+
+/// The `related` of an EXISTS condition, in the client builder's key order.
+struct ExistsRelated<'a>(&'a CorrelatedSubquery);
+
+impl Serialize for ExistsRelated<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let r = self.0;
+        let n = 2 + usize::from(r.system.is_some()) + usize::from(r.hidden.is_some());
+        let mut st = serializer.serialize_struct("CorrelatedSubquery", n)?;
+        if let Some(system) = r.system {
+            st.serialize_field("system", &system)?;
+        }
+        st.serialize_field("correlation", &r.correlation)?;
+        if let Some(hidden) = r.hidden {
+            st.serialize_field("hidden", &hidden)?;
+        }
+        st.serialize_field("subquery", &r.subquery)?;
+        st.end()
+    }
 }
 
 /// Operator of an EXISTS condition.
@@ -729,7 +773,7 @@ mod tests {
             {"type":"simple","left":{"type":"literal","value":1.5},"right":{"type":"static","anchor":"authData","field":"sub"},"op":"<="},
             {"type":"simple","left":{"type":"static","anchor":"preMutationRow","field":["a","b"]},"right":{"type":"literal","value":"x%"},"op":"NOT ILIKE"},
             {"type":"and","conditions":[]},
-            {"type":"correlatedSubquery","related":{"correlation":{"parentField":["id","p"],"childField":["issueID","q"]},"subquery":{"table":"comment","alias":"zsubq_comments","orderBy":[["id","asc"]]},"system":"permissions"},"op":"NOT EXISTS","flip":true,"scalar":false}
+            {"type":"correlatedSubquery","related":{"system":"permissions","correlation":{"parentField":["id","p"],"childField":["issueID","q"]},"subquery":{"table":"comment","alias":"zsubq_comments","orderBy":[["id","asc"]]}},"op":"NOT EXISTS","flip":true,"scalar":false}
         ]},"start":{"row":{"modified":5,"id":"a"},"exclusive":false},"limit":0,"orderBy":[["modified","desc"],["id","asc"]]}"#;
         round_trip(json);
         let ast = Ast::from_json_str(json).expect("parse");

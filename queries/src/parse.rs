@@ -1352,6 +1352,18 @@ mod tests {
     }
 
     #[test]
+    fn exists_queries_hash_like_the_client_builds_them() {
+        // Hand-written in the key order of the client's `exists()` / `cmp()` builders.
+        let client = r#"{"table":"issue","where":{"type":"correlatedSubquery","related":{"system":"client","correlation":{"parentField":["id"],"childField":["issueID"]},"subquery":{"table":"comment","alias":"zsubq_comments","where":{"type":"simple","left":{"type":"column","name":"body"},"right":{"type":"literal","value":"x"},"op":"="},"orderBy":[["id","asc"]]}},"op":"EXISTS","flip":true},"orderBy":[["id","asc"]]}"#;
+        let ast = parse("issue.whereExists('comments', c => c.where('body', 'x'), {flip: true})");
+        let json: serde_json::Value = serde_json::from_str(client).expect("json");
+        assert_eq!(
+            crate::hash::hash_of_ast(&ast).expect("typed"),
+            crate::hash::hash_of_ast_json(&json).expect("json")
+        );
+    }
+
+    #[test]
     fn parsed_queries_validate_and_hash() {
         let ast = parse(
             "issue.where('open', true).whereExists('labels', l => l.where('name', 'bug')).related('creator').orderBy('modified', 'desc').limit(100)",
