@@ -371,6 +371,39 @@ impl Schema {
         self.relationships.get(table)?.get(name)
     }
 
+    /// A row as the client receives it in a `rowsPatch` `put`: a JSON object of every column,
+    /// in column order.
+    pub fn row_to_json(&self, table: &str, row: &[Value]) -> Option<serde_json::Value> {
+        let t = self.table(table)?;
+        Some(serde_json::Value::Object(
+            t.columns
+                .iter()
+                .zip(row)
+                .map(|(c, v)| (c.name.clone(), v.to_json()))
+                .collect(),
+        ))
+    }
+
+    /// The primary-key object of a row (the `id` of a `rowsPatch` `del`), in key order.
+    pub fn row_key_json(&self, table: &str, row: &[Value]) -> Option<serde_json::Value> {
+        let t = self.table(table)?;
+        let mut key = serde_json::Map::new();
+        for pk in &t.primary_key {
+            let v = t.column_index(pk).and_then(|i| row.get(i))?;
+            key.insert(pk.clone(), v.to_json());
+        }
+        Some(serde_json::Value::Object(key))
+    }
+
+    /// The primary-key values of a row, in key order (a compact identity for refcounts).
+    pub fn row_key(&self, table: &str, row: &[Value]) -> Option<Vec<Value>> {
+        let t = self.table(table)?;
+        t.primary_key
+            .iter()
+            .map(|pk| t.column_index(pk).and_then(|i| row.get(i)).cloned())
+            .collect()
+    }
+
     /// Converts a JSON row object (as the client sees rows) into a [`crate::Row`] in column order;
     /// missing columns become null.
     pub fn row_from_json(&self, table: &str, row: &serde_json::Value) -> Option<crate::Row> {
@@ -469,5 +502,24 @@ pub(crate) mod tests {
             .row_from_json("label", &serde_json::json!({"name": "bug", "id": "l1"}))
             .expect("row");
         assert_eq!(&*row, &[Value::from("l1"), Value::from("bug")]);
+        assert_eq!(
+            s.row_to_json("label", &row),
+            Some(serde_json::json!({"id": "l1", "name": "bug"}))
+        );
+        let link = s
+            .row_from_json(
+                "issueLabel",
+                &serde_json::json!({"labelID": "l1", "issueID": "i1"}),
+            )
+            .expect("row");
+        assert_eq!(
+            s.row_key_json("issueLabel", &link).map(|k| k.to_string()),
+            Some(r#"{"issueID":"i1","labelID":"l1"}"#.to_owned())
+        );
+        assert_eq!(
+            s.row_key("issueLabel", &link),
+            Some(vec![Value::from("i1"), Value::from("l1")])
+        );
+        assert_eq!(s.row_key("nope", &link), None);
     }
 }
