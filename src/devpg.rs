@@ -49,6 +49,8 @@ pub struct DevPgOptions {
     pub fsync: bool,
     /// Remove the folder when dropped (tests).
     pub remove_on_drop: bool,
+    /// Extra server settings (`name`, `value`), overriding the defaults.
+    pub settings: Vec<(String, String)>,
 }
 
 fn find_bindir() -> Option<PathBuf> {
@@ -137,7 +139,7 @@ impl DevPostgres {
                 None => free_port()?,
             };
             pg.port = port;
-            let o = format!(
+            let mut o = format!(
                 "-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c wal_level=logical \
                  -c max_replication_slots=64 -c max_wal_senders=64 -c max_connections=300 \
                  -c fsync={fsync} -c synchronous_commit={fsync} -c full_page_writes={fsync} \
@@ -145,6 +147,9 @@ impl DevPostgres {
                 dir = pg.dir.display(),
                 fsync = if opts.fsync { "on" } else { "off" },
             );
+            for (k, v) in &opts.settings {
+                o.push_str(&format!(" -c {k}={v}"));
+            }
             let d = pg.dir.to_string_lossy().into_owned();
             let log = pg.dir.join("postgres.log").to_string_lossy().into_owned();
             match pg.run(

@@ -73,16 +73,15 @@ struct Batch {
     rows: Vec<Vec<Value>>,
 }
 
-/// Runs initial sync and returns the new replica's state. The replica file is replaced.
+/// Runs initial sync and returns the new replica's state. The replica file is replaced. The
+/// upstream must have been set up (`upstream::setup`).
 pub async fn run(
     up: &UpstreamConfig,
     shard: &Shard,
     opts: &SyncOptions,
 ) -> Result<ReplicaState, SyncError> {
     let started = Instant::now();
-    let mut client = up.connect().await?;
-    upstream::check_requirements(&client).await?;
-    upstream::setup(&mut client, shard).await?;
+    let client = up.connect().await?;
 
     // Another replica of the same app may create a slot at the same moment: on a name clash,
     // take the next free name.

@@ -12,6 +12,7 @@ use crate::initial_sync::{self, SyncError, SyncOptions};
 use crate::pgconn::UpstreamConfig;
 use crate::replica::{self, Applier, ReplicaError, ReplicaState};
 use crate::replication::{StreamError, StreamOutcome, stream_changes};
+use crate::upstream;
 use crate::upstream::Shard;
 
 /// Settings of the replication manager.
@@ -44,25 +45,75 @@ pub enum ReplicatorError {
     Stream(#[from] StreamError),
 }
 
-/// Ensures a replica exists, syncing if needed; returns its state. Used by the manager and by
-/// tools that only need a replica.
+/// Ensures the upstream is set up and a valid replica exists, syncing (or resyncing) if needed;
+/// returns its state.
 pub async fn ensure_replica(cfg: &ReplicatorConfig) -> Result<ReplicaState, ReplicatorError> {
+    let mut client = cfg.upstream.connect().await.map_err(SyncError::from)?;
+    upstream::check_requirements(&client)
+        .await
+        .map_err(SyncError::from)?;
+    upstream::setup(&mut client, &cfg.shard)
+        .await
+        .map_err(SyncError::from)?;
     let path = &cfg.sync.replica_file;
     if let Some(state) = existing_state(path)? {
-        if state.publications == cfg.shard.publications() {
-            return Ok(state);
+        match invalid_reason(&client, cfg, &state)
+            .await
+            .map_err(SyncError::from)?
+        {
+            None => return Ok(state),
+            Some(why) => {
+                if !cfg.auto_reset {
+                    return Err(ReplicatorError::ResetDisabled(why));
+                }
+                warn!(reason = %why, "resyncing replica");
+            }
         }
-        let why = format!(
+    }
+    Ok(initial_sync::run(&cfg.upstream, &cfg.shard, &cfg.sync).await?)
+}
+
+/// Why an existing replica cannot continue from this upstream, if it cannot.
+async fn invalid_reason(
+    client: &tokio_postgres::Client,
+    cfg: &ReplicatorConfig,
+    state: &ReplicaState,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if state.publications != cfg.shard.publications() {
+        return Ok(Some(format!(
             "replica publications {:?} differ from the configured {:?}",
             state.publications,
             cfg.shard.publications()
-        );
-        if !cfg.auto_reset {
-            return Err(ReplicatorError::ResetDisabled(why));
-        }
-        warn!(reason = %why, "resyncing replica");
+        )));
     }
-    Ok(initial_sync::run(&cfg.upstream, &cfg.shard, &cfg.sync).await?)
+    let slot = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[&state.slot],
+        )
+        .await?;
+    if slot.is_none() {
+        return Ok(Some(format!(
+            "replication slot \"{}\" no longer exists upstream",
+            state.slot
+        )));
+    }
+    let registered = client
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM {}.replicas WHERE slot = $1 AND version = $2",
+                upstream::quote_ident(&cfg.shard.schema())
+            ),
+            &[&state.slot, &state.replica_version],
+        )
+        .await?;
+    if registered.is_none() {
+        return Ok(Some(format!(
+            "replica version {} is not registered upstream (the replica belongs to another upstream)",
+            state.replica_version
+        )));
+    }
+    Ok(None)
 }
 
 fn existing_state(path: &Path) -> Result<Option<ReplicaState>, ReplicaError> {

@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
                 port,
                 fsync: true,
                 remove_on_drop: false,
+                settings: Vec::new(),
             },
         )
         .context("starting the development Postgres")?;

@@ -71,33 +71,6 @@ pub fn stream_changes(
         .with_start_lsn(WireLsn(0))
         .with_buffer_size(16_384);
     let sql = rt.block_on(up.connect())?;
-    let exists = rt
-        .block_on(sql.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
-            &[&slot],
-        ))?
-        .is_some();
-    if !exists {
-        return Err(StreamError::ResetRequired(format!(
-            "replication slot \"{slot}\" no longer exists upstream"
-        )));
-    }
-    let registered = rt
-        .block_on(sql.query_opt(
-            &format!(
-                "SELECT 1 FROM {}.replicas WHERE slot = $1 AND version = $2",
-                crate::upstream::quote_ident(&shard.schema())
-            ),
-            &[&slot, &state.replica_version],
-        ))
-        .map(|r| r.is_some())
-        .unwrap_or(false);
-    if !registered {
-        return Err(StreamError::ResetRequired(format!(
-            "replica version {} is not registered upstream (the replica belongs to another upstream)",
-            state.replica_version
-        )));
-    }
     let mut client = rt.block_on(ReplicationClient::connect_gated(cfg))?;
     let sys = rt.block_on(client.identify_system())?;
     if sys.system_id != state.system_id {

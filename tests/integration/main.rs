@@ -18,3 +18,6 @@ mod crash;
 
 /// Upstream DDL while streaming, with and without event triggers.
 mod schema_changes;
+
+/// Bad configuration and bad upstream set-ups, and replicas that cannot continue.
+mod setup_errors;

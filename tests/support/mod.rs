@@ -39,6 +39,7 @@ pub fn cluster() -> &'static DevPostgres {
                 port: None,
                 fsync: false,
                 remove_on_drop: true,
+                settings: Vec::new(),
             },
         )
         .expect("starting the test Postgres cluster");
