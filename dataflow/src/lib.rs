@@ -1,2 +1,65 @@
 //! The incremental view engine: ZQL queries maintained by differential dataflow over the
-//! replica's committed change batches. This crate does no I/O.
+//! replica's committed change batches. This crate does no I/O, so it can be driven and tested
+//! on its own.
+//!
+//! # Model
+//!
+//! * **Tables** are input collections of `(primary key, row)`, fed by committed change batches
+//!   ([`Engine::apply`]) at strictly increasing `u64` versions. Each table is arranged once by
+//!   primary key; secondary arrangements (by correlation or equality columns, and a whole-table
+//!   one for scans) are built lazily and **shared** by every query. After each version all
+//!   arrangements are compacted to it, so memory stays bounded under a long update stream.
+//! * **Queries are data.** [`Engine::add_query`] validates the AST, completes its orderings,
+//!   and splits it into a *shape* (literals, limits and start cursors replaced by slots) and
+//!   parameters ([`plan`]). One dataflow (a *template*) runs per distinct shape; each distinct
+//!   `(shape, parameters)` is one parameter row in it (an *instance*); query ids with identical
+//!   queries share the instance. Cost grows with shapes and changed rows, not with clients.
+//! * **Results** are the rows Zero syncs: the view's rows at every level (hidden junction rows
+//!   included), plus up to [`plan::EXISTS_LIMIT`] EXISTS witnesses per parent (all of them for
+//!   `flip`, none for permission subqueries). [`Engine::step_until`] returns, per version and
+//!   query, the row patches (put/del by table and primary key); a version's patches are
+//!   complete and atomic. [`Engine::view`] renders the current result as Zero's hierarchical
+//!   view.
+//!
+//! ```no_run
+//! # use zero_dataflow::{Engine, EngineConfig, TableChange, Op};
+//! # fn demo(schema: &zero_queries::schema::Schema, ast: &zero_queries::ast::Ast,
+//! #         row: zero_queries::Row) -> Result<(), zero_dataflow::EngineError> {
+//! let mut engine = Engine::new(EngineConfig { workers: 1 }, schema)?;
+//! engine.add_query("q1", ast)?;
+//! engine.apply(1, vec![TableChange { table: "issue".into(), op: Op::Insert, row }])?;
+//! for diff in engine.step_until(1)? {
+//!     println!("{} at {}: {} patches", diff.query, diff.version, diff.patches.len());
+//! }
+//! let view = engine.view("q1");
+//! # Ok(()) }
+//! ```
+//!
+//! # Semantics (protocol §7)
+//!
+//! Orderings end with the primary key and use [`zero_queries::Value`]'s order (nulls first;
+//! `desc` reverses). `start` filters before the limit; limits in `related` count per parent.
+//! Comparisons with null are false except `IS` / `IS NOT`; a null correlation key never
+//! matches. EXISTS over `limit 0` is constant. `scalar` EXISTS is evaluated as a plain EXISTS.
+//! Witnesses are the first rows of the child in the child's ordering (Zero's `Cap` keeps
+//! whichever rows it saw first; this engine picks deterministically).
+//!
+//! # Layout
+//!
+//! * [`engine`]: the synchronous API; owns the worker threads and collects output.
+//! * [`plan`]: AST → shape + parameters.
+//! * [`expr`]: row-level semantics (operators, LIKE, sort keys, start cursors).
+//! * `render`: shape → differential operators (scan, lookups, (anti)semijoins, top-k).
+//! * `worker`: the timely worker loop (inputs, lazily built shared indexes, templates).
+//! * [`reference`]: a from-scratch evaluator (the tests' oracle) and the view format.
+
+pub mod engine;
+pub mod error;
+pub mod expr;
+pub mod plan;
+pub mod reference;
+mod render;
+mod worker;
+
+pub use engine::{Engine, EngineConfig, Op, QueryDiff, RowPatch, TableChange};
+pub use error::EngineError;

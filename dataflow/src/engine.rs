@@ -1,0 +1,596 @@
+//! The synchronous front of the engine: it owns the timely worker threads, turns queries into
+//! template instances, feeds versions, and collects per-version, per-query row patches.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
+
+use zero_queries::ast::Ast;
+use zero_queries::schema::Schema;
+use zero_queries::validate::{complete_ordering, validate};
+use zero_queries::{Row, Value};
+
+use crate::error::EngineError;
+use crate::plan::{Catalog, Param, QueryShape, TableId, compile};
+use crate::reference::{Tables, evaluate, view_json};
+use crate::render::{Diff, Inst, OutRec, Q, Time};
+use crate::worker::{Cmd, Out, run};
+
+/// How the engine runs; passed explicitly (no `Default`, see `style.md`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Timely worker threads. Data is hash-partitioned across them; 1 is right for tests and
+    /// small machines, `cores - 2` for a server (one core for I/O, one spare).
+    pub workers: usize,
+}
+
+/// Whether a change adds or removes a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The row now exists.
+    Insert,
+    /// The row no longer exists (pass the full old row).
+    Delete,
+}
+
+/// One row change of a committed batch. An update is a delete of the old row and an insert of
+/// the new one in the same version.
+#[derive(Debug, Clone)]
+pub struct TableChange {
+    /// Table name as in the schema.
+    pub table: String,
+    /// Insert or delete.
+    pub op: Op,
+    /// The row's values in the table's column order.
+    pub row: Row,
+}
+
+/// A change to one row of one query's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowPatch {
+    /// The row is in the result now (new, or with new contents).
+    Put {
+        /// Table name.
+        table: Arc<str>,
+        /// Primary-key values.
+        pk: Vec<Value>,
+        /// The whole row.
+        row: Row,
+    },
+    /// The row left the result.
+    Del {
+        /// Table name.
+        table: Arc<str>,
+        /// Primary-key values.
+        pk: Vec<Value>,
+    },
+}
+
+/// What changed in one query's result at one version. Complete and atomic: applying every
+/// patch gives the result at `version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryDiff {
+    /// The query id given to [`Engine::add_query`].
+    pub query: String,
+    /// The version the result is now at.
+    pub version: u64,
+    /// First result of this query (its hydration); sent even when it is empty.
+    pub initial: bool,
+    /// Row patches, at most one per row.
+    pub patches: Vec<RowPatch>,
+}
+
+struct TemplateInfo {
+    live: usize,
+}
+
+struct Instance {
+    q: Q,
+    tid: u64,
+    ast: Ast,
+    subscribers: BTreeSet<String>,
+    /// Subscribers that joined after hydration; they get the whole result at the next version.
+    joining: Vec<String>,
+    /// Version at which the instance hydrates (`None` until the next `apply`).
+    hydrates_at: Option<Time>,
+    hydrated: bool,
+    /// Synced rows with their multiplicity (a row reachable by several paths counts several
+    /// times), by table and primary key.
+    rows: HashMap<(TableId, Vec<Value>), BTreeMap<Row, Diff>>,
+}
+
+/// The incremental view engine. See the crate documentation for the model.
+pub struct Engine {
+    catalog: Arc<Catalog>,
+    workers: usize,
+    cmd_txs: Vec<Sender<Cmd>>,
+    threads: Vec<Thread>,
+    out_rx: Receiver<Out>,
+    guards: Option<timely::communication::initialize::WorkerGuards<()>>,
+    templates: HashMap<Arc<QueryShape>, u64>,
+    template_info: HashMap<u64, TemplateInfo>,
+    instances: HashMap<u64, Instance>,
+    instance_by_params: HashMap<(u64, Vec<Param>), u64>,
+    queries: HashMap<String, u64>,
+    pending_params: Vec<(u64, Q, Diff)>,
+    frontiers: HashMap<(u64, usize), Option<Time>>,
+    buffered: BTreeMap<Time, Vec<(OutRec, Diff)>>,
+    applied: Vec<Time>,
+    last_version: Option<Time>,
+    next_tid: u64,
+    next_instance: u64,
+}
+
+impl Engine {
+    /// Starts the worker threads with one input per table of `schema`.
+    pub fn new(config: EngineConfig, schema: &Schema) -> Result<Engine, EngineError> {
+        let catalog = Arc::new(Catalog::new(schema));
+        let workers = config.workers.max(1);
+        let (out_tx, out_rx) = mpsc::channel::<Out>();
+        let mut cmd_txs = Vec::new();
+        let mut cmd_rxs = Vec::new();
+        for _ in 0..workers {
+            let (t, r) = mpsc::channel::<Cmd>();
+            cmd_txs.push(t);
+            cmd_rxs.push(Some(r));
+        }
+        // `execute` wants a `Fn + Sync` closure, so receivers travel in a mutex.
+        let cmd_rxs = Arc::new(Mutex::new(cmd_rxs));
+        let (thr_tx, thr_rx) = mpsc::channel::<(usize, Thread)>();
+        let mut tconfig = timely::Config::process(workers);
+        differential_dataflow::configure(
+            &mut tconfig.worker,
+            &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
+        );
+        let cat = Arc::clone(&catalog);
+        let out_tx = Mutex::new(out_tx);
+        let thr_tx = Mutex::new(thr_tx);
+        let guards = timely::execute(tconfig, move |worker| {
+            let rx = cmd_rxs
+                .lock()
+                .expect("no worker panics while holding this lock")[worker.index()]
+            .take()
+            .expect("each worker takes its own receiver once");
+            let out = out_tx
+                .lock()
+                .expect("no worker panics while holding this lock")
+                .clone();
+            let _ = thr_tx
+                .lock()
+                .expect("no worker panics while holding this lock")
+                .send((worker.index(), std::thread::current()));
+            run(worker, Arc::clone(&cat), rx, out);
+        })
+        .map_err(|_| EngineError::WorkersStopped)?;
+        let mut threads: Vec<Option<Thread>> = vec![None; workers];
+        for _ in 0..workers {
+            let (i, t) = thr_rx.recv().map_err(|_| EngineError::WorkersStopped)?;
+            threads[i] = Some(t);
+        }
+        let threads = threads
+            .into_iter()
+            .map(|t| t.ok_or(EngineError::WorkersStopped))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Engine {
+            catalog,
+            workers,
+            cmd_txs,
+            threads,
+            out_rx,
+            guards: Some(guards),
+            templates: HashMap::new(),
+            template_info: HashMap::new(),
+            instances: HashMap::new(),
+            instance_by_params: HashMap::new(),
+            queries: HashMap::new(),
+            pending_params: Vec::new(),
+            frontiers: HashMap::new(),
+            buffered: BTreeMap::new(),
+            applied: Vec::new(),
+            last_version: None,
+            next_tid: 0,
+            next_instance: 0,
+        })
+    }
+
+    /// The engine's view of the schema.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Number of distinct query shapes running (one dataflow each).
+    pub fn template_count(&self) -> usize {
+        self.template_info.len()
+    }
+
+    /// Number of distinct queries (shape and parameters) running.
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
+    fn send(&self, mk: &dyn Fn() -> Cmd) -> Result<(), EngineError> {
+        for (tx, th) in self.cmd_txs.iter().zip(self.threads.iter()) {
+            tx.send(mk()).map_err(|_| EngineError::WorkersStopped)?;
+            th.unpark();
+        }
+        Ok(())
+    }
+
+    /// Registers query `id`. Its first result arrives with the next applied version (use an
+    /// empty [`Engine::apply`] when nothing changed). Identical queries share one instance;
+    /// queries that differ only in literals share one dataflow.
+    pub fn add_query(&mut self, id: &str, ast: &Ast) -> Result<(), EngineError> {
+        if self.queries.contains_key(id) {
+            return Err(EngineError::DuplicateQuery(id.to_owned()));
+        }
+        validate(ast, &self.catalog.schema)?;
+        let ast = complete_ordering(ast, &self.catalog.schema)?;
+        let (shape, params) = compile(&ast, &self.catalog)?;
+        let shape = Arc::new(shape);
+        let tid = match self.templates.get(&shape) {
+            Some(t) => *t,
+            None => {
+                let tid = self.next_tid;
+                self.next_tid += 1;
+                let s = Arc::clone(&shape);
+                self.send(&|| Cmd::CreateTemplate {
+                    tid,
+                    shape: Arc::clone(&s),
+                })?;
+                for w in 0..self.workers {
+                    self.frontiers.insert((tid, w), Some(0));
+                }
+                self.templates.insert(shape, tid);
+                self.template_info.insert(tid, TemplateInfo { live: 0 });
+                tid
+            }
+        };
+        let key = (tid, params);
+        let iid = match self.instance_by_params.get(&key) {
+            Some(i) => {
+                let inst = self
+                    .instances
+                    .get_mut(i)
+                    .expect("instance_by_params only names live instances");
+                inst.subscribers.insert(id.to_owned());
+                if inst.hydrated {
+                    inst.joining.push(id.to_owned());
+                }
+                *i
+            }
+            None => {
+                let iid = self.next_instance;
+                self.next_instance += 1;
+                let q = Arc::new(Inst {
+                    id: iid,
+                    params: key.1.clone(),
+                });
+                self.pending_params.push((tid, Arc::clone(&q), 1));
+                self.instances.insert(
+                    iid,
+                    Instance {
+                        q,
+                        tid,
+                        ast,
+                        subscribers: BTreeSet::from([id.to_owned()]),
+                        joining: Vec::new(),
+                        hydrates_at: None,
+                        hydrated: false,
+                        rows: HashMap::new(),
+                    },
+                );
+                self.template_info
+                    .get_mut(&tid)
+                    .expect("template registered above")
+                    .live += 1;
+                self.instance_by_params.insert(key, iid);
+                iid
+            }
+        };
+        self.queries.insert(id.to_owned(), iid);
+        Ok(())
+    }
+
+    /// Unregisters query `id`. An instance with no queries left is retracted at the next
+    /// version, and a template with no instances left is dropped at once, which frees its
+    /// state. Returns whether the query existed.
+    pub fn remove_query(&mut self, id: &str) -> Result<bool, EngineError> {
+        let Some(iid) = self.queries.remove(id) else {
+            return Ok(false);
+        };
+        let inst = self
+            .instances
+            .get_mut(&iid)
+            .expect("queries only name live instances");
+        inst.subscribers.remove(id);
+        inst.joining.retain(|j| j != id);
+        if !inst.subscribers.is_empty() {
+            return Ok(true);
+        }
+        let inst = self.instances.remove(&iid).expect("looked up just above");
+        self.instance_by_params
+            .remove(&(inst.tid, inst.q.params.clone()));
+        let info = self
+            .template_info
+            .get_mut(&inst.tid)
+            .expect("live instances have live templates");
+        info.live -= 1;
+        let pending = self
+            .pending_params
+            .iter()
+            .position(|(t, q, d)| *t == inst.tid && q.id == iid && *d > 0);
+        if info.live == 0 {
+            let tid = inst.tid;
+            self.template_info.remove(&tid);
+            self.templates.retain(|_, t| *t != tid);
+            self.pending_params.retain(|(t, _, _)| *t != tid);
+            self.frontiers.retain(|(t, _), _| *t != tid);
+            self.send(&|| Cmd::DropTemplate { tid })?;
+        } else if let Some(i) = pending {
+            self.pending_params.remove(i);
+        } else {
+            self.pending_params.push((inst.tid, inst.q, -1));
+        }
+        Ok(true)
+    }
+
+    /// Applies one committed batch of changes as `version` (strictly increasing) and seals it.
+    /// Queries added since the last version hydrate at this version.
+    pub fn apply(&mut self, version: u64, changes: Vec<TableChange>) -> Result<(), EngineError> {
+        if let Some(last) = self.last_version
+            && version <= last
+        {
+            return Err(EngineError::VersionNotIncreasing { version, last });
+        }
+        let mut batch = Vec::with_capacity(changes.len());
+        for c in changes {
+            let t = self
+                .catalog
+                .table_id(&c.table)
+                .ok_or_else(|| EngineError::UnknownTable(c.table.clone()))?;
+            let expected = self.catalog.tables[t].columns.len();
+            if c.row.len() != expected {
+                return Err(EngineError::RowArity {
+                    table: c.table,
+                    found: c.row.len(),
+                    expected,
+                });
+            }
+            let d = match c.op {
+                Op::Insert => 1,
+                Op::Delete => -1,
+            };
+            batch.push((t, c.row, d));
+        }
+        let params = std::mem::take(&mut self.pending_params);
+        for (_, q, d) in &params {
+            if *d > 0
+                && let Some(inst) = self.instances.get_mut(&q.id)
+            {
+                inst.hydrates_at = Some(version);
+            }
+        }
+        let changes = Arc::new(batch);
+        let params = Arc::new(params);
+        self.send(&|| Cmd::Advance {
+            version,
+            changes: Arc::clone(&changes),
+            params: Arc::clone(&params),
+        })?;
+        self.last_version = Some(version);
+        self.applied.push(version);
+        Ok(())
+    }
+
+    fn complete(&self, v: Time) -> bool {
+        self.frontiers.values().all(|f| f.is_none_or(|f| f > v))
+    }
+
+    /// Waits until every live query's result is complete through `version`, then returns the
+    /// patches of every version up to it, in version order.
+    pub fn step_until(&mut self, version: u64) -> Result<Vec<QueryDiff>, EngineError> {
+        if self.last_version.is_none_or(|l| version > l) {
+            return Err(EngineError::VersionNotApplied(version));
+        }
+        while !self.complete(version) {
+            match self.out_rx.recv() {
+                Ok(msg) => self.receive(msg),
+                Err(_) => return Err(EngineError::WorkersStopped),
+            }
+        }
+        while let Ok(msg) = self.out_rx.try_recv() {
+            self.receive(msg);
+        }
+        let mut out = Vec::new();
+        let ready: Vec<Time> = self
+            .applied
+            .iter()
+            .copied()
+            .filter(|v| *v <= version)
+            .collect();
+        self.applied.retain(|v| *v > version);
+        for v in ready {
+            let diffs = self.buffered.remove(&v).unwrap_or_default();
+            self.finish_version(v, diffs, &mut out);
+        }
+        // Updates at versions that were never applied cannot exist; drop stale buffers anyway.
+        let stale: Vec<Time> = self.buffered.range(..=version).map(|(t, _)| *t).collect();
+        for t in stale {
+            self.buffered.remove(&t);
+        }
+        Ok(out)
+    }
+
+    fn receive(&mut self, msg: Out) {
+        match msg {
+            Out::Diffs(data) => {
+                for (rec, t, d) in data {
+                    self.buffered.entry(t).or_default().push((rec, d));
+                }
+            }
+            Out::Frontier {
+                tid,
+                worker,
+                frontier,
+            } => {
+                if let Some(f) = self.frontiers.get_mut(&(tid, worker)) {
+                    *f = frontier;
+                }
+            }
+        }
+    }
+
+    fn finish_version(&mut self, v: Time, diffs: Vec<(OutRec, Diff)>, out: &mut Vec<QueryDiff>) {
+        let mut per_inst: HashMap<u64, HashMap<(TableId, Row), Diff>> = HashMap::new();
+        for ((iid, t, row), d) in diffs {
+            *per_inst
+                .entry(iid)
+                .or_default()
+                .entry((t, row))
+                .or_default() += d;
+        }
+        let mut ids: Vec<u64> = self.instances.keys().copied().collect();
+        ids.sort_unstable();
+        for iid in ids {
+            let catalog = Arc::clone(&self.catalog);
+            let inst = self
+                .instances
+                .get_mut(&iid)
+                .expect("ids were taken from the map");
+            let initial = inst.hydrates_at == Some(v);
+            if initial {
+                inst.hydrated = true;
+            }
+            let mut patches = Vec::new();
+            if let Some(changes) = per_inst.remove(&iid) {
+                let mut touched: BTreeSet<(TableId, Vec<Value>)> = BTreeSet::new();
+                let mut before: HashMap<(TableId, Vec<Value>), Option<Row>> = HashMap::new();
+                for ((t, row), d) in changes {
+                    if d == 0 {
+                        continue;
+                    }
+                    let pk = catalog.pk_of(t, &row);
+                    let slot = (t, pk);
+                    if !before.contains_key(&slot) {
+                        before.insert(slot.clone(), visible(inst.rows.get(&slot)));
+                    }
+                    let e = inst.rows.entry(slot.clone()).or_default();
+                    *e.entry(row.clone()).or_default() += d;
+                    e.retain(|_, c| *c != 0);
+                    if e.is_empty() {
+                        inst.rows.remove(&slot);
+                    }
+                    touched.insert(slot);
+                }
+                for slot in touched {
+                    let old = before.remove(&slot).flatten();
+                    let new = visible(inst.rows.get(&slot));
+                    let table = Arc::clone(&catalog.tables[slot.0].name);
+                    match (old, new) {
+                        (old, Some(row)) if old.as_ref() != Some(&row) => {
+                            patches.push(RowPatch::Put {
+                                table,
+                                pk: slot.1,
+                                row,
+                            });
+                        }
+                        (Some(_), None) => patches.push(RowPatch::Del { table, pk: slot.1 }),
+                        _ => {}
+                    }
+                }
+            }
+            if !patches.is_empty() || initial {
+                for s in &inst.subscribers {
+                    if inst.joining.contains(s) {
+                        continue;
+                    }
+                    out.push(QueryDiff {
+                        query: s.clone(),
+                        version: v,
+                        initial,
+                        patches: patches.clone(),
+                    });
+                }
+            }
+            if inst.hydrated && !inst.joining.is_empty() {
+                let all = all_puts(&catalog, inst);
+                for s in std::mem::take(&mut inst.joining) {
+                    out.push(QueryDiff {
+                        query: s,
+                        version: v,
+                        initial: true,
+                        patches: all.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The rows currently synced for query `id`, as `(table, row)`, sorted.
+    pub fn rows(&self, id: &str) -> Option<Vec<(Arc<str>, Row)>> {
+        let inst = self.instances.get(self.queries.get(id)?)?;
+        let mut rows: Vec<(TableId, Row)> = inst
+            .rows
+            .iter()
+            .filter_map(|((t, _), m)| visible(Some(m)).map(|r| (*t, r)))
+            .collect();
+        rows.sort();
+        Some(
+            rows.into_iter()
+                .map(|(t, r)| (Arc::clone(&self.catalog.tables[t].name), r))
+                .collect(),
+        )
+    }
+
+    /// Query `id`'s current result in Zero's view format: root rows in query order, each
+    /// related alias an array of child rows, hidden junction hops flattened. Built, as the
+    /// client builds it, by running the query over the synced rows.
+    pub fn view(&self, id: &str) -> Option<serde_json::Value> {
+        let inst = self.instances.get(self.queries.get(id)?)?;
+        let mut tables = Tables {
+            rows: vec![Vec::new(); self.catalog.tables.len()],
+        };
+        for ((t, _), m) in &inst.rows {
+            if let Some(r) = visible(Some(m)) {
+                tables.rows[*t].push(r);
+            }
+        }
+        let ev = evaluate(&self.catalog, &inst.ast, &tables);
+        Some(view_json(&self.catalog, &ev.nodes))
+    }
+}
+
+/// The row a client holds for a primary key: the one with a positive count.
+fn visible(m: Option<&BTreeMap<Row, Diff>>) -> Option<Row> {
+    m?.iter().find(|(_, c)| **c > 0).map(|(r, _)| Arc::clone(r))
+}
+
+fn all_puts(catalog: &Catalog, inst: &Instance) -> Vec<RowPatch> {
+    let mut v: Vec<RowPatch> = inst
+        .rows
+        .iter()
+        .filter_map(|((t, pk), m)| {
+            visible(Some(m)).map(|row| RowPatch::Put {
+                table: Arc::clone(&catalog.tables[*t].name),
+                pk: pk.clone(),
+                row,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    v
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.cmd_txs.clear();
+        for th in &self.threads {
+            th.unpark();
+        }
+        if let Some(g) = self.guards.take() {
+            // A worker that panicked already reported through a closed channel; nothing to add.
+            let _ = g.join();
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Row-level evaluation with Zero's semantics (protocol §7.1–§7.2): simple conditions with
+//! parameters, LIKE / ILIKE with `\` escapes, and sort keys in Zero's ordering.
+//!
+//! The dataflow and the reference evaluator both use these functions, so a disagreement
+//! between them in the oracle tests points at the incremental machinery, not at operator
+//! semantics. The operator semantics themselves are pinned by the unit tests below.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use zero_queries::Value;
+use zero_queries::ast::SimpleOp;
+use zero_queries::value::ValueKind;
+
+use crate::plan::{Operand2, Param, Pred};
+
+/// A compiled LIKE pattern: `%` any run, `_` one character, `\` escapes the next character.
+#[derive(Debug, Clone)]
+pub struct Like {
+    tokens: Vec<Tok>,
+    fold: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Any,
+    One,
+    Lit(char),
+}
+
+impl Like {
+    /// Compiles `pattern`; `fold` for ILIKE. `None` for a trailing `\`, which Zero rejects
+    /// (the condition is then false rather than an error, because the row filter cannot fail).
+    pub fn new(pattern: &str, fold: bool) -> Option<Like> {
+        let src = if fold {
+            pattern.to_lowercase()
+        } else {
+            pattern.to_owned()
+        };
+        let mut tokens = Vec::new();
+        let mut it = src.chars();
+        while let Some(c) = it.next() {
+            match c {
+                '%' => {
+                    if tokens.last() != Some(&Tok::Any) {
+                        tokens.push(Tok::Any);
+                    }
+                }
+                '_' => tokens.push(Tok::One),
+                '\\' => tokens.push(Tok::Lit(it.next()?)),
+                c => tokens.push(Tok::Lit(c)),
+            }
+        }
+        Some(Like { tokens, fold })
+    }
+
+    /// Whether the whole of `text` matches.
+    pub fn matches(&self, text: &str) -> bool {
+        let chars: Vec<char> = if self.fold {
+            text.to_lowercase().chars().collect()
+        } else {
+            text.chars().collect()
+        };
+        let (mut t, mut p) = (0, 0);
+        let mut back: Option<(usize, usize)> = None;
+        while t < chars.len() {
+            match self.tokens.get(p) {
+                Some(Tok::One) => {
+                    t += 1;
+                    p += 1;
+                }
+                Some(Tok::Lit(c)) if *c == chars[t] => {
+                    t += 1;
+                    p += 1;
+                }
+                Some(Tok::Any) => {
+                    back = Some((p, t));
+                    p += 1;
+                }
+                _ => match back {
+                    Some((bp, bt)) => {
+                        p = bp + 1;
+                        t = bt + 1;
+                        back = Some((bp, bt + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        self.tokens[p..].iter().all(|x| *x == Tok::Any)
+    }
+}
+
+/// Compiled LIKE patterns by `(pattern, fold)`, so a filter compiles each pattern once.
+#[derive(Default)]
+pub struct LikeCache(HashMap<(String, bool), Option<Like>>);
+
+impl LikeCache {
+    fn matches(&mut self, pattern: &str, fold: bool, text: &str) -> bool {
+        if self.0.len() > 1024 {
+            self.0.clear();
+        }
+        self.0
+            .entry((pattern.to_owned(), fold))
+            .or_insert_with(|| Like::new(pattern, fold))
+            .as_ref()
+            .is_some_and(|l| l.matches(text))
+    }
+}
+
+/// JavaScript `===` on wire values: scalars of one kind by value; arrays and objects never.
+fn strict_eq(a: &Value, b: &Value) -> bool {
+    a.kind() == b.kind() && a.kind() != ValueKind::Json && a == b
+}
+
+/// Evaluates `lhs op rhs` with Zero's rules: only `IS` / `IS NOT` see nulls as values; every
+/// other operator is false when either side is null.
+pub fn eval_op(op: SimpleOp, lhs: &Value, rhs: &Param, likes: &mut LikeCache) -> bool {
+    let scalar = match rhs {
+        Param::Value(v) => Some(v),
+        _ => None,
+    };
+    match op {
+        SimpleOp::Is | SimpleOp::IsNot => {
+            let same = match scalar {
+                Some(r) => (lhs.is_null() && r.is_null()) || strict_eq(lhs, r),
+                None => false,
+            };
+            return same == (op == SimpleOp::Is);
+        }
+        _ => {}
+    }
+    if lhs.is_null() || scalar.is_some_and(Value::is_null) {
+        return false;
+    }
+    let cmp = |want: &[Ordering]| {
+        scalar
+            .and_then(|r| lhs.compare_non_null(r))
+            .is_some_and(|o| want.contains(&o))
+    };
+    let mut like = |fold: bool| match (scalar, lhs.as_str()) {
+        (Some(p), Some(text)) => match p.as_str() {
+            Some(s) => likes.matches(s, fold, text),
+            None => likes.matches(&p.to_string(), fold, text),
+        },
+        _ => false,
+    };
+    let member = || match rhs {
+        Param::List(items) => items.iter().any(|i| strict_eq(i, lhs)),
+        _ => false,
+    };
+    match op {
+        SimpleOp::Eq => scalar.is_some_and(|r| strict_eq(lhs, r)),
+        SimpleOp::Ne => scalar.is_some_and(|r| !strict_eq(lhs, r)),
+        SimpleOp::Lt => cmp(&[Ordering::Less]),
+        SimpleOp::Le => cmp(&[Ordering::Less, Ordering::Equal]),
+        SimpleOp::Gt => cmp(&[Ordering::Greater]),
+        SimpleOp::Ge => cmp(&[Ordering::Greater, Ordering::Equal]),
+        SimpleOp::Like => like(false),
+        SimpleOp::ILike => like(true),
+        SimpleOp::NotLike => lhs.as_str().is_some() && !like(false),
+        SimpleOp::NotILike => lhs.as_str().is_some() && !like(true),
+        SimpleOp::In => member(),
+        SimpleOp::NotIn => matches!(rhs, Param::List(_)) && !member(),
+        SimpleOp::Is | SimpleOp::IsNot => false,
+    }
+}
+
+/// Evaluates a predicate without EXISTS on `row` with the instance's `params`.
+///
+/// # Panics
+/// On an EXISTS node: the renderer splits those off into joins before filtering.
+pub fn eval_pred(pred: &Pred, row: &[Value], params: &[Param], likes: &mut LikeCache) -> bool {
+    match pred {
+        Pred::Const(b) => *b,
+        Pred::And(v) => v.iter().all(|p| eval_pred(p, row, params, likes)),
+        Pred::Or(v) => v.iter().any(|p| eval_pred(p, row, params, likes)),
+        Pred::Cmp { left, op, right } => {
+            let lhs = match left {
+                Operand2::Col(c) => &row[*c],
+                Operand2::Slot(s) => match &params[*s] {
+                    Param::Value(v) => v,
+                    // An array on the left equals nothing Zero compares it with.
+                    _ => return matches!(op, SimpleOp::Ne | SimpleOp::IsNot | SimpleOp::NotIn),
+                },
+            };
+            eval_op(*op, lhs, &params[*right], likes)
+        }
+        Pred::Exists { .. } => panic!("EXISTS must be rendered as a join, not evaluated on a row"),
+    }
+}
+
+/// One column of a sort key: the value, reversed for descending columns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SortPart {
+    /// Ascending column.
+    Asc(Value),
+    /// Descending column.
+    Desc(Reverse<Value>),
+}
+
+/// A row's position in a completed ordering; `Ord` is Zero's order of rows.
+pub type SortKey = Vec<SortPart>;
+
+/// The sort key of `row` under `order` (which already ends with the primary key).
+pub fn sort_key(order: &[(usize, bool)], row: &[Value]) -> SortKey {
+    order
+        .iter()
+        .map(|&(c, desc)| part(row[c].clone(), desc))
+        .collect()
+}
+
+fn part(v: Value, desc: bool) -> SortPart {
+    if desc {
+        SortPart::Desc(Reverse(v))
+    } else {
+        SortPart::Asc(v)
+    }
+}
+
+/// Whether `row` is at or after (or strictly after, if exclusive) a `start` cursor.
+pub fn after_start(order: &[(usize, bool)], row: &[Value], start: &Param) -> bool {
+    let Param::Start { key, exclusive } = start else {
+        return true;
+    };
+    let bound: SortKey = order
+        .iter()
+        .zip(key.iter())
+        .map(|(&(_, desc), v)| part(v.clone(), desc))
+        .collect();
+    let o = sort_key(order, row).cmp(&bound);
+    if *exclusive {
+        o == Ordering::Greater
+    } else {
+        o != Ordering::Less
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn like(p: &str, t: &str) -> bool {
+        Like::new(p, false).expect("valid pattern").matches(t)
+    }
+
+    #[test]
+    fn like_wildcards_and_escapes() {
+        assert!(like("a%", "abc"));
+        assert!(like("%c", "abc"));
+        assert!(like("a_c", "abc"));
+        assert!(!like("a_c", "ac"));
+        assert!(like("%b%", "abc"));
+        assert!(!like("b", "abc"), "anchored");
+        assert!(like("100\\%", "100%"));
+        assert!(!like("100\\%", "1000"));
+        assert!(like("a\\_", "a_"));
+        assert!(!like("a\\_", "ab"));
+        assert!(like("a\\\\", "a\\"));
+        assert!(like("%", ""));
+        assert!(like("a%b", "a\nb"));
+        assert!(Like::new("abc\\", false).is_none());
+        assert!(Like::new("ÄB%", true).expect("valid").matches("äbx"));
+        assert!(!Like::new("AB%", false).expect("valid").matches("abx"));
+    }
+
+    #[test]
+    fn null_and_kind_rules() {
+        let mut c = LikeCache::default();
+        let v = |x: f64| Param::Value(Value::Number(x));
+        let n = Value::Null;
+        assert!(!eval_op(
+            SimpleOp::Eq,
+            &n,
+            &Param::Value(Value::Null),
+            &mut c
+        ));
+        assert!(eval_op(
+            SimpleOp::Is,
+            &n,
+            &Param::Value(Value::Null),
+            &mut c
+        ));
+        assert!(!eval_op(
+            SimpleOp::IsNot,
+            &n,
+            &Param::Value(Value::Null),
+            &mut c
+        ));
+        assert!(eval_op(
+            SimpleOp::IsNot,
+            &Value::Number(1.0),
+            &Param::Value(Value::Null),
+            &mut c
+        ));
+        assert!(!eval_op(SimpleOp::Ne, &n, &v(1.0), &mut c));
+        assert!(!eval_op(SimpleOp::Lt, &n, &v(1.0), &mut c));
+        assert!(!eval_op(SimpleOp::NotIn, &n, &Param::List(vec![]), &mut c));
+        assert!(eval_op(
+            SimpleOp::NotIn,
+            &Value::Number(2.0),
+            &Param::List(vec![Value::Number(1.0)]),
+            &mut c
+        ));
+        assert!(eval_op(
+            SimpleOp::In,
+            &Value::Number(1.0),
+            &Param::List(vec![Value::Number(1.0)]),
+            &mut c
+        ));
+        assert!(!eval_op(SimpleOp::Eq, &Value::from("1"), &v(1.0), &mut c));
+        assert!(eval_op(SimpleOp::Ne, &Value::from("1"), &v(1.0), &mut c));
+        assert!(!eval_op(SimpleOp::Lt, &Value::from("1"), &v(2.0), &mut c));
+        assert!(eval_op(
+            SimpleOp::Lt,
+            &Value::Bool(false),
+            &Param::Value(Value::Bool(true)),
+            &mut c
+        ));
+        assert!(!eval_op(
+            SimpleOp::NotLike,
+            &Value::Number(1.0),
+            &Param::Value(Value::from("%")),
+            &mut c
+        ));
+        assert!(eval_op(
+            SimpleOp::NotILike,
+            &Value::from("ABC"),
+            &Param::Value(Value::from("x%")),
+            &mut c
+        ));
+    }
+
+    #[test]
+    fn sort_keys_and_start() {
+        let order = [(1, true), (0, false)];
+        let r = |id: f64, m: Option<f64>| vec![Value::Number(id), Value::from(m)];
+        let mut rows = [
+            r(1.0, Some(5.0)),
+            r(2.0, None),
+            r(3.0, Some(7.0)),
+            r(0.0, Some(5.0)),
+        ];
+        rows.sort_by_key(|x| sort_key(&order, x));
+        let ids: Vec<f64> = rows
+            .iter()
+            .map(|x| x[0].as_f64().expect("number"))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![3.0, 0.0, 1.0, 2.0],
+            "desc puts nulls last, pk breaks ties"
+        );
+        let start = Param::Start {
+            key: vec![Value::Number(5.0), Value::Number(0.0)],
+            exclusive: true,
+        };
+        assert!(!after_start(&order, &r(0.0, Some(5.0)), &start));
+        assert!(after_start(&order, &r(1.0, Some(5.0)), &start));
+        assert!(!after_start(&order, &r(3.0, Some(7.0)), &start));
+        let incl = Param::Start {
+            key: vec![Value::Number(5.0), Value::Number(0.0)],
+            exclusive: false,
+        };
+        assert!(after_start(&order, &r(0.0, Some(5.0)), &incl));
+    }
+}

@@ -1,0 +1,266 @@
+//! The timely worker loop: table inputs, shared indexes, template dataflows, output sinks.
+//!
+//! Every worker receives every command in the same order and builds the same dataflows in the
+//! same order (timely identifies channels by construction order). Only the data differs:
+//! each change and each parameter row is introduced on exactly one worker, chosen by hash,
+//! while every input is *advanced* on every worker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+
+use differential_dataflow::Hashable;
+use differential_dataflow::input::InputSession;
+use differential_dataflow::trace::TraceReader;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::Operator;
+use timely::progress::Antichain;
+use timely::progress::frontier::AntichainRef;
+use timely::worker::Worker;
+use zero_queries::Row;
+
+use crate::plan::{Catalog, QueryShape, TableId};
+use crate::render::{
+    Ctx, Diff, IndexId, IndexTrace, Key, OutRec, PressOnDrop, Q, Time, key_of, needed_indexes,
+};
+
+/// A command from the engine; sent to every worker.
+pub(crate) enum Cmd {
+    /// Apply table changes and parameter changes at `version`, then seal it.
+    Advance {
+        version: Time,
+        changes: Arc<Vec<(TableId, Row, Diff)>>,
+        params: Arc<Vec<(u64, Q, Diff)>>,
+    },
+    /// Build the dataflow of a new template.
+    CreateTemplate { tid: u64, shape: Arc<QueryShape> },
+    /// Drop a template's dataflow and its holds on the shared indexes.
+    DropTemplate { tid: u64 },
+}
+
+/// What workers report back.
+pub(crate) enum Out {
+    /// Output updates of some template.
+    Diffs(Vec<(OutRec, Time, Diff)>),
+    /// A template's output frontier on one worker (`None`: the output is closed).
+    Frontier {
+        tid: u64,
+        worker: usize,
+        frontier: Option<Time>,
+    },
+}
+
+struct Template {
+    dataflow: usize,
+    input: InputSession<Time, Q, Diff>,
+    _buttons: Vec<PressOnDrop>,
+}
+
+struct State {
+    index: usize,
+    peers: usize,
+    catalog: Arc<Catalog>,
+    tables: Vec<InputSession<Time, (Key, Row), Diff>>,
+    indexes: HashMap<IndexId, IndexTrace>,
+    /// Dataflows (and import buttons) of lazily created indexes; kept for the engine's life.
+    index_dataflows: Vec<(usize, PressOnDrop)>,
+    tables_dataflow: usize,
+    templates: HashMap<u64, Template>,
+    sealed: Time,
+    out: Sender<Out>,
+}
+
+/// Runs one worker until the engine drops its command channel.
+pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>, out: Sender<Out>) {
+    let mut tables = Vec::new();
+    let mut indexes = HashMap::new();
+    let tables_dataflow = worker.next_dataflow_index();
+    worker.dataflow_named::<Time, _, _>("tables", |scope| {
+        for (t, info) in catalog.tables.iter().enumerate() {
+            let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
+            let arranged = input
+                .to_collection(scope)
+                .arrange_by_key_named(&format!("Index({},pk)", info.name));
+            indexes.insert((t, info.pk.clone()), arranged.trace);
+            tables.push(input);
+        }
+    });
+    let mut st = State {
+        index: worker.index(),
+        peers: worker.peers(),
+        catalog,
+        tables,
+        indexes,
+        index_dataflows: Vec::new(),
+        tables_dataflow,
+        templates: HashMap::new(),
+        sealed: 0,
+        out,
+    };
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => st.handle(worker, cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    st.shutdown(worker);
+                    return;
+                }
+            }
+        }
+        worker.step_or_park(None);
+    }
+}
+
+impl State {
+    fn mine(&self, h: u64) -> bool {
+        usize::try_from(h % self.peers as u64).unwrap_or(0) == self.index
+    }
+
+    fn handle(&mut self, worker: &mut Worker, cmd: Cmd) {
+        match cmd {
+            Cmd::Advance {
+                version,
+                changes,
+                params,
+            } => {
+                for input in &mut self.tables {
+                    input.advance_to(version);
+                }
+                for t in self.templates.values_mut() {
+                    t.input.advance_to(version);
+                }
+                for (t, row, d) in changes.iter() {
+                    let pk = self.catalog.pk_of(*t, row);
+                    if self.mine(pk.hashed()) {
+                        self.tables[*t].update((pk, Arc::clone(row)), *d);
+                    }
+                }
+                for (tid, q, d) in params.iter() {
+                    if self.mine(q.id.hashed())
+                        && let Some(t) = self.templates.get_mut(tid)
+                    {
+                        t.input.update(Arc::clone(q), *d);
+                    }
+                }
+                for input in &mut self.tables {
+                    input.advance_to(version + 1);
+                    input.flush();
+                }
+                for t in self.templates.values_mut() {
+                    t.input.advance_to(version + 1);
+                    t.input.flush();
+                }
+                self.sealed = version;
+                // New imports use as_of = version, so history before it can be merged away.
+                let frontier = [version];
+                for tr in self.indexes.values_mut() {
+                    tr.set_logical_compaction(AntichainRef::new(&frontier));
+                    tr.set_physical_compaction(AntichainRef::new(&frontier));
+                }
+            }
+            Cmd::CreateTemplate { tid, shape } => {
+                for id in needed_indexes(&shape) {
+                    self.ensure_index(worker, &id);
+                }
+                let dataflow = worker.next_dataflow_index();
+                let mut input: InputSession<Time, Q, Diff> = InputSession::new();
+                let sealed = self.sealed;
+                let out = self.out.clone();
+                let index = self.index;
+                let indexes = &mut self.indexes;
+                let buttons =
+                    worker.dataflow_named::<Time, _, _>(&format!("template{tid}"), |scope| {
+                        let params = input.to_collection(scope);
+                        let mut ctx = Ctx::new(scope, indexes, sealed);
+                        let result = ctx.render(&shape, params);
+                        let mut reported: Option<Option<Time>> = None;
+                        result
+                            .inner
+                            .sink(Pipeline, "Output", move |(input, frontier)| {
+                                input.for_each(|_cap, data| {
+                                    let _ = out.send(Out::Diffs(std::mem::take(data)));
+                                });
+                                let f = frontier.frontier().first().copied();
+                                if reported != Some(f) {
+                                    reported = Some(f);
+                                    let _ = out.send(Out::Frontier {
+                                        tid,
+                                        worker: index,
+                                        frontier: f,
+                                    });
+                                }
+                            });
+                        ctx.buttons
+                    });
+                input.advance_to(sealed + 1);
+                input.flush();
+                self.templates.insert(
+                    tid,
+                    Template {
+                        dataflow,
+                        input,
+                        _buttons: buttons,
+                    },
+                );
+            }
+            Cmd::DropTemplate { tid } => {
+                if let Some(t) = self.templates.remove(&tid) {
+                    let df = t.dataflow;
+                    drop(t);
+                    worker.drop_dataflow(df);
+                }
+            }
+        }
+    }
+
+    /// Creates the index `id` from the primary-key arrangement, as of the last sealed version.
+    fn ensure_index(&mut self, worker: &mut Worker, id: &IndexId) {
+        if self.indexes.contains_key(id) {
+            return;
+        }
+        let (table, cols) = id.clone();
+        let pk_id = (table, self.catalog.tables[table].pk.clone());
+        let pk = self
+            .indexes
+            .get_mut(&pk_id)
+            .expect("every table has its primary-key index");
+        let sealed = self.sealed;
+        let dataflow = worker.next_dataflow_index();
+        let name = format!("Index({},{cols:?})", self.catalog.tables[table].name);
+        let (trace, button) = worker.dataflow_named::<Time, _, _>(&name, |scope| {
+            let (arr, button) = pk.import_frontier_core(
+                scope,
+                "pk",
+                Antichain::from_elem(sealed),
+                Antichain::new(),
+            );
+            let c = cols.clone();
+            let idx = arr
+                .flat_map_ref(move |_pk, row: &Row| {
+                    // Rows with a null in the key can never be looked up, so leave them out
+                    // (the whole-table index has no columns and keeps every row).
+                    key_of(row, &c).map(|k| (k, Arc::clone(row)))
+                })
+                .arrange_by_key_named(&name);
+            (idx.trace, PressOnDrop(button))
+        });
+        self.index_dataflows.push((dataflow, button));
+        self.indexes.insert(id.clone(), trace);
+    }
+
+    fn shutdown(&mut self, worker: &mut Worker) {
+        for (_, t) in self.templates.drain() {
+            let df = t.dataflow;
+            drop(t);
+            worker.drop_dataflow(df);
+        }
+        self.indexes.clear();
+        for (df, button) in self.index_dataflows.drain(..) {
+            drop(button);
+            worker.drop_dataflow(df);
+        }
+        self.tables.clear();
+        worker.drop_dataflow(self.tables_dataflow);
+    }
+}
