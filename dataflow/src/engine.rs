@@ -15,7 +15,7 @@ use crate::error::EngineError;
 use crate::plan::{Catalog, Param, QueryShape, TableId, compile};
 use crate::reference::{Tables, evaluate, view_json};
 use crate::render::{Diff, Inst, OutRec, Q, Time};
-use crate::worker::{Cmd, Out, run};
+use crate::worker::{Cmd, Out, TABLES, run};
 
 /// How the engine runs; passed explicitly (no `Default`, see `style.md`).
 #[derive(Debug, Clone)]
@@ -172,6 +172,7 @@ impl Engine {
             .into_iter()
             .map(|t| t.ok_or(EngineError::WorkersStopped))
             .collect::<Result<Vec<_>, _>>()?;
+        let frontiers = (0..workers).map(|w| ((TABLES, w), Some(0))).collect();
         Ok(Engine {
             catalog,
             workers,
@@ -185,7 +186,7 @@ impl Engine {
             instance_by_params: HashMap::new(),
             queries: HashMap::new(),
             pending_params: Vec::new(),
-            frontiers: HashMap::new(),
+            frontiers,
             buffered: BTreeMap::new(),
             applied: Vec::new(),
             last_version: None,

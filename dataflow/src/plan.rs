@@ -407,7 +407,12 @@ impl Compiler<'_> {
                 let cap = if permissions {
                     Some(PERMISSIONS_EXISTS_LIMIT)
                 } else if c.flip == Some(true) {
-                    None
+                    // A flipped join keeps the subquery's own limit (per child key) and
+                    // syncs every child it keeps.
+                    c.related
+                        .subquery
+                        .limit
+                        .map(|k| usize::try_from(k).unwrap_or(usize::MAX))
                 } else {
                     Some(EXISTS_LIMIT)
                 };

@@ -279,7 +279,10 @@ impl Evaluator<'_> {
                 .expect("validated table");
             let mut kids = self.exists_children(c, t, &row);
             let cap = if c.flip == Some(true) {
-                usize::MAX
+                c.related
+                    .subquery
+                    .limit
+                    .map_or(usize::MAX, |k| usize::try_from(k).unwrap_or(usize::MAX))
             } else {
                 EXISTS_LIMIT
             };

@@ -34,7 +34,7 @@ pub(crate) type Time = u64;
 /// Multiplicity of an update.
 pub(crate) type Diff = isize;
 /// An index key: the values of the indexed columns (empty for the whole-table index).
-pub(crate) type Key = Vec<Value>;
+pub(crate) type Key = Arc<[Value]>;
 /// A shared arrangement of one table by some columns; values are whole rows.
 pub(crate) type IndexTrace = TraceAgent<ValSpine<Key, Row, Time, Diff>>;
 /// Identifies an index: the table and the key columns.
@@ -100,7 +100,7 @@ pub(crate) fn key_of(row: &[Value], cols: &[usize]) -> Option<Key> {
         }
         k.push(row[c].clone());
     }
-    Some(k)
+    Some(Arc::from(k))
 }
 
 /// The top-level `col = $slot` or `col IN $slot` conjunct used to seek the root table's index.
@@ -227,7 +227,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                         keys.sort();
                         keys.dedup();
                         keys.into_iter()
-                            .map(move |k| (vec![k], Arc::clone(&q)))
+                            .map(move |k| (Arc::from(vec![k]), Arc::clone(&q)))
                             .collect::<Vec<_>>()
                     })
                     .arrange_by_key()
@@ -237,8 +237,9 @@ impl<'s, 'a> Ctx<'s, 'a> {
             }
             None => {
                 let index = self.import(&(shape.table, vec![]));
+                let empty: Key = Arc::from(Vec::new());
                 params
-                    .map(|q| (Vec::new(), q))
+                    .map(move |q| (Arc::clone(&empty), q))
                     .arrange_by_key()
                     .join_core(index, |_k, q: &Q, row: &Row| {
                         Some((Arc::clone(q), Arc::clone(row)))
@@ -291,7 +292,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         if let Some(k) = k {
             let g = group.to_vec();
             let keyed = rows.map(move |(q, row)| {
-                let key = g.iter().map(|&c| row[c].clone()).collect();
+                let key: Key = g.iter().map(|&c| row[c].clone()).collect();
                 ((q, key), row)
             });
             rows = top_k(keyed, shape.order.clone(), k).map(|((q, _), row)| (q, row));
@@ -342,14 +343,14 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let child = self.level(&es.child, cand, &es.child_cols, es.cap);
                 let cc = es.child_cols.clone();
                 let capped = child.rows.clone().map(move |(q, row)| {
-                    let k = cc.iter().map(|&c| row[c].clone()).collect();
+                    let k: Key = cc.iter().map(|&c| row[c].clone()).collect();
                     ((q, k), row)
                 });
                 let child_keys = capped.clone().map(|(qk, _)| qk).distinct();
                 let pc = es.parent_cols.clone();
                 let keyed = input.map(move |(q, row)| {
                     // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
-                    let k = key_of(&row, &pc).unwrap_or_else(|| vec![Value::Null]);
+                    let k = key_of(&row, &pc).unwrap_or_else(|| Arc::from(vec![Value::Null]));
                     ((q, k), row)
                 });
                 let out = if *negated {

@@ -12,8 +12,9 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use differential_dataflow::Hashable;
 use differential_dataflow::input::InputSession;
 use differential_dataflow::trace::TraceReader;
+use timely::dataflow::ProbeHandle;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::Operator;
+use timely::dataflow::operators::{Operator, Probe};
 use timely::progress::Antichain;
 use timely::progress::frontier::AntichainRef;
 use timely::worker::Worker;
@@ -37,6 +38,11 @@ pub(crate) enum Cmd {
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
 }
+
+/// The pseudo template id under which workers report the table arrangements' frontier, so
+/// that a version counts as complete only once the tables have absorbed it (even with no
+/// queries live).
+pub(crate) const TABLES: u64 = u64::MAX;
 
 /// What workers report back.
 pub(crate) enum Out {
@@ -74,6 +80,7 @@ struct State {
 pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>, out: Sender<Out>) {
     let mut tables = Vec::new();
     let mut indexes = HashMap::new();
+    let probe = ProbeHandle::new();
     let tables_dataflow = worker.next_dataflow_index();
     worker.dataflow_named::<Time, _, _>("tables", |scope| {
         for (t, info) in catalog.tables.iter().enumerate() {
@@ -81,6 +88,7 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
             let arranged = input
                 .to_collection(scope)
                 .arrange_by_key_named(&format!("Index({},pk)", info.name));
+            arranged.stream.clone().probe_with(&probe);
             indexes.insert((t, info.pk.clone()), arranged.trace);
             tables.push(input);
         }
@@ -97,6 +105,7 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
         sealed: 0,
         out,
     };
+    let mut reported: Option<Option<Time>> = None;
     loop {
         loop {
             match rx.try_recv() {
@@ -109,6 +118,16 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
             }
         }
         worker.step_or_park(None);
+        st.compact();
+        let f = probe.with_frontier(|f| f.first().copied());
+        if reported != Some(f) {
+            reported = Some(f);
+            let _ = st.out.send(Out::Frontier {
+                tid: TABLES,
+                worker: st.index,
+                frontier: f,
+            });
+        }
     }
 }
 
@@ -131,7 +150,7 @@ impl State {
                     t.input.advance_to(version);
                 }
                 for (t, row, d) in changes.iter() {
-                    let pk = self.catalog.pk_of(*t, row);
+                    let pk: Key = Arc::from(self.catalog.pk_of(*t, row));
                     if self.mine(pk.hashed()) {
                         self.tables[*t].update((pk, Arc::clone(row)), *d);
                     }
@@ -152,12 +171,7 @@ impl State {
                     t.input.flush();
                 }
                 self.sealed = version;
-                // New imports use as_of = version, so history before it can be merged away.
-                let frontier = [version];
-                for tr in self.indexes.values_mut() {
-                    tr.set_logical_compaction(AntichainRef::new(&frontier));
-                    tr.set_physical_compaction(AntichainRef::new(&frontier));
-                }
+                self.compact();
             }
             Cmd::CreateTemplate { tid, shape } => {
                 for id in needed_indexes(&shape) {
@@ -211,6 +225,24 @@ impl State {
                     worker.drop_dataflow(df);
                 }
             }
+        }
+    }
+
+    /// Lets every shared index forget history before the last sealed version: new imports
+    /// read as of that version, so nothing older can be asked for. Physical compaction never
+    /// passes what the index has already built (a join that imports it asserts that), so it
+    /// trails by a step while the worker is still processing the version.
+    fn compact(&mut self) {
+        let sealed = [self.sealed];
+        let mut upper = Antichain::new();
+        for tr in self.indexes.values_mut() {
+            tr.set_logical_compaction(AntichainRef::new(&sealed));
+            tr.read_upper(&mut upper);
+            let physical = match upper.elements().first() {
+                Some(u) => (*u).min(self.sealed),
+                None => self.sealed,
+            };
+            tr.set_physical_compaction(AntichainRef::new(&[physical]));
         }
     }
 
