@@ -142,7 +142,7 @@ impl DevPostgres {
             let mut o = format!(
                 "-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c wal_level=logical \
                  -c max_replication_slots=64 -c max_wal_senders=64 -c max_connections=300 \
-                 -c fsync={fsync} -c synchronous_commit={fsync} -c full_page_writes={fsync} \
+                 -c fsync={fsync} -c full_page_writes={fsync} \
                  -c wal_sender_timeout=60s -c shared_buffers=256MB",
                 dir = pg.dir.display(),
                 fsync = if opts.fsync { "on" } else { "off" },

@@ -129,8 +129,7 @@ fn existing_state(path: &Path) -> Result<Option<ReplicaState>, ReplicaError> {
 }
 
 /// Runs the replication manager until `shutdown` turns true. `watermarks` receives the replica's
-/// watermark after the initial sync and after every commit; `ready` is told once the replica is
-/// ready to serve.
+/// watermark once it is ready (valid and streaming) and after every commit.
 pub async fn run(
     cfg: ReplicatorConfig,
     watermarks: watch::Sender<String>,
@@ -142,7 +141,6 @@ pub async fn run(
             return Ok(());
         }
         let state = ensure_replica(&cfg).await?;
-        watermarks.send_replace(state.watermark.clone());
         info!(
             replica_version = %state.replica_version,
             watermark = %state.watermark,

@@ -82,6 +82,8 @@ pub fn stream_changes(
     rt.block_on(client.start())?;
     // The slot may still be held by a walsender of a previous (killed) process for a moment.
     rt.block_on(client.wait_started())?;
+    // Ready: the replica is valid and streaming.
+    watermarks.send_replace(applier.watermark().to_string());
     info!(slot = %slot, watermark = %applier.watermark(), lsn = %start, "streaming changes");
 
     let mut s = Stream {
