@@ -1,0 +1,204 @@
+//! The engine's bookkeeping: sharing of instances and templates, removal, late subscribers,
+//! and the errors callers can cause.
+
+use std::sync::Arc;
+
+use zero_dataflow::{Engine, EngineConfig, EngineError, Op, RowPatch, TableChange};
+use zero_queries::parse::parse_query;
+use zero_queries::schema::Schema;
+use zero_queries::{Row, Value};
+
+fn schema() -> Schema {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema.json"),
+    )
+    .expect("schema file");
+    Schema::from_json_str(&text).expect("schema")
+}
+
+fn issue(id: &str, modified: f64) -> Row {
+    Arc::from(vec![
+        Value::from(id),
+        Value::from("t"),
+        Value::Bool(true),
+        Value::Number(modified),
+        Value::Null,
+    ])
+}
+
+fn insert(row: Row) -> TableChange {
+    TableChange {
+        table: "issue".into(),
+        op: Op::Insert,
+        row,
+    }
+}
+
+#[test]
+fn identical_queries_share_an_instance_and_shapes_share_a_template() {
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
+    let q = |s: &str| parse_query(s, &schema).expect("query");
+    e.add_query("a", &q("issue.where('id', 'i1')"))
+        .expect("add");
+    e.add_query("b", &q("issue.where('id', 'i1')"))
+        .expect("add");
+    e.add_query("c", &q("issue.where('id', 'i2')"))
+        .expect("add");
+    e.add_query("d", &q("issue.orderBy('modified', 'desc').limit(1)"))
+        .expect("add");
+    assert_eq!(e.instance_count(), 3);
+    assert_eq!(e.template_count(), 2);
+    e.apply(1, vec![insert(issue("i1", 1.0)), insert(issue("i2", 2.0))])
+        .expect("apply");
+    let diffs = e.step_until(1).expect("step");
+    let mut got: Vec<(String, usize, bool)> = diffs
+        .iter()
+        .map(|d| (d.query.clone(), d.patches.len(), d.initial))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("a".into(), 1, true),
+            ("b".into(), 1, true),
+            ("c".into(), 1, true),
+            ("d".into(), 1, true)
+        ]
+    );
+
+    // A late subscriber to a live instance gets the whole result with the next version.
+    e.add_query("late", &q("issue.where('id', 'i1')"))
+        .expect("add");
+    assert_eq!(e.instance_count(), 3);
+    e.apply(2, vec![]).expect("apply");
+    let diffs = e.step_until(2).expect("step");
+    assert_eq!(diffs.len(), 1);
+    assert_eq!(diffs[0].query, "late");
+    assert!(diffs[0].initial);
+    assert!(
+        matches!(&diffs[0].patches[..], [RowPatch::Put { pk, .. }] if pk[0] == Value::from("i1"))
+    );
+
+    // Removing queries frees instances, and a template with no instances is dropped.
+    assert!(e.remove_query("a").expect("remove"));
+    assert!(e.remove_query("b").expect("remove"));
+    assert_eq!(e.instance_count(), 3, "\"late\" still holds the instance");
+    assert!(e.remove_query("late").expect("remove"));
+    assert!(e.remove_query("c").expect("remove"));
+    assert_eq!(e.template_count(), 1);
+    assert!(!e.remove_query("c").expect("remove"));
+    e.apply(3, vec![insert(issue("i3", 3.0))]).expect("apply");
+    let diffs = e.step_until(3).expect("step");
+    assert_eq!(diffs.len(), 1);
+    assert_eq!(diffs[0].query, "d");
+    assert_eq!(diffs[0].patches.len(), 2, "i3 replaces i2 at the top");
+    assert!(e.view("a").is_none());
+
+    // The same shape can come back after its template was dropped.
+    e.add_query("again", &q("issue.where('id', 'i3')"))
+        .expect("add");
+    e.apply(4, vec![]).expect("apply");
+    let diffs = e.step_until(4).expect("step");
+    assert_eq!(diffs.len(), 1);
+    assert_eq!(diffs[0].patches.len(), 1);
+    assert_eq!(
+        e.view("again").expect("live"),
+        serde_json::json!([{"id": "i3", "title": "t", "open": true, "modified": 3, "creatorID": null}])
+    );
+}
+
+#[test]
+fn caller_errors_are_reported() {
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
+    let q = parse_query("issue.where('id', 'i1')", &schema).expect("query");
+    e.add_query("a", &q).expect("add");
+    assert!(matches!(
+        e.add_query("a", &q),
+        Err(EngineError::DuplicateQuery(_))
+    ));
+    let bad = zero_queries::ast::Ast::new("nope");
+    assert!(matches!(
+        e.add_query("b", &bad),
+        Err(EngineError::InvalidQuery(_))
+    ));
+    assert!(matches!(
+        e.apply(
+            1,
+            vec![TableChange {
+                table: "nope".into(),
+                op: Op::Insert,
+                row: issue("x", 1.0)
+            }]
+        ),
+        Err(EngineError::UnknownTable(_))
+    ));
+    assert!(matches!(
+        e.apply(
+            1,
+            vec![TableChange {
+                table: "user".into(),
+                op: Op::Insert,
+                row: issue("x", 1.0)
+            }]
+        ),
+        Err(EngineError::RowArity { .. })
+    ));
+    assert!(matches!(
+        e.step_until(1),
+        Err(EngineError::VersionNotApplied(1))
+    ));
+    e.apply(5, vec![]).expect("apply");
+    assert!(matches!(
+        e.apply(5, vec![]),
+        Err(EngineError::VersionNotIncreasing { .. })
+    ));
+    assert_eq!(e.step_until(5).expect("step").len(), 1);
+}
+
+#[test]
+fn long_update_streams_keep_results_exact() {
+    // Many versions through one window: compaction must not lose or duplicate anything.
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 2 }, &schema).expect("engine");
+    let q = parse_query("issue.orderBy('modified', 'desc').limit(3)", &schema).expect("query");
+    e.add_query("top", &q).expect("add");
+    let mut rows: Vec<Row> = (0..20)
+        .map(|i| issue(&format!("i{i:02}"), f64::from(i)))
+        .collect();
+    e.apply(1, rows.iter().cloned().map(insert).collect())
+        .expect("apply");
+    e.step_until(1).expect("step");
+    for v in 2..300u32 {
+        let i = (v as usize * 7) % rows.len();
+        let old = rows[i].clone();
+        let new = issue(&format!("i{i:02}"), f64::from(v));
+        rows[i] = new.clone();
+        e.apply(
+            u64::from(v),
+            vec![
+                TableChange {
+                    table: "issue".into(),
+                    op: Op::Delete,
+                    row: old,
+                },
+                insert(new),
+            ],
+        )
+        .expect("apply");
+    }
+    e.step_until(299).expect("step");
+    let mut want: Vec<Row> = rows.clone();
+    want.sort_by(|a, b| b[3].cmp(&a[3]));
+    want.truncate(3);
+    let got: Vec<Row> = e
+        .rows("top")
+        .expect("live")
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted);
+}
