@@ -88,8 +88,10 @@ async fn main() {
             replica_file: replica.clone(),
             workers: 5,
             text_copy: false,
+            failover: false,
         },
         auto_reset: true,
+        vacuum_interval_hours: None,
     };
 
     // Initial sync: a fresh replica each run (the previous slot is dropped by the next sync).

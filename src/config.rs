@@ -53,12 +53,13 @@ impl LogLevel {
     name = "zero-cache",
     version,
     about = "Sync server for Zero apps: a drop-in replacement for zero-cache",
+    long_about = None,
     max_term_width = 100,
     args_override_self = true
 )]
 pub struct Config {
     /// Upstream Postgres URI (postgres://user:password@host:port/db). Required.
-    #[arg(long, env = "ZERO_UPSTREAM_DB")]
+    #[arg(long, env = "ZERO_UPSTREAM_DB", hide_env_values = true)]
     pub upstream_db: Option<String>,
 
     /// Maximum upstream connections, used by initial sync workers and writes.
@@ -148,7 +149,7 @@ pub struct Config {
     pub admin_password: Option<String>,
 
     /// Postgres database for client view records; default: the replica's directory (SQLite).
-    #[arg(long, env = "ZERO_CVR_DB")]
+    #[arg(long, env = "ZERO_CVR_DB", hide_env_values = true)]
     pub cvr_db: Option<String>,
 
     /// Maximum CVR database connections.
@@ -156,7 +157,7 @@ pub struct Config {
     pub cvr_max_conns: u32,
 
     /// Postgres database for the change log; default: the upstream database.
-    #[arg(long, env = "ZERO_CHANGE_DB")]
+    #[arg(long, env = "ZERO_CHANGE_DB", hide_env_values = true)]
     pub change_db: Option<String>,
 
     /// Maximum change database connections.

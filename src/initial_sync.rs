@@ -63,6 +63,8 @@ pub struct SyncOptions {
     pub workers: usize,
     /// Text instead of binary COPY.
     pub text_copy: bool,
+    /// Create the slot with `FAILOVER` (Postgres 17+), so it survives a failover to a standby.
+    pub failover: bool,
 }
 
 /// Rows per batch sent from a copy worker to the writer.
@@ -94,8 +96,9 @@ pub async fn run(
         let system = repl.identify_system().await?;
         match repl
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
-                quote_ident(&slot)
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export'{})",
+                quote_ident(&slot),
+                if opts.failover { ", FAILOVER" } else { "" }
             ))
             .await
         {

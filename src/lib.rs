@@ -10,6 +10,7 @@
 //! - [`replication`]: decoding pgoutput and applying the stream to the replica.
 //! - [`replica`]: the SQLite replica's layout and its transactional applier.
 //! - [`replicator`]: the replication manager tying these together.
+//! - [`sync`]: the sync server (HTTP/WebSocket, protocol, CVRs, pokes).
 //! - [`server`]: the process supervisor (`server::run`).
 //! - [`demo`]: the zbugs-like demo and benchmark dataset.
 //! - [`devpg`]: a private Postgres cluster for `zero-cache-dev` and tests.
@@ -26,5 +27,6 @@ pub mod replication;
 pub mod replicator;
 pub mod schema;
 pub mod server;
+pub mod sync;
 pub mod upstream;
 pub mod version;

@@ -186,6 +186,35 @@ pub fn read_state(conn: &Connection) -> Result<Option<ReplicaState>, ReplicaErro
     }))
 }
 
+/// Runs VACUUM when the last one (or the initial sync) is at least `hours` old, and records it.
+/// Deletes and updates leave free pages that only VACUUM returns to the file system.
+pub fn vacuum_if_due(path: &Path, hours: f64) -> Result<bool, ReplicaError> {
+    let conn = open(path)?;
+    let age_hours: Option<f64> = conn
+        .query_row(
+            r#"SELECT (julianday('now') - julianday(max("timestamp"))) * 24 FROM "_zero.runtimeEvents" WHERE "event" IN ('vacuum', 'sync')"#,
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    if age_hours.is_some_and(|a| a < hours) {
+        return Ok(false);
+    }
+    let started = std::time::Instant::now();
+    conn.execute_batch("VACUUM")?;
+    conn.execute(
+        r#"INSERT INTO "_zero.runtimeEvents" ("event", "timestamp") VALUES ('vacuum', datetime('now'))
+           ON CONFLICT ("event") DO UPDATE SET "timestamp" = excluded."timestamp""#,
+        [],
+    )?;
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "vacuumed replica"
+    );
+    Ok(true)
+}
+
 /// `CREATE TABLE` for a replicated table: no primary key declared, `_0_version` last.
 pub fn create_table_sql(t: &ReplicaTable, initial_version: &str) -> String {
     let mut cols: Vec<String> = t

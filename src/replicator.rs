@@ -26,6 +26,8 @@ pub struct ReplicatorConfig {
     pub sync: SyncOptions,
     /// Resync automatically when the replica cannot continue.
     pub auto_reset: bool,
+    /// VACUUM the replica at startup when at least this many hours passed since the last one.
+    pub vacuum_interval_hours: Option<f64>,
 }
 
 /// Errors that stop the replication manager.
@@ -61,7 +63,12 @@ pub async fn ensure_replica(cfg: &ReplicatorConfig) -> Result<ReplicaState, Repl
             .await
             .map_err(SyncError::from)?
         {
-            None => return Ok(state),
+            None => {
+                if let Some(hours) = cfg.vacuum_interval_hours {
+                    replica::vacuum_if_due(path, hours)?;
+                }
+                return Ok(state);
+            }
             Some(why) => {
                 if !cfg.auto_reset {
                     return Err(ReplicatorError::ResetDisabled(why));

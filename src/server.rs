@@ -33,10 +33,16 @@ pub fn replicator_config(config: &Config) -> Result<ReplicatorConfig, ServerErro
         shard: config.shard(),
         sync: SyncOptions {
             replica_file: config.replica_file.clone(),
-            workers: config.initial_sync_table_copy_workers as usize,
+            // Copy workers share the upstream connection budget with the replicator's own two.
+            workers: config
+                .initial_sync_table_copy_workers
+                .min(config.upstream_max_conns.saturating_sub(2).max(1))
+                as usize,
             text_copy: config.initial_sync_text_copy,
+            failover: config.upstream_pg_replication_slot_failover,
         },
         auto_reset: config.auto_reset,
+        vacuum_interval_hours: config.replica_vacuum_interval_hours,
     })
 }
 

@@ -33,3 +33,34 @@ async fn initial_sync_then_streaming_keeps_replica_equal() {
     assert!(v <= wm, "row version {v} must not exceed watermark {wm}");
     r.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_is_vacuumed_at_startup_when_due() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, body text);
+         INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    let mut r = start(db.replicator_config());
+    r.ready().await;
+    db.exec("DELETE FROM t WHERE id > 10;").await;
+    wait_equal(&db, Duration::from_secs(10)).await;
+    r.stop().await.expect("clean stop");
+    let before = std::fs::metadata(db.replica_file()).expect("size").len();
+    let mut cfg = db.replicator_config();
+    cfg.vacuum_interval_hours = Some(0.0);
+    let mut r = start(cfg);
+    r.ready().await;
+    r.stop().await.expect("clean stop");
+    let after = std::fs::metadata(db.replica_file()).expect("size").len();
+    assert!(
+        after < before / 2,
+        "vacuum shrank {before} to {after} bytes"
+    );
+    let events: i64 = support::replica_query(
+        &db.replica_file(),
+        "SELECT count(*) FROM \"_zero.runtimeEvents\" WHERE event = 'vacuum'",
+    );
+    assert_eq!(events, 1);
+}

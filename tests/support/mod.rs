@@ -114,8 +114,10 @@ impl TestDb {
                 replica_file: self.replica_file(),
                 workers: 3,
                 text_copy: false,
+                failover: false,
             },
             auto_reset: true,
+            vacuum_interval_hours: None,
         }
     }
 }
