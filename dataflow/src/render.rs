@@ -12,17 +12,21 @@
 //! children. Tables are only ever read through shared arrangements: the root through an
 //! equality index (or the whole-table index), every child through its correlation index.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use differential_dataflow::VecCollection;
 use differential_dataflow::operators::arrange::{Arranged, ShutdownButton, TraceAgent};
+use differential_dataflow::trace::cursor::cursor_list;
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::wrappers::frontier::TraceFrontier;
+use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
+use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::Scope;
-use timely::dataflow::operators::CapabilitySet;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::{CapabilitySet, Operator};
 use timely::progress::Antichain;
+use timely::progress::frontier::AntichainRef;
 use zero_queries::ast::SimpleOp;
 use zero_queries::{Row, Value};
 
@@ -39,7 +43,22 @@ pub(crate) type Key = Arc<[Value]>;
 pub(crate) type IndexTrace = TraceAgent<ValSpine<Key, Row, Time, Diff>>;
 /// Identifies an index: the table and the key columns.
 pub(crate) type IndexId = (TableId, Vec<usize>);
+/// A shared arrangement whose values under each key are `(sort key, row)`, so they are stored
+/// in ORDER BY order and a top-k is a prefix scan.
+pub(crate) type SortedTrace = TraceAgent<ValSpine<Key, (SortKey, Row), Time, Diff>>;
+/// Identifies a sorted index: table, key columns, ordering.
+pub(crate) type SortedId = (TableId, Vec<usize>, Vec<(usize, bool)>);
 type Imported<'s> = Arranged<'s, TraceFrontier<IndexTrace>>;
+type ImportedSorted<'s> = Arranged<'s, TraceFrontier<SortedTrace>>;
+
+/// The shared arrangements of one worker.
+#[derive(Default)]
+pub(crate) struct Indexes {
+    /// Rows by key columns.
+    pub(crate) by_key: HashMap<IndexId, IndexTrace>,
+    /// Rows by key columns, sorted by an ordering under each key.
+    pub(crate) sorted: HashMap<SortedId, SortedTrace>,
+}
 type Coll<'s, D> = VecCollection<'s, Time, D, Diff>;
 /// One output record: the instance id, the table, the row.
 pub(crate) type OutRec = (u64, TableId, Row);
@@ -119,8 +138,82 @@ pub(crate) fn driving(shape: &QueryShape) -> Option<(usize, usize)> {
     shape.filter.as_ref().and_then(find)
 }
 
+/// Whether the root level runs as a [`lookup_topk`]: a limit, no EXISTS, and a driving key
+/// that is one value (or the whole table), so each instance reads one prefix of one sorted
+/// index on one worker.
+pub(crate) fn uses_lookup_topk(shape: &QueryShape) -> bool {
+    shape.limit.is_some() && !shape.filter.as_ref().is_some_and(Pred::has_exists)
+}
+
+fn sorted_id(shape: &QueryShape) -> SortedId {
+    let cols = driving_value(shape).map_or_else(Vec::new, |(c, _)| vec![c]);
+    (shape.table, cols, shape.order.clone())
+}
+
+/// The driving `col = $slot` conjunct (single value, not `IN`).
+fn driving_value(shape: &QueryShape) -> Option<(usize, usize)> {
+    fn find(p: &Pred) -> Option<(usize, usize)> {
+        match p {
+            Pred::Cmp {
+                left: Operand2::Col(c),
+                op: SimpleOp::Eq,
+                right,
+            } => Some((*c, *right)),
+            Pred::And(v) => v.iter().find_map(find),
+            _ => None,
+        }
+    }
+    shape.filter.as_ref().and_then(find)
+}
+
+/// How a level's candidate rows are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanPlan {
+    /// Seek the index on the driving column.
+    Seek(usize),
+    /// Look parents up by the keys of the candidates of `exists[i]` (a top-level, non-negated
+    /// EXISTS whose child can seek): Zero's "flipped" join, chosen when it avoids a full scan.
+    Flip(usize),
+    /// Read the whole table.
+    Full,
+}
+
+fn scan_plan(shape: &QueryShape) -> ScanPlan {
+    if let Some((col, _)) = driving(shape) {
+        return ScanPlan::Seek(col);
+    }
+    let conjuncts: Vec<&Pred> = match &shape.filter {
+        Some(Pred::And(v)) => v.iter().collect(),
+        Some(p) => vec![p],
+        None => vec![],
+    };
+    for p in conjuncts {
+        if let Pred::Exists {
+            index,
+            negated: false,
+        } = p
+            && scan_plan(&shape.exists[*index].child) != ScanPlan::Full
+        {
+            return ScanPlan::Flip(*index);
+        }
+    }
+    ScanPlan::Full
+}
+
+fn scan_indexes(shape: &QueryShape, out: &mut Vec<IndexId>) {
+    match scan_plan(shape) {
+        ScanPlan::Seek(col) => out.push((shape.table, vec![col])),
+        ScanPlan::Full => out.push((shape.table, vec![])),
+        ScanPlan::Flip(i) => {
+            let es = &shape.exists[i];
+            out.push((shape.table, es.parent_cols.clone()));
+            scan_indexes(&es.child, out);
+        }
+    }
+}
+
 /// Every index a template reads, so the worker can create missing ones before rendering.
-pub(crate) fn needed_indexes(shape: &QueryShape) -> Vec<IndexId> {
+pub(crate) fn needed_indexes(shape: &QueryShape) -> (Vec<IndexId>, Vec<SortedId>) {
     fn children(shape: &QueryShape, out: &mut Vec<IndexId>) {
         for e in &shape.exists {
             out.push((e.child.table, e.child_cols.clone()));
@@ -131,14 +224,17 @@ pub(crate) fn needed_indexes(shape: &QueryShape) -> Vec<IndexId> {
             children(&r.child, out);
         }
     }
-    let mut out = vec![match driving(shape) {
-        Some((col, _)) => (shape.table, vec![col]),
-        None => (shape.table, vec![]),
-    }];
+    let mut out = Vec::new();
+    let mut sorted = Vec::new();
+    if uses_lookup_topk(shape) {
+        sorted.push(sorted_id(shape));
+    } else {
+        scan_indexes(shape, &mut out);
+    }
     children(shape, &mut out);
     out.sort();
     out.dedup();
-    out
+    (out, sorted)
 }
 
 /// How many rows an instance keeps per group.
@@ -159,7 +255,7 @@ struct ExistsOut<'s> {
 /// Rendering context of one template dataflow.
 pub(crate) struct Ctx<'s, 'a> {
     scope: Scope<'s, Time>,
-    indexes: &'a mut HashMap<IndexId, IndexTrace>,
+    indexes: &'a mut Indexes,
     as_of: Antichain<Time>,
     /// Import buttons; the template keeps them until it is dropped.
     pub(crate) buttons: Vec<PressOnDrop>,
@@ -168,11 +264,7 @@ pub(crate) struct Ctx<'s, 'a> {
 
 impl<'s, 'a> Ctx<'s, 'a> {
     /// A context importing shared indexes as of `as_of` (the last sealed version).
-    pub(crate) fn new(
-        scope: Scope<'s, Time>,
-        indexes: &'a mut HashMap<IndexId, IndexTrace>,
-        as_of: Time,
-    ) -> Self {
+    pub(crate) fn new(scope: Scope<'s, Time>, indexes: &'a mut Indexes, as_of: Time) -> Self {
         Ctx {
             scope,
             indexes,
@@ -188,6 +280,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         }
         let trace = self
             .indexes
+            .by_key
             .get_mut(id)
             .expect("the worker creates every needed index before rendering");
         let (arr, button) = trace.import_frontier_core(
@@ -204,16 +297,61 @@ impl<'s, 'a> Ctx<'s, 'a> {
     /// Renders the whole query for the instances in `params`; the output holds every synced
     /// row of every instance, once per path that reaches it.
     pub(crate) fn render(&mut self, shape: &QueryShape, params: Coll<'s, Q>) -> Coll<'s, OutRec> {
-        let cand = self.scan(shape, params);
-        let level = self.level(shape, cand, &[], None);
+        let level = if uses_lookup_topk(shape) {
+            LevelOut {
+                rows: self.lookup_topk(shape, params),
+                exists: Vec::new(),
+            }
+        } else {
+            let cand = self.scan(shape, params);
+            self.level(shape, cand, &[], None)
+        };
         let mut outs = Vec::new();
         let rows = level.rows.clone();
         self.emit(shape, &level, rows, &mut outs);
         differential_dataflow::collection::concatenate(self.scope, outs)
     }
 
+    fn import_sorted(&mut self, id: &SortedId) -> ImportedSorted<'s> {
+        let trace = self
+            .indexes
+            .sorted
+            .get_mut(id)
+            .expect("the worker creates every needed index before rendering");
+        let (arr, button) = trace.import_frontier_core(
+            self.scope,
+            "ImportSorted",
+            self.as_of.clone(),
+            Antichain::new(),
+        );
+        self.buttons.push(PressOnDrop(button));
+        arr
+    }
+
+    /// The root's top-k per instance, read from a shared sorted index (see [`lookup_topk`]).
+    fn lookup_topk(&mut self, shape: &QueryShape, params: Coll<'s, Q>) -> Coll<'s, (Q, Row)> {
+        let index = self.import_sorted(&sorted_id(shape));
+        let plan = TopKPlan {
+            slot: driving_value(shape).map(|(_, s)| s),
+            limit: shape.limit.expect("uses_lookup_topk requires a limit"),
+            start: shape.start,
+            order: shape.order.clone(),
+            filter: shape.filter.clone(),
+        };
+        lookup_topk(params, index, plan)
+    }
+
     /// Root candidates: the rows matching the driving equality, or the whole table.
     fn scan(&mut self, shape: &QueryShape, params: Coll<'s, Q>) -> Coll<'s, (Q, Row)> {
+        if let ScanPlan::Flip(i) = scan_plan(shape) {
+            // Drive from the EXISTS child: its candidate rows give the parent keys to look up.
+            // A superset of the parents is enough; `level` applies the full condition.
+            let es = &shape.exists[i];
+            let children = self.scan(&es.child, params);
+            let cc = es.child_cols.clone();
+            let keys = children.flat_map(move |(q, row)| key_of(&row, &cc).map(|k| (q, k)));
+            return self.lookup(keys, shape.table, &es.parent_cols);
+        }
         match driving(shape) {
             Some((col, slot)) => {
                 let index = self.import(&(shape.table, vec![col]));
@@ -432,4 +570,203 @@ fn top_k<'s>(
             },
         )
         .map(|(g, (_, row))| (g, row))
+}
+
+/// What [`lookup_topk`] needs to know about the root level.
+struct TopKPlan {
+    /// Slot of the driving value; `None` reads the whole-table key.
+    slot: Option<usize>,
+    limit: usize,
+    start: Option<usize>,
+    order: Vec<(usize, bool)>,
+    filter: Option<Pred>,
+}
+
+impl TopKPlan {
+    fn key(&self, q: &Inst) -> Option<Key> {
+        match self.slot {
+            None => Some(Arc::from(Vec::new())),
+            Some(s) => match &q.params[s] {
+                Param::Value(v) if !v.is_null() => Some(Arc::from(vec![v.clone()])),
+                _ => None,
+            },
+        }
+    }
+
+    fn limit(&self, q: &Inst) -> usize {
+        match q.params[self.limit] {
+            Param::Limit(k) => usize::try_from(k).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        }
+    }
+}
+
+/// Maintains, for each instance, the first `limit` rows under its key of a shared sorted index
+/// that pass its filter and start cursor (`dataflow-design.md` §3.5 (c)).
+///
+/// Per instance it keeps only the rows it emitted, and it reads the index, which is shared by
+/// every template, by seeking the instance's key and walking values in ORDER BY order until
+/// the limit is reached: hydration costs O(limit / selectivity), not O(group). A change to a
+/// key re-evaluates the instances interested in that key.
+fn lookup_topk<'s>(
+    params: Coll<'s, Q>,
+    index: ImportedSorted<'s>,
+    plan: TopKPlan,
+) -> Coll<'s, (Q, Row)> {
+    let mut trace = index.trace.clone();
+    let plan = Arc::new(plan);
+    let p = Arc::clone(&plan);
+    // Parameter rows must meet the partition of the index that holds their key.
+    let pact = Exchange::new(move |x: &(Q, Time, Diff)| p.key(&x.0).map_or(0, |k| k.hashed()));
+    params
+        .inner
+        .binary_frontier(
+            index.stream,
+            pact,
+            Pipeline,
+            "LookupTopK",
+            move |cap, _info| {
+                let mut caps = CapabilitySet::from_elem(cap);
+                let mut pending: Vec<(Q, Time, Diff)> = Vec::new();
+                let mut changed: BTreeMap<Time, HashSet<Key>> = BTreeMap::new();
+                let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
+                let mut interest: HashMap<Key, BTreeSet<u64>> = HashMap::new();
+                let mut emitted: HashMap<u64, Vec<Row>> = HashMap::new();
+                let mut likes = LikeCache::default();
+                move |(in1, f1), (in2, f2), output| {
+                    in1.for_each(|_c, data| pending.append(data));
+                    in2.for_each(|_c, spans| {
+                        for span in spans.iter() {
+                            let Some(b) = span.inner.as_ref() else {
+                                continue;
+                            };
+                            let mut c = b.cursor();
+                            while let Some(key) = c.get_key(b) {
+                                while c.get_val(b).is_some() {
+                                    c.map_times(b, |t, _| {
+                                        changed.entry(*t).or_default().insert(key.clone());
+                                    });
+                                    c.step_val(b);
+                                }
+                                c.step_key(b);
+                            }
+                        }
+                    });
+                    let frontier = [f1.frontier().first(), f2.frontier().first()]
+                        .into_iter()
+                        .map(|f| f.copied().unwrap_or(Time::MAX))
+                        .min()
+                        .unwrap_or(Time::MAX);
+                    let mut times: BTreeSet<Time> =
+                        changed.range(..frontier).map(|(t, _)| *t).collect();
+                    times.extend(pending.iter().map(|(_, t, _)| *t).filter(|t| *t < frontier));
+                    if !times.is_empty() {
+                        let batches = trace
+                            .batches_through(AntichainRef::new(&[]))
+                            .expect("the index stays open while the template runs");
+                        let (mut cursor, storage) = cursor_list(batches);
+                        for t in times {
+                            let mut dirty: BTreeSet<u64> = BTreeSet::new();
+                            // Instances retracted at `t`, kept to retract what they emitted.
+                            let mut gone: HashMap<u64, Q> = HashMap::new();
+                            pending.retain(|(q, pt, d)| {
+                                if *pt != t {
+                                    return true;
+                                }
+                                let e = live
+                                    .entry(q.id)
+                                    .or_insert_with(|| (Arc::clone(q), plan.key(q), 0));
+                                e.2 += d;
+                                if e.2 > 0 {
+                                    if let Some(k) = &e.1 {
+                                        interest.entry(k.clone()).or_default().insert(q.id);
+                                    }
+                                } else {
+                                    if let Some(k) = &e.1
+                                        && let Some(set) = interest.get_mut(k)
+                                    {
+                                        set.remove(&q.id);
+                                        if set.is_empty() {
+                                            interest.remove(k);
+                                        }
+                                    }
+                                    live.remove(&q.id);
+                                    gone.insert(q.id, Arc::clone(q));
+                                }
+                                dirty.insert(q.id);
+                                false
+                            });
+                            if let Some(keys) = changed.remove(&t) {
+                                for k in keys {
+                                    if let Some(qs) = interest.get(&k) {
+                                        dirty.extend(qs.iter().copied());
+                                    }
+                                }
+                            }
+                            let cap = caps.delayed(&t);
+                            let mut session = output.session(&cap);
+                            for qid in dirty {
+                                let mut new: Vec<Row> = Vec::new();
+                                let mut q_out = None;
+                                if let Some((q, Some(key), _)) = live.get(&qid) {
+                                    q_out = Some(Arc::clone(q));
+                                    let k = plan.limit(q);
+                                    cursor.rewind_keys(&storage);
+                                    cursor.seek_key(&storage, key);
+                                    if k > 0 && cursor.get_key(&storage) == Some(key) {
+                                        while let Some(val) = cursor.get_val(&storage) {
+                                            let mut sum: Diff = 0;
+                                            cursor.map_times(&storage, |tm, d| {
+                                                if *tm <= t {
+                                                    sum += *d;
+                                                }
+                                            });
+                                            let row = &val.1;
+                                            if sum > 0
+                                                && plan.start.is_none_or(|s| {
+                                                    after_start(&plan.order, row, &q.params[s])
+                                                })
+                                                && plan.filter.as_ref().is_none_or(|p| {
+                                                    eval_pred(p, row, &q.params, &mut likes)
+                                                })
+                                            {
+                                                new.push(Arc::clone(row));
+                                                if new.len() >= k {
+                                                    break;
+                                                }
+                                            }
+                                            cursor.step_val(&storage);
+                                        }
+                                    }
+                                } else if let Some((q, None, _)) = live.get(&qid) {
+                                    q_out = Some(Arc::clone(q));
+                                }
+                                let old = emitted.remove(&qid).unwrap_or_default();
+                                let Some(q) = q_out.or_else(|| gone.remove(&qid)) else {
+                                    continue;
+                                };
+                                for r in old.iter().filter(|r| !new.contains(r)) {
+                                    session.give(((Arc::clone(&q), Arc::clone(r)), t, -1));
+                                }
+                                for r in new.iter().filter(|r| !old.contains(r)) {
+                                    session.give(((Arc::clone(&q), Arc::clone(r)), t, 1));
+                                }
+                                if !new.is_empty() {
+                                    emitted.insert(qid, new);
+                                }
+                            }
+                        }
+                    }
+                    changed.retain(|t, _| *t >= frontier);
+                    if frontier == Time::MAX {
+                        caps.downgrade(Vec::<Time>::new());
+                    } else {
+                        caps.downgrade([frontier]);
+                        trace.set_logical_compaction(AntichainRef::new(&[frontier]));
+                        trace.set_physical_compaction(AntichainRef::new(&[frontier]));
+                    }
+                }
+            },
+        )
+        .as_collection()
 }

@@ -20,9 +20,11 @@ use timely::progress::frontier::AntichainRef;
 use timely::worker::Worker;
 use zero_queries::Row;
 
+use crate::expr::sort_key;
 use crate::plan::{Catalog, QueryShape, TableId};
 use crate::render::{
-    Ctx, Diff, IndexId, IndexTrace, Key, OutRec, PressOnDrop, Q, Time, key_of, needed_indexes,
+    Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, Time, key_of,
+    needed_indexes,
 };
 
 /// A command from the engine; sent to every worker.
@@ -67,7 +69,7 @@ struct State {
     peers: usize,
     catalog: Arc<Catalog>,
     tables: Vec<InputSession<Time, (Key, Row), Diff>>,
-    indexes: HashMap<IndexId, IndexTrace>,
+    indexes: Indexes,
     /// Dataflows (and import buttons) of lazily created indexes; kept for the engine's life.
     index_dataflows: Vec<(usize, PressOnDrop)>,
     tables_dataflow: usize,
@@ -79,7 +81,7 @@ struct State {
 /// Runs one worker until the engine drops its command channel.
 pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>, out: Sender<Out>) {
     let mut tables = Vec::new();
-    let mut indexes = HashMap::new();
+    let mut indexes = Indexes::default();
     let probe = ProbeHandle::new();
     let tables_dataflow = worker.next_dataflow_index();
     worker.dataflow_named::<Time, _, _>("tables", |scope| {
@@ -89,7 +91,7 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
                 .to_collection(scope)
                 .arrange_by_key_named(&format!("Index({},pk)", info.name));
             arranged.stream.clone().probe_with(&probe);
-            indexes.insert((t, info.pk.clone()), arranged.trace);
+            indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
             tables.push(input);
         }
     });
@@ -174,8 +176,12 @@ impl State {
                 self.compact();
             }
             Cmd::CreateTemplate { tid, shape } => {
-                for id in needed_indexes(&shape) {
+                let (by_key, sorted) = needed_indexes(&shape);
+                for id in by_key {
                     self.ensure_index(worker, &id);
+                }
+                for id in sorted {
+                    self.ensure_sorted(worker, &id);
                 }
                 let dataflow = worker.next_dataflow_index();
                 let mut input: InputSession<Time, Q, Diff> = InputSession::new();
@@ -235,7 +241,16 @@ impl State {
     fn compact(&mut self) {
         let sealed = [self.sealed];
         let mut upper = Antichain::new();
-        for tr in self.indexes.values_mut() {
+        for tr in self.indexes.by_key.values_mut() {
+            tr.set_logical_compaction(AntichainRef::new(&sealed));
+            tr.read_upper(&mut upper);
+            let physical = match upper.elements().first() {
+                Some(u) => (*u).min(self.sealed),
+                None => self.sealed,
+            };
+            tr.set_physical_compaction(AntichainRef::new(&[physical]));
+        }
+        for tr in self.indexes.sorted.values_mut() {
             tr.set_logical_compaction(AntichainRef::new(&sealed));
             tr.read_upper(&mut upper);
             let physical = match upper.elements().first() {
@@ -248,13 +263,14 @@ impl State {
 
     /// Creates the index `id` from the primary-key arrangement, as of the last sealed version.
     fn ensure_index(&mut self, worker: &mut Worker, id: &IndexId) {
-        if self.indexes.contains_key(id) {
+        if self.indexes.by_key.contains_key(id) {
             return;
         }
         let (table, cols) = id.clone();
         let pk_id = (table, self.catalog.tables[table].pk.clone());
         let pk = self
             .indexes
+            .by_key
             .get_mut(&pk_id)
             .expect("every table has its primary-key index");
         let sealed = self.sealed;
@@ -278,7 +294,44 @@ impl State {
             (idx.trace, PressOnDrop(button))
         });
         self.index_dataflows.push((dataflow, button));
-        self.indexes.insert(id.clone(), trace);
+        self.indexes.by_key.insert(id.clone(), trace);
+    }
+
+    /// Creates the sorted index `id` (rows under their key in ORDER BY order) from the
+    /// primary-key arrangement, as of the last sealed version.
+    fn ensure_sorted(&mut self, worker: &mut Worker, id: &SortedId) {
+        if self.indexes.sorted.contains_key(id) {
+            return;
+        }
+        let (table, cols, order) = id.clone();
+        let pk_id = (table, self.catalog.tables[table].pk.clone());
+        let pk = self
+            .indexes
+            .by_key
+            .get_mut(&pk_id)
+            .expect("every table has its primary-key index");
+        let sealed = self.sealed;
+        let dataflow = worker.next_dataflow_index();
+        let name = format!(
+            "Sorted({},{cols:?},{order:?})",
+            self.catalog.tables[table].name
+        );
+        let (trace, button) = worker.dataflow_named::<Time, _, _>(&name, |scope| {
+            let (arr, button) = pk.import_frontier_core(
+                scope,
+                "pk",
+                Antichain::from_elem(sealed),
+                Antichain::new(),
+            );
+            let idx = arr
+                .flat_map_ref(move |_pk, row: &Row| {
+                    key_of(row, &cols).map(|k| (k, (sort_key(&order, row), Arc::clone(row))))
+                })
+                .arrange_by_key_named(&name);
+            (idx.trace, PressOnDrop(button))
+        });
+        self.index_dataflows.push((dataflow, button));
+        self.indexes.sorted.insert(id.clone(), trace);
     }
 
     fn shutdown(&mut self, worker: &mut Worker) {
@@ -287,7 +340,8 @@ impl State {
             drop(t);
             worker.drop_dataflow(df);
         }
-        self.indexes.clear();
+        self.indexes.by_key.clear();
+        self.indexes.sorted.clear();
         for (df, button) in self.index_dataflows.drain(..) {
             drop(button);
             worker.drop_dataflow(df);
