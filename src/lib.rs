@@ -15,6 +15,7 @@
 //! - [`demo`]: the zbugs-like demo and benchmark dataset.
 //! - [`devpg`]: a private Postgres cluster for `zero-cache-dev` and tests.
 //! - [`version`]: LSNs and lexi-encoded versions.
+//! - [`zql`]: the replica as a ZQL schema and rows of ZQL values.
 
 pub mod config;
 pub mod demo;
@@ -30,3 +31,4 @@ pub mod server;
 pub mod sync;
 pub mod upstream;
 pub mod version;
+pub mod zql;

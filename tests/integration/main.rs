@@ -21,3 +21,12 @@ mod schema_changes;
 
 /// Bad configuration and bad upstream set-ups, and replicas that cannot continue.
 mod setup_errors;
+
+/// The analyze-query tool against the SQL oracle.
+mod analyze_query;
+
+/// Helpers for the sync-server tests (server start-up, a WebSocket client).
+mod sync_util;
+
+/// The sync protocol: HTTP endpoints, handshakes, messages, pokes, catch-up.
+mod sync_protocol;
