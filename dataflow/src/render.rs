@@ -237,8 +237,11 @@ pub(crate) fn needed_indexes(shape: &QueryShape) -> (Vec<IndexId>, Vec<SortedId>
     (out, sorted)
 }
 
+/// Buckets of the first stage of a whole-instance top-k.
+const TOPK_BUCKETS: u64 = 16;
+
 /// How many rows an instance keeps per group.
-type LimitFn = Box<dyn Fn(&Inst) -> usize>;
+type LimitFn = Arc<dyn Fn(&Inst) -> usize>;
 
 /// The rows a level produced, and its EXISTS children (kept for witnesses).
 struct LevelOut<'s> {
@@ -420,20 +423,35 @@ impl<'s, 'a> Ctx<'s, 'a> {
             rows = self.apply(shape, rows, p, &mut exists);
         }
         let k: Option<LimitFn> = match (shape.limit, cap) {
-            (_, Some(c)) => Some(Box::new(move |_| c)),
-            (Some(slot), None) => Some(Box::new(move |q: &Inst| match q.params[slot] {
+            (_, Some(c)) => Some(Arc::new(move |_| c)),
+            (Some(slot), None) => Some(Arc::new(move |q: &Inst| match q.params[slot] {
                 Param::Limit(k) => usize::try_from(k).unwrap_or(usize::MAX),
                 _ => usize::MAX,
             })),
             (None, None) => None,
         };
         if let Some(k) = k {
-            let g = group.to_vec();
-            let keyed = rows.map(move |(q, row)| {
-                let key: Key = g.iter().map(|&c| row[c].clone()).collect();
-                ((q, key), row)
-            });
-            rows = top_k(keyed, shape.order.clone(), k).map(|((q, _), row)| (q, row));
+            if group.is_empty() {
+                // A whole-instance group can be large (a feed over a big table). A first stage
+                // per hash bucket keeps each reduce small, so a change costs O(group / 16 + 16k)
+                // instead of O(group) (Materialize's hierarchical top-k, one level).
+                let staged = rows.map(|(q, row)| {
+                    let bucket = Value::Number((row.hashed() % TOPK_BUCKETS) as f64);
+                    let key: Key = Arc::from(vec![bucket]);
+                    ((q, key), row)
+                });
+                let empty: Key = Arc::from(Vec::new());
+                let first = top_k(staged, shape.order.clone(), Arc::clone(&k))
+                    .map(move |((q, _), row)| ((q, Arc::clone(&empty)), row));
+                rows = top_k(first, shape.order.clone(), k).map(|((q, _), row)| (q, row));
+            } else {
+                let g = group.to_vec();
+                let keyed = rows.map(move |(q, row)| {
+                    let key: Key = g.iter().map(|&c| row[c].clone()).collect();
+                    ((q, key), row)
+                });
+                rows = top_k(keyed, shape.order.clone(), k).map(|((q, _), row)| (q, row));
+            }
         }
         LevelOut { rows, exists }
     }
