@@ -48,7 +48,12 @@ fn main() -> anyhow::Result<()> {
         if fresh {
             eprintln!("zero-cache-dev: loading the demo schema and data");
             pg.psql("postgres", demo::SCHEMA_SQL)?;
-            pg.psql("postgres", &demo::data_sql(demo::Scale::DEV))?;
+            // ZERO_DEV_SCALE=bench loads the benchmark dataset instead of the small one.
+            let scale = match std::env::var("ZERO_DEV_SCALE").as_deref() {
+                Ok("bench") => demo::Scale::BENCH,
+                _ => demo::Scale::DEV,
+            };
+            pg.psql("postgres", &demo::data_sql(scale))?;
         }
         let uri = pg.uri("postgres");
         eprintln!("zero-cache-dev: upstream is {uri}");
