@@ -138,11 +138,12 @@ pub(crate) fn driving(shape: &QueryShape) -> Option<(usize, usize)> {
     shape.filter.as_ref().and_then(find)
 }
 
-/// Whether the root level runs as a [`lookup_topk`]: a limit, no EXISTS, and a driving key
-/// that is one value (or the whole table), so each instance reads one prefix of one sorted
-/// index on one worker.
-pub(crate) fn uses_lookup_topk(shape: &QueryShape) -> bool {
-    shape.limit.is_some() && !shape.filter.as_ref().is_some_and(Pred::has_exists)
+/// Whether the root level runs as a [`lookup_topk`]: it has a limit, and each instance reads
+/// one prefix (its driving value, or the whole table) of one sorted index.
+pub(crate) fn uses_lookup_topk(shape: &QueryShape, peers: usize) -> bool {
+    // EXISTS conditions are evaluated by probing child indexes, which only a single worker
+    // holds completely; with more workers such shapes use the join pipeline.
+    shape.limit.is_some() && (peers == 1 || !shape.filter.as_ref().is_some_and(Pred::has_exists))
 }
 
 fn sorted_id(shape: &QueryShape) -> SortedId {
@@ -213,7 +214,7 @@ fn scan_indexes(shape: &QueryShape, out: &mut Vec<IndexId>) {
 }
 
 /// Every index a template reads, so the worker can create missing ones before rendering.
-pub(crate) fn needed_indexes(shape: &QueryShape) -> (Vec<IndexId>, Vec<SortedId>) {
+pub(crate) fn needed_indexes(shape: &QueryShape, peers: usize) -> (Vec<IndexId>, Vec<SortedId>) {
     fn children(shape: &QueryShape, out: &mut Vec<IndexId>) {
         for e in &shape.exists {
             out.push((e.child.table, e.child_cols.clone()));
@@ -226,7 +227,7 @@ pub(crate) fn needed_indexes(shape: &QueryShape) -> (Vec<IndexId>, Vec<SortedId>
     }
     let mut out = Vec::new();
     let mut sorted = Vec::new();
-    if uses_lookup_topk(shape) {
+    if uses_lookup_topk(shape, peers) {
         sorted.push(sorted_id(shape));
     } else {
         scan_indexes(shape, &mut out);
@@ -258,6 +259,7 @@ struct ExistsOut<'s> {
 /// Rendering context of one template dataflow.
 pub(crate) struct Ctx<'s, 'a> {
     scope: Scope<'s, Time>,
+    peers: usize,
     indexes: &'a mut Indexes,
     as_of: Antichain<Time>,
     /// Import buttons; the template keeps them until it is dropped.
@@ -267,9 +269,15 @@ pub(crate) struct Ctx<'s, 'a> {
 
 impl<'s, 'a> Ctx<'s, 'a> {
     /// A context importing shared indexes as of `as_of` (the last sealed version).
-    pub(crate) fn new(scope: Scope<'s, Time>, indexes: &'a mut Indexes, as_of: Time) -> Self {
+    pub(crate) fn new(
+        scope: Scope<'s, Time>,
+        indexes: &'a mut Indexes,
+        as_of: Time,
+        peers: usize,
+    ) -> Self {
         Ctx {
             scope,
+            peers,
             indexes,
             as_of: Antichain::from_elem(as_of),
             buttons: Vec::new(),
@@ -300,11 +308,16 @@ impl<'s, 'a> Ctx<'s, 'a> {
     /// Renders the whole query for the instances in `params`; the output holds every synced
     /// row of every instance, once per path that reaches it.
     pub(crate) fn render(&mut self, shape: &QueryShape, params: Coll<'s, Q>) -> Coll<'s, OutRec> {
-        let level = if uses_lookup_topk(shape) {
-            LevelOut {
-                rows: self.lookup_topk(shape, params),
-                exists: Vec::new(),
-            }
+        let level = if uses_lookup_topk(shape, self.peers) {
+            let rows = self.lookup_topk(shape, params);
+            // The EXISTS conditions were decided by probing; running them again as joins over
+            // the few output rows builds the children their witnesses come from.
+            let mut exists = (0..shape.exists.len()).map(|_| None).collect();
+            let rows = match &shape.filter {
+                Some(p) if p.has_exists() => self.apply(shape, rows, p, &mut exists),
+                _ => rows,
+            };
+            LevelOut { rows, exists }
         } else {
             let cand = self.scan(shape, params);
             self.level(shape, cand, &[], None)
@@ -334,14 +347,66 @@ impl<'s, 'a> Ctx<'s, 'a> {
     /// The root's top-k per instance, read from a shared sorted index (see [`lookup_topk`]).
     fn lookup_topk(&mut self, shape: &QueryShape, params: Coll<'s, Q>) -> Coll<'s, (Q, Row)> {
         let index = self.import_sorted(&sorted_id(shape));
+        let mut traces = Vec::new();
+        let mut touches = Vec::new();
+        let level = self.probe_level(shape, &mut traces, &mut touches);
         let plan = TopKPlan {
             slot: driving_value(shape).map(|(_, s)| s),
             limit: shape.limit.expect("uses_lookup_topk requires a limit"),
             start: shape.start,
             order: shape.order.clone(),
-            filter: shape.filter.clone(),
+            level,
         };
-        lookup_topk(params, index, plan)
+        let traces: Vec<TraceFrontier<IndexTrace>> = traces.into_iter().map(|(_, t)| t).collect();
+        if touches.is_empty() {
+            let plan = Arc::new(plan);
+            let p = Arc::clone(&plan);
+            // Parameter rows must meet the partition of the index that holds their key.
+            let pact = Exchange::new(move |x: &(Option<Q>, Time, Diff)| {
+                x.0.as_ref()
+                    .and_then(|q| p.key(q))
+                    .map_or(0, |k| k.hashed())
+            });
+            lookup_topk(params.map(Some), pact, index, plan, traces)
+        } else {
+            let mut inputs = vec![params.map(Some)];
+            inputs.extend(touches.into_iter().map(|t| t.map(|()| None)));
+            let left = differential_dataflow::collection::concatenate(self.scope, inputs);
+            lookup_topk(left, Pipeline, index, Arc::new(plan), traces)
+        }
+    }
+
+    /// The EXISTS tree of `shape` for probing: imports each child index once and collects
+    /// the times at which any of them changes.
+    fn probe_level(
+        &mut self,
+        shape: &QueryShape,
+        traces: &mut Vec<(IndexId, TraceFrontier<IndexTrace>)>,
+        touches: &mut Vec<Coll<'s, ()>>,
+    ) -> ProbeLevel {
+        let mut exists = Vec::new();
+        for e in &shape.exists {
+            let id = (e.child.table, e.child_cols.clone());
+            let trace = match traces.iter().position(|(i, _)| *i == id) {
+                Some(i) => i,
+                None => {
+                    let arr = self.import(&id);
+                    traces.push((id, arr.trace.clone()));
+                    touches.push(touch_times(arr));
+                    traces.len() - 1
+                }
+            };
+            let child = self.probe_level(&e.child, traces, touches);
+            exists.push(ProbeExists {
+                parent_cols: e.parent_cols.clone(),
+                trace,
+                child,
+            });
+        }
+        ProbeLevel {
+            filter: shape.filter.clone(),
+            exists,
+        }
     }
 
     /// Root candidates: the rows matching the driving equality, or the whole table.
@@ -597,7 +662,96 @@ struct TopKPlan {
     limit: usize,
     start: Option<usize>,
     order: Vec<(usize, bool)>,
+    /// The filter, with its EXISTS children resolved to probe traces.
+    level: ProbeLevel,
+}
+
+/// A level's filter for probing: EXISTS children are read from shared indexes by key.
+struct ProbeLevel {
     filter: Option<Pred>,
+    exists: Vec<ProbeExists>,
+}
+
+struct ProbeExists {
+    parent_cols: Vec<usize>,
+    /// Position of the child's correlation index among the probe traces.
+    trace: usize,
+    child: ProbeLevel,
+}
+
+/// Reads the child rows under a key of one probe trace, as of the time being processed.
+type Fetch<'a> = dyn FnMut(usize, &Key) -> Arc<Vec<Row>> + 'a;
+
+/// Evaluates `pred` on `row`, deciding EXISTS by fetching the children through `fetch`.
+fn eval_probe(
+    level: &ProbeLevel,
+    pred: &Pred,
+    row: &[Value],
+    params: &[Param],
+    likes: &mut LikeCache,
+    fetch: &mut Fetch<'_>,
+) -> bool {
+    if !pred.has_exists() {
+        return eval_pred(pred, row, params, likes);
+    }
+    match pred {
+        Pred::And(v) => v
+            .iter()
+            .all(|p| eval_probe(level, p, row, params, likes, fetch)),
+        Pred::Or(v) => v
+            .iter()
+            .any(|p| eval_probe(level, p, row, params, likes, fetch)),
+        Pred::Exists { index, negated } => {
+            let e = &level.exists[*index];
+            let found = match key_of(row, &e.parent_cols) {
+                None => false,
+                Some(k) => {
+                    let children = fetch(e.trace, &k);
+                    children.iter().any(|c| {
+                        e.child
+                            .filter
+                            .as_ref()
+                            .is_none_or(|f| eval_probe(&e.child, f, c, params, likes, fetch))
+                    })
+                }
+            };
+            found != *negated
+        }
+        Pred::Const(_) | Pred::Cmp { .. } => unreachable!("has_exists is false for these"),
+    }
+}
+
+/// One `()` per time at which an index changes: lets [`lookup_topk`] notice child changes
+/// without copying any rows.
+fn touch_times<'s>(arr: Imported<'s>) -> Coll<'s, ()> {
+    arr.stream
+        .unary(Pipeline, "TouchTimes", |_cap, _info| {
+            move |input, output| {
+                input.for_each(|cap, spans| {
+                    let mut times = BTreeSet::new();
+                    for span in spans.iter() {
+                        let Some(b) = span.inner.as_ref() else {
+                            continue;
+                        };
+                        let mut c = b.cursor();
+                        while c.get_key(b).is_some() {
+                            while c.get_val(b).is_some() {
+                                c.map_times(b, |t, _| {
+                                    times.insert(*t);
+                                });
+                                c.step_val(b);
+                            }
+                            c.step_key(b);
+                        }
+                    }
+                    for t in times {
+                        let cap = cap.delayed(&t, 0);
+                        output.session(&cap).give(((), t, 1 as Diff));
+                    }
+                });
+            }
+        })
+        .as_collection()
 }
 
 impl TopKPlan {
@@ -626,18 +780,21 @@ impl TopKPlan {
 /// every template, by seeking the instance's key and walking values in ORDER BY order until
 /// the limit is reached: hydration costs O(limit / selectivity), not O(group). A change to a
 /// key re-evaluates the instances interested in that key.
-fn lookup_topk<'s>(
-    params: Coll<'s, Q>,
+fn lookup_topk<'s, P>(
+    left: Coll<'s, Option<Q>>,
+    pact: P,
     index: ImportedSorted<'s>,
-    plan: TopKPlan,
-) -> Coll<'s, (Q, Row)> {
+    plan: Arc<TopKPlan>,
+    mut probe_traces: Vec<TraceFrontier<IndexTrace>>,
+) -> Coll<'s, (Q, Row)>
+where
+    P: timely::dataflow::channels::pact::ParallelizationContract<
+            Time,
+            Vec<(Option<Q>, Time, Diff)>,
+        >,
+{
     let mut trace = index.trace.clone();
-    let plan = Arc::new(plan);
-    let p = Arc::clone(&plan);
-    // Parameter rows must meet the partition of the index that holds their key.
-    let pact = Exchange::new(move |x: &(Q, Time, Diff)| p.key(&x.0).map_or(0, |k| k.hashed()));
-    params
-        .inner
+    left.inner
         .binary_frontier(
             index.stream,
             pact,
@@ -645,7 +802,8 @@ fn lookup_topk<'s>(
             "LookupTopK",
             move |cap, _info| {
                 let mut caps = CapabilitySet::from_elem(cap);
-                let mut pending: Vec<(Q, Time, Diff)> = Vec::new();
+                // Parameter changes (`Some`) and child-index changes (`None`).
+                let mut pending: Vec<(Option<Q>, Time, Diff)> = Vec::new();
                 let mut changed: BTreeMap<Time, HashSet<Key>> = BTreeMap::new();
                 let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
                 let mut interest: HashMap<Key, BTreeSet<u64>> = HashMap::new();
@@ -683,7 +841,17 @@ fn lookup_topk<'s>(
                             .batches_through(AntichainRef::new(&[]))
                             .expect("the index stays open while the template runs");
                         let (mut cursor, storage) = cursor_list(batches);
+                        let mut probes: Vec<_> = probe_traces
+                            .iter_mut()
+                            .map(|tr| {
+                                cursor_list(
+                                    tr.batches_through(AntichainRef::new(&[]))
+                                        .expect("the index stays open while the template runs"),
+                                )
+                            })
+                            .collect();
                         for t in times {
+                            let mut touched = false;
                             let mut dirty: BTreeSet<u64> = BTreeSet::new();
                             // Instances retracted at `t`, kept to retract what they emitted.
                             let mut gone: HashMap<u64, Q> = HashMap::new();
@@ -691,6 +859,10 @@ fn lookup_topk<'s>(
                                 if *pt != t {
                                     return true;
                                 }
+                                let Some(q) = q else {
+                                    touched = true;
+                                    return false;
+                                };
                                 let e = live
                                     .entry(q.id)
                                     .or_insert_with(|| (Arc::clone(q), plan.key(q), 0));
@@ -714,6 +886,37 @@ fn lookup_topk<'s>(
                                 dirty.insert(q.id);
                                 false
                             });
+                            if touched {
+                                dirty.extend(live.keys().copied());
+                            }
+                            // Child rows by (trace, key) as of `t`, shared by the walks below.
+                            let mut fetched: HashMap<(usize, Key), Arc<Vec<Row>>> = HashMap::new();
+                            let mut fetch = |i: usize, k: &Key| -> Arc<Vec<Row>> {
+                                if let Some(rows) = fetched.get(&(i, k.clone())) {
+                                    return Arc::clone(rows);
+                                }
+                                let (c, st) = &mut probes[i];
+                                let mut rows = Vec::new();
+                                c.rewind_keys(st);
+                                c.seek_key(st, k);
+                                if c.get_key(st) == Some(k) {
+                                    while let Some(v) = c.get_val(st) {
+                                        let mut sum: Diff = 0;
+                                        c.map_times(st, |tm, d| {
+                                            if *tm <= t {
+                                                sum += *d;
+                                            }
+                                        });
+                                        if sum > 0 {
+                                            rows.push(Arc::clone(v));
+                                        }
+                                        c.step_val(st);
+                                    }
+                                }
+                                let rows = Arc::new(rows);
+                                fetched.insert((i, k.clone()), Arc::clone(&rows));
+                                rows
+                            };
                             if let Some(keys) = changed.remove(&t) {
                                 for k in keys {
                                     if let Some(qs) = interest.get(&k) {
@@ -744,8 +947,15 @@ fn lookup_topk<'s>(
                                                 && plan.start.is_none_or(|s| {
                                                     after_start(&plan.order, row, &q.params[s])
                                                 })
-                                                && plan.filter.as_ref().is_none_or(|p| {
-                                                    eval_pred(p, row, &q.params, &mut likes)
+                                                && plan.level.filter.as_ref().is_none_or(|p| {
+                                                    eval_probe(
+                                                        &plan.level,
+                                                        p,
+                                                        row,
+                                                        &q.params,
+                                                        &mut likes,
+                                                        &mut fetch,
+                                                    )
                                                 })
                                             {
                                                 new.push(Arc::clone(row));
@@ -782,6 +992,10 @@ fn lookup_topk<'s>(
                         caps.downgrade([frontier]);
                         trace.set_logical_compaction(AntichainRef::new(&[frontier]));
                         trace.set_physical_compaction(AntichainRef::new(&[frontier]));
+                        for tr in probe_traces.iter_mut() {
+                            tr.set_logical_compaction(AntichainRef::new(&[frontier]));
+                            tr.set_physical_compaction(AntichainRef::new(&[frontier]));
+                        }
                     }
                 }
             },

@@ -176,7 +176,7 @@ impl State {
                 self.compact();
             }
             Cmd::CreateTemplate { tid, shape } => {
-                let (by_key, sorted) = needed_indexes(&shape);
+                let (by_key, sorted) = needed_indexes(&shape, self.peers);
                 for id in by_key {
                     self.ensure_index(worker, &id);
                 }
@@ -188,11 +188,12 @@ impl State {
                 let sealed = self.sealed;
                 let out = self.out.clone();
                 let index = self.index;
+                let peers = self.peers;
                 let indexes = &mut self.indexes;
                 let buttons =
                     worker.dataflow_named::<Time, _, _>(&format!("template{tid}"), |scope| {
                         let params = input.to_collection(scope);
-                        let mut ctx = Ctx::new(scope, indexes, sealed);
+                        let mut ctx = Ctx::new(scope, indexes, sealed, peers);
                         let result = ctx.render(&shape, params);
                         let mut reported: Option<Option<Time>> = None;
                         result
