@@ -27,6 +27,13 @@ const SCHEMA: &str = r#"{"tables":{
    "created":{"type":"number"},"creatorID":{"type":"string"}},"primaryKey":["id"]},
  "label":{"columns":{"id":{"type":"string"},"name":{"type":"string"}},"primaryKey":["id"]},
  "issueLabel":{"columns":{"issueID":{"type":"string"},"labelID":{"type":"string"}},"primaryKey":["issueID","labelID"]}
+},
+"relationships":{
+ "issue":{"creator":[{"sourceField":["creatorID"],"destField":["id"],"destSchema":"user"}],
+   "comments":[{"sourceField":["id"],"destField":["issueID"],"destSchema":"comment"}],
+   "labels":[{"sourceField":["id"],"destField":["issueID"],"destSchema":"issueLabel"},
+             {"sourceField":["labelID"],"destField":["id"],"destSchema":"label"}]},
+ "comment":{"creator":[{"sourceField":["creatorID"],"destField":["id"],"destSchema":"user"}]}
 }}"#;
 
 const LABELS: &[&str] = &[
@@ -190,7 +197,11 @@ fn main() -> Result<(), zero_dataflow::EngineError> {
     let t = Instant::now();
     engine.apply(1, batch)?;
     engine.step_until(1)?;
-    println!("load: {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "load: {:.1} ms (tables and relationship indexes), rss {:.0} MiB",
+        t.elapsed().as_secs_f64() * 1000.0,
+        rss_mib()
+    );
 
     let mut version = 1;
     let mut hydrate = |engine: &mut Engine, id: String, q: &Ast| {
@@ -232,9 +243,10 @@ fn main() -> Result<(), zero_dataflow::EngineError> {
     }
     stats("hydrate issue detail", times);
     println!(
-        "live: {} queries in {} templates",
+        "live: {} queries in {} templates, rss {:.0} MiB",
         engine.instance_count(),
-        engine.template_count()
+        engine.template_count(),
+        rss_mib()
     );
 
     let mut empty_times = Vec::new();
@@ -297,7 +309,19 @@ fn main() -> Result<(), zero_dataflow::EngineError> {
     }
     stats("update: edit an issue (moves into the list)", edit_times);
     stats("update: insert a comment", comment_times);
+    println!("rss after updates: {:.0} MiB", rss_mib());
     Ok(())
+}
+
+/// Resident set size, from `/proc/self/statm` (0 where that file does not exist).
+fn rss_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
 }
 
 fn issue_row_at(rows: &[Row], i: u64) -> Row {

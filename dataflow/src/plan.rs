@@ -37,6 +37,10 @@ pub struct Catalog {
     by_name: HashMap<String, TableId>,
     /// The schema, kept for validation and the reference evaluator.
     pub schema: Schema,
+    /// `(table, columns)` of both ends of every relationship hop: the correlation indexes
+    /// that `related` and EXISTS read, built up front so a query's first use does not pay
+    /// for arranging a whole table.
+    pub relationship_indexes: Vec<(TableId, Vec<usize>)>,
 }
 
 /// One table of the [`Catalog`].
@@ -74,10 +78,38 @@ impl Catalog {
                 pk,
             });
         }
+        let mut relationship_indexes = Vec::new();
+        for (source, rels) in &schema.relationships {
+            for rel in rels.values() {
+                let mut from = source.clone();
+                for hop in &rel.hops {
+                    for (t, cols) in [
+                        (&from, &hop.source_field),
+                        (&hop.dest_table, &hop.dest_field),
+                    ] {
+                        let Some(&tid) = by_name.get(t.as_str()) else {
+                            continue;
+                        };
+                        let info: &TableInfo = &tables[tid];
+                        let idx: Option<Vec<usize>> = cols
+                            .iter()
+                            .map(|c| info.columns.iter().position(|n| n == c))
+                            .collect();
+                        if let Some(idx) = idx {
+                            relationship_indexes.push((tid, idx));
+                        }
+                    }
+                    from = hop.dest_table.clone();
+                }
+            }
+        }
+        relationship_indexes.sort();
+        relationship_indexes.dedup();
         Catalog {
             tables,
             by_name,
             schema: schema.clone(),
+            relationship_indexes,
         }
     }
 

@@ -12,7 +12,7 @@
 //! children. Tables are only ever read through shared arrangements: the root through an
 //! equality index (or the whole-table index), every child through its correlation index.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, ShutdownButton, TraceAgent};
@@ -804,7 +804,8 @@ where
                 let mut caps = CapabilitySet::from_elem(cap);
                 // Parameter changes (`Some`) and child-index changes (`None`).
                 let mut pending: Vec<(Option<Q>, Time, Diff)> = Vec::new();
-                let mut changed: BTreeMap<Time, HashSet<Key>> = BTreeMap::new();
+                // Sort keys of the rows that changed, by time and index key.
+                let mut changed: BTreeMap<Time, HashMap<Key, Vec<SortKey>>> = BTreeMap::new();
                 let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
                 let mut interest: HashMap<Key, BTreeSet<u64>> = HashMap::new();
                 let mut emitted: HashMap<u64, Vec<Row>> = HashMap::new();
@@ -818,9 +819,14 @@ where
                             };
                             let mut c = b.cursor();
                             while let Some(key) = c.get_key(b) {
-                                while c.get_val(b).is_some() {
+                                while let Some(val) = c.get_val(b) {
                                     c.map_times(b, |t, _| {
-                                        changed.entry(*t).or_default().insert(key.clone());
+                                        changed
+                                            .entry(*t)
+                                            .or_default()
+                                            .entry(key.clone())
+                                            .or_default()
+                                            .push(val.0.clone());
                                     });
                                     c.step_val(b);
                                 }
@@ -918,9 +924,26 @@ where
                                 rows
                             };
                             if let Some(keys) = changed.remove(&t) {
-                                for k in keys {
-                                    if let Some(qs) = interest.get(&k) {
-                                        dirty.extend(qs.iter().copied());
+                                for (k, sort_keys) in keys {
+                                    let Some(qs) = interest.get(&k) else { continue };
+                                    for qid in qs {
+                                        // A full window is unaffected by changes that sort
+                                        // after its last row, before and after the change.
+                                        let full_before = match (emitted.get(qid), live.get(qid)) {
+                                            (Some(rows), Some((q, _, _)))
+                                                if rows.len() >= plan.limit(q) =>
+                                            {
+                                                rows.last().map(|r| sort_key(&plan.order, r))
+                                            }
+                                            _ => None,
+                                        };
+                                        let affected = match full_before {
+                                            Some(last) => sort_keys.iter().any(|sk| *sk <= last),
+                                            None => true,
+                                        };
+                                        if affected {
+                                            dirty.insert(*qid);
+                                        }
                                     }
                                 }
                             }

@@ -73,6 +73,9 @@ struct State {
     /// Dataflows (and import buttons) of lazily created indexes; kept for the engine's life.
     index_dataflows: Vec<(usize, PressOnDrop)>,
     tables_dataflow: usize,
+    /// Frontier of every shared index (tables and lazily built ones): a version is complete
+    /// only once all of them have absorbed it.
+    probe: ProbeHandle<Time>,
     templates: HashMap<u64, Template>,
     sealed: Time,
     out: Sender<Out>,
@@ -103,10 +106,14 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
         indexes,
         index_dataflows: Vec::new(),
         tables_dataflow,
+        probe,
         templates: HashMap::new(),
         sealed: 0,
         out,
     };
+    for id in st.catalog.relationship_indexes.clone() {
+        st.ensure_index(worker, &id);
+    }
     let mut reported: Option<Option<Time>> = None;
     loop {
         loop {
@@ -121,7 +128,7 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
         }
         worker.step_or_park(None);
         st.compact();
-        let f = probe.with_frontier(|f| f.first().copied());
+        let f = st.probe.with_frontier(|f| f.first().copied());
         if reported != Some(f) {
             reported = Some(f);
             let _ = st.out.send(Out::Frontier {
@@ -275,6 +282,7 @@ impl State {
             .get_mut(&pk_id)
             .expect("every table has its primary-key index");
         let sealed = self.sealed;
+        let probe = &self.probe;
         let dataflow = worker.next_dataflow_index();
         let name = format!("Index({},{cols:?})", self.catalog.tables[table].name);
         let (trace, button) = worker.dataflow_named::<Time, _, _>(&name, |scope| {
@@ -292,6 +300,7 @@ impl State {
                     key_of(row, &c).map(|k| (k, Arc::clone(row)))
                 })
                 .arrange_by_key_named(&name);
+            idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });
         self.index_dataflows.push((dataflow, button));
@@ -312,6 +321,7 @@ impl State {
             .get_mut(&pk_id)
             .expect("every table has its primary-key index");
         let sealed = self.sealed;
+        let probe = &self.probe;
         let dataflow = worker.next_dataflow_index();
         let name = format!(
             "Sorted({},{cols:?},{order:?})",
@@ -329,6 +339,7 @@ impl State {
                     key_of(row, &cols).map(|k| (k, (sort_key(&order, row), Arc::clone(row))))
                 })
                 .arrange_by_key_named(&name);
+            idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });
         self.index_dataflows.push((dataflow, button));
