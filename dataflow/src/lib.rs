@@ -40,18 +40,49 @@
 //! Orderings end with the primary key and use [`zero_queries::Value`]'s order (nulls first;
 //! `desc` reverses). `start` filters before the limit; limits in `related` count per parent.
 //! Comparisons with null are false except `IS` / `IS NOT`; a null correlation key never
-//! matches. EXISTS over `limit 0` is constant. `scalar` EXISTS is evaluated as a plain EXISTS.
-//! Witnesses are the first rows of the child in the child's ordering (Zero's `Cap` keeps
-//! whichever rows it saw first; this engine picks deterministically).
+//! matches. EXISTS over `limit 0` is constant. Like Zero's builder, every EXISTS / NOT EXISTS
+//! anywhere in a `where` (under OR too) joins its children to each output row, so each output
+//! row syncs up to [`plan::EXISTS_LIMIT`] witnesses per condition; a flipped EXISTS syncs all
+//! children (up to the subquery's own limit); permission subqueries sync nothing. Witnesses
+//! are the first children in the child's ordering (Zero's `Cap` keeps whichever rows it saw
+//! first; this engine picks deterministically).
+//!
+//! # How a template runs
+//!
+//! * **Candidates** of the root come from an index seek on a top-level `col = ?` / `IN ?`, or
+//!   are driven from a selective EXISTS child (Zero's flipped join), or scan the table.
+//! * **Root limits** run as `lookup_topk`: a custom operator that keeps O(limit) state per
+//!   instance and walks a shared *sorted* index (rows under each key in ORDER BY order) until
+//!   the limit is filled. On a single worker it decides EXISTS by probing the children's
+//!   shared indexes during the walk, so hydrating `issues with label X order by modified
+//!   limit 50` reads about 50 / selectivity rows. A change to a full window's key re-walks only
+//!   if it sorts inside the window. Witnesses and `related` then hang off the few output rows.
+//! * **Other limits** (per parent in `related`, EXISTS witness caps, and root limits with EXISTS
+//!   on several workers) use `reduce`; whole-instance groups get one hash-bucket stage first.
+//! * EXISTS in other positions are (anti)semijoins against the child's keys, after the pure
+//!   conjuncts have filtered in one closure; OR with EXISTS unions its branches and `distinct`s.
+//!
+//! # Limits of this version
+//!
+//! * `scalar` EXISTS runs as a plain EXISTS; Zero's companion rows for resolved scalar
+//!   subqueries are not produced.
+//! * `related` inside an EXISTS subquery is ignored (Zero's client never builds it).
+//! * [`Engine::view`] always gives arrays (also for `one()` and one-cardinality
+//!   relationships), and runs the query over the synced rows as the client does; a NOT EXISTS
+//!   whose child is not synced can therefore look true there.
+//! * Shared indexes live as long as the engine (they are few: one per table and column set).
+//! * With several workers, EXISTS under a root limit uses the join pipeline (probing needs
+//!   every child row on one worker).
 //!
 //! # Layout
 //!
 //! * [`engine`]: the synchronous API; owns the worker threads and collects output.
 //! * [`plan`]: AST → shape + parameters.
 //! * [`expr`]: row-level semantics (operators, LIKE, sort keys, start cursors).
-//! * `render`: shape → differential operators (scan, lookups, (anti)semijoins, top-k).
-//! * `worker`: the timely worker loop (inputs, lazily built shared indexes, templates).
-//! * [`reference`]: a from-scratch evaluator (the tests' oracle) and the view format.
+//! * `render`: shape → differential operators (seeks, lookups, (anti)semijoins, top-k,
+//!   `lookup_topk`).
+//! * `worker`: the timely worker loop (inputs, shared indexes, templates, output sinks).
+//! * [`mod@reference`]: a from-scratch evaluator (the tests' oracle) and the view format.
 
 pub mod engine;
 pub mod error;
