@@ -805,7 +805,8 @@ where
                 // Parameter changes (`Some`) and child-index changes (`None`).
                 let mut pending: Vec<(Option<Q>, Time, Diff)> = Vec::new();
                 // Sort keys of the rows that changed, by time and index key.
-                let mut changed: BTreeMap<Time, HashMap<Key, Vec<SortKey>>> = BTreeMap::new();
+                let mut changed: BTreeMap<Time, HashMap<Key, Vec<(SortKey, Row)>>> =
+                    BTreeMap::new();
                 let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
                 let mut interest: HashMap<Key, BTreeSet<u64>> = HashMap::new();
                 let mut emitted: HashMap<u64, Vec<Row>> = HashMap::new();
@@ -826,7 +827,7 @@ where
                                             .or_default()
                                             .entry(key.clone())
                                             .or_default()
-                                            .push(val.0.clone());
+                                            .push((val.0.clone(), Arc::clone(&val.1)));
                                     });
                                     c.step_val(b);
                                 }
@@ -924,11 +925,18 @@ where
                                 rows
                             };
                             if let Some(keys) = changed.remove(&t) {
-                                for (k, sort_keys) in keys {
+                                for (k, rows) in keys {
                                     let Some(qs) = interest.get(&k) else { continue };
                                     for qid in qs {
-                                        // A full window is unaffected by changes that sort
-                                        // after its last row, before and after the change.
+                                        if dirty.contains(qid) {
+                                            continue;
+                                        }
+                                        let Some((q, _, _)) = live.get(qid) else {
+                                            continue;
+                                        };
+                                        // A changed row (old or new version) can only move the
+                                        // window if it passes the instance's filter and, for a
+                                        // full window, sorts inside it.
                                         let full_before = match (emitted.get(qid), live.get(qid)) {
                                             (Some(rows), Some((q, _, _)))
                                                 if rows.len() >= plan.limit(q) =>
@@ -937,10 +945,22 @@ where
                                             }
                                             _ => None,
                                         };
-                                        let affected = match full_before {
-                                            Some(last) => sort_keys.iter().any(|sk| *sk <= last),
-                                            None => true,
-                                        };
+                                        let affected = rows.iter().any(|(sk, row)| {
+                                            full_before.as_ref().is_none_or(|last| sk <= last)
+                                                && plan.start.is_none_or(|s| {
+                                                    after_start(&plan.order, row, &q.params[s])
+                                                })
+                                                && plan.level.filter.as_ref().is_none_or(|p| {
+                                                    eval_probe(
+                                                        &plan.level,
+                                                        p,
+                                                        row,
+                                                        &q.params,
+                                                        &mut likes,
+                                                        &mut fetch,
+                                                    )
+                                                })
+                                        });
                                         if affected {
                                             dirty.insert(*qid);
                                         }
