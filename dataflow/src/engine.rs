@@ -406,6 +406,37 @@ impl Engine {
         while let Ok(msg) = self.out_rx.try_recv() {
             self.receive(msg);
         }
+        Ok(self.finish_through(version))
+    }
+
+    /// Returns the patches of every applied version that is already complete, without
+    /// waiting; for callers that drive the engine from an event loop.
+    pub fn poll(&mut self) -> Result<Vec<QueryDiff>, EngineError> {
+        loop {
+            match self.out_rx.try_recv() {
+                Ok(msg) => self.receive(msg),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return Err(EngineError::WorkersStopped),
+            }
+        }
+        let done = self
+            .applied
+            .iter()
+            .copied()
+            .take_while(|v| self.complete(*v))
+            .last();
+        Ok(match done {
+            Some(v) => self.finish_through(v),
+            None => Vec::new(),
+        })
+    }
+
+    /// The last applied version, if any.
+    pub fn last_version(&self) -> Option<u64> {
+        self.last_version
+    }
+
+    fn finish_through(&mut self, version: Time) -> Vec<QueryDiff> {
         let mut out = Vec::new();
         let ready: Vec<Time> = self
             .applied
@@ -423,7 +454,7 @@ impl Engine {
         for t in stale {
             self.buffered.remove(&t);
         }
-        Ok(out)
+        out
     }
 
     fn receive(&mut self, msg: Out) {

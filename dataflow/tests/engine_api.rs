@@ -154,7 +154,17 @@ fn caller_errors_are_reported() {
         e.apply(5, vec![]),
         Err(EngineError::VersionNotIncreasing { .. })
     ));
-    assert_eq!(e.step_until(5).expect("step").len(), 1);
+    // `poll` never blocks; the version's result shows up once the workers finish it.
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        got = e.poll().expect("poll");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].version, 5);
+    assert!(e.poll().expect("poll").is_empty());
+    assert_eq!(e.last_version(), Some(5));
 }
 
 #[test]
