@@ -310,6 +310,45 @@ fn main() -> Result<(), zero_dataflow::EngineError> {
     stats("update: edit an issue (moves into the list)", edit_times);
     stats("update: insert a comment", comment_times);
     println!("rss after updates: {:.0} MiB", rss_mib());
+
+    // Many clients: 1,000 more issue-detail queries (one template), added in one version.
+    let t = Instant::now();
+    for k in 0..1000 {
+        let i = rng.next(issues);
+        engine.add_query(&format!("many-{k}"), &issue_detail(i))?;
+    }
+    version += 1;
+    engine.apply(version, vec![])?;
+    engine.step_until(version)?;
+    println!(
+        "hydrate 1000 more issue-detail queries in one version: {:.1} ms; live: {} queries in {} templates, rss {:.0} MiB",
+        t.elapsed().as_secs_f64() * 1000.0,
+        engine.instance_count(),
+        engine.template_count(),
+        rss_mib()
+    );
+    let mut comment_times = Vec::new();
+    for _ in 0..200 {
+        version += 1;
+        let t = Instant::now();
+        engine.apply(
+            version,
+            vec![ins(
+                "comment",
+                vec![
+                    s(format!("c{comments}")),
+                    s(format!("i{}", rng.next(issues))),
+                    s("new comment"),
+                    n(comments),
+                    s("u1"),
+                ],
+            )],
+        )?;
+        comments += 1;
+        engine.step_until(version)?;
+        comment_times.push(t.elapsed());
+    }
+    stats("update: insert a comment (1,050 queries)", comment_times);
     Ok(())
 }
 

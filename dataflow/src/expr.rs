@@ -13,7 +13,7 @@ use zero_queries::Value;
 use zero_queries::ast::SimpleOp;
 use zero_queries::value::ValueKind;
 
-use crate::plan::{Operand2, Param, Pred};
+use crate::plan::{Param, Pred, PredArg};
 
 /// A compiled LIKE pattern: `%` any run, `_` one character, `\` escapes the next character.
 #[derive(Debug, Clone)]
@@ -178,8 +178,8 @@ pub fn eval_pred(pred: &Pred, row: &[Value], params: &[Param], likes: &mut LikeC
         Pred::Or(v) => v.iter().any(|p| eval_pred(p, row, params, likes)),
         Pred::Cmp { left, op, right } => {
             let lhs = match left {
-                Operand2::Col(c) => &row[*c],
-                Operand2::Slot(s) => match &params[*s] {
+                PredArg::Col(c) => &row[*c],
+                PredArg::Slot(s) => match &params[*s] {
                     Param::Value(v) => v,
                     // An array on the left equals nothing Zero compares it with.
                     _ => return matches!(op, SimpleOp::Ne | SimpleOp::IsNot | SimpleOp::NotIn),

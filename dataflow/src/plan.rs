@@ -162,7 +162,7 @@ pub enum Param {
 
 /// One side of a simple condition: a column of the row or a parameter slot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Operand2 {
+pub enum PredArg {
     /// Row position.
     Col(usize),
     /// Parameter slot.
@@ -177,7 +177,7 @@ pub enum Pred {
     /// `left op right`.
     Cmp {
         /// Left side.
-        left: Operand2,
+        left: PredArg,
         /// Operator.
         op: SimpleOp,
         /// Right-side parameter slot.
@@ -403,9 +403,9 @@ impl Compiler<'_> {
             ),
             Condition::Simple(s) => {
                 let left = match &s.left {
-                    ValuePosition::Column { name } => Operand2::Col(self.cat.column(table, name)?),
+                    ValuePosition::Column { name } => PredArg::Col(self.cat.column(table, name)?),
                     ValuePosition::Literal { value } => {
-                        Operand2::Slot(self.slot(literal_param(value)))
+                        PredArg::Slot(self.slot(literal_param(value)))
                     }
                     ValuePosition::Static(_) => {
                         return Err(EngineError::Unsupported(

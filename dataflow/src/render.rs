@@ -31,7 +31,7 @@ use zero_queries::ast::SimpleOp;
 use zero_queries::{Row, Value};
 
 use crate::expr::{LikeCache, SortKey, after_start, eval_pred, sort_key};
-use crate::plan::{Operand2, Param, Pred, QueryShape, TableId};
+use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 
 /// Dataflow time: the engine's version counter.
 pub(crate) type Time = u64;
@@ -127,7 +127,7 @@ pub(crate) fn driving(shape: &QueryShape) -> Option<(usize, usize)> {
     fn find(p: &Pred) -> Option<(usize, usize)> {
         match p {
             Pred::Cmp {
-                left: Operand2::Col(c),
+                left: PredArg::Col(c),
                 op: SimpleOp::Eq | SimpleOp::In,
                 right,
             } => Some((*c, *right)),
@@ -156,7 +156,7 @@ fn driving_value(shape: &QueryShape) -> Option<(usize, usize)> {
     fn find(p: &Pred) -> Option<(usize, usize)> {
         match p {
             Pred::Cmp {
-                left: Operand2::Col(c),
+                left: PredArg::Col(c),
                 op: SimpleOp::Eq,
                 right,
             } => Some((*c, *right)),
