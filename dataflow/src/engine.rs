@@ -116,6 +116,10 @@ pub struct Engine {
     pending_params: Vec<(u64, Q, Diff)>,
     frontiers: HashMap<(u64, usize), Option<Time>>,
     buffered: BTreeMap<Time, Vec<(OutRec, Diff)>>,
+    /// Instances whose first result is due at a version.
+    hydrating: HashMap<Time, Vec<u64>>,
+    /// Instances with subscribers waiting for the whole result.
+    joining: BTreeSet<u64>,
     applied: Vec<Time>,
     last_version: Option<Time>,
     next_tid: u64,
@@ -191,6 +195,8 @@ impl Engine {
             pending_params: Vec::new(),
             frontiers,
             buffered: BTreeMap::new(),
+            hydrating: HashMap::new(),
+            joining: BTreeSet::new(),
             applied: Vec::new(),
             last_version: None,
             next_tid: 0,
@@ -260,6 +266,7 @@ impl Engine {
                 inst.subscribers.insert(id.to_owned());
                 if inst.hydrated {
                     inst.joining.push(id.to_owned());
+                    self.joining.insert(*i);
                 }
                 *i
             }
@@ -373,6 +380,7 @@ impl Engine {
                 && let Some(inst) = self.instances.get_mut(&q.id)
             {
                 inst.hydrates_at = Some(version);
+                self.hydrating.entry(version).or_default().push(q.id);
             }
         }
         let changes = Arc::new(batch);
@@ -485,14 +493,17 @@ impl Engine {
                 .entry((t, row))
                 .or_default() += d;
         }
-        let mut ids: Vec<u64> = self.instances.keys().copied().collect();
-        ids.sort_unstable();
+        // Only instances with changes, a hydration or a late subscriber have anything to say,
+        // so the per-version cost does not grow with the number of idle queries.
+        let mut ids: BTreeSet<u64> = per_inst.keys().copied().collect();
+        ids.extend(self.hydrating.remove(&v).unwrap_or_default());
+        ids.extend(std::mem::take(&mut self.joining));
         for iid in ids {
             let catalog = Arc::clone(&self.catalog);
-            let inst = self
-                .instances
-                .get_mut(&iid)
-                .expect("ids were taken from the map");
+            let Some(inst) = self.instances.get_mut(&iid) else {
+                // Removed since; its late updates are dropped with it.
+                continue;
+            };
             let initial = inst.hydrates_at == Some(v);
             if initial {
                 inst.hydrated = true;
