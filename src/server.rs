@@ -23,6 +23,9 @@ pub enum ServerError {
     /// Replication failed.
     #[error(transparent)]
     Replicator(#[from] ReplicatorError),
+    /// The sync server failed.
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
 }
 
 /// Builds the replication manager's settings from the configuration.
@@ -56,8 +59,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         replica_file = %config.replica_file.display(),
         "starting zero-cache"
     );
-    let (wm_tx, _wm_rx) = watch::channel(String::new());
+    let (wm_tx, wm_rx) = watch::channel(String::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The sync server binds first so that a taken port fails fast, before any replication.
+    let sync_server =
+        crate::sync::bind(crate::sync::SyncOptions::from_config(&config), wm_rx).await?;
+    let mut sync_stop = stop_rx.clone();
+    let sync_task = tokio::spawn(sync_server.serve(async move {
+        let _ = sync_stop.wait_for(|s| *s).await;
+    }));
     let repl = tokio::spawn(replicator::run(rcfg, wm_tx, stop_rx));
     tokio::pin!(shutdown);
     tokio::pin!(repl);
@@ -66,9 +76,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             info!("shutting down");
             stop_tx.send_replace(true);
             let _ = repl.await;
+            let _ = sync_task.await;
             Ok(())
         }
         r = &mut repl => {
+            stop_tx.send_replace(true);
             match r {
                 Ok(r) => Ok(r?),
                 Err(e) => Err(ServerError::Replicator(ReplicatorError::Stream(

@@ -1,2 +1,278 @@
 //! The sync server: HTTP and WebSocket on `ZERO_PORT`, Zero's sync protocol (v30–v51), client
 //! view records and pokes.
+//!
+//! # Layout
+//! - [`http`]: the HTTP routes (`/`, `/keepalive`, `/statz`) and the WebSocket connection
+//!   loop (handshake, framing, ping/pong, replacement of a client's older connection).
+//! - [`connect`]: parsing of the connect URL and the `Sec-WebSocket-Protocol` header.
+//! - [`protocol`]: the wire types of every upstream and downstream message.
+//! - [`view_syncer`]: one actor per client group: CVR updates, hydration, advancement, pokes.
+//! - [`cvr`]: the client view record and its SQLite store.
+//! - [`source`]: the [`source::ViewSource`] seam and its SQL re-evaluation implementation.
+//! - [`schema_check`]: the client-schema check against the replica.
+//! - [`custom`]: custom (named) queries, transformed by the API server at `ZERO_QUERY_URL`.
+//!
+//! Client groups are spread over `ZERO_NUM_SYNC_WORKERS` threads (each a single-threaded
+//! runtime) by a hash of the group id, so one slow group only delays the groups sharing its
+//! worker, and the HTTP server stays responsive on the main runtime.
+
+pub mod connect;
+pub mod custom;
+pub mod cvr;
+pub mod http;
+pub mod protocol;
+pub mod schema_check;
+pub mod source;
+pub mod view_syncer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+
+use crate::config::Config;
+use view_syncer::{GroupCmd, Outbound, ViewSyncer};
+
+/// Why the sync server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The port could not be bound or the server failed.
+    #[error("sync server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Settings of the sync server (derived from [`Config`]).
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// The replica file queries read.
+    pub replica_file: PathBuf,
+    /// The SQLite file holding client view records.
+    pub cvr_file: PathBuf,
+    /// `ZERO_APP_ID`.
+    pub app_id: String,
+    /// `{app}_{shard}`: where `clients` and `mutations` live.
+    pub shard_schema: String,
+    /// Threads running view-syncers.
+    pub num_workers: usize,
+    /// `ZERO_ADMIN_PASSWORD`.
+    pub admin_password: Option<String>,
+    /// `NODE_ENV=development`: admin endpoints are open when no password is set.
+    pub development: bool,
+    /// Largest accepted inbound message.
+    pub max_payload_bytes: usize,
+    /// `ZERO_QUERY_URL`: API servers that transform custom queries.
+    pub query_urls: Vec<String>,
+    /// `ZERO_QUERY_API_KEY`.
+    pub query_api_key: Option<String>,
+}
+
+impl SyncOptions {
+    /// Options from the configuration: port `ZERO_PORT` on all interfaces, CVRs next to the
+    /// replica (`<replica>-cvr.db`), workers `ZERO_NUM_SYNC_WORKERS` (default cores − 1, at
+    /// least 1).
+    pub fn from_config(config: &Config) -> SyncOptions {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut cvr = config.replica_file.clone().into_os_string();
+        cvr.push("-cvr.db");
+        SyncOptions {
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.port),
+            replica_file: config.replica_file.clone(),
+            cvr_file: PathBuf::from(cvr),
+            app_id: config.app_id.clone(),
+            shard_schema: config.shard().schema(),
+            num_workers: config
+                .num_sync_workers
+                .map_or(cores.saturating_sub(1).max(1), |n| n.max(1) as usize),
+            admin_password: config.admin_password.clone(),
+            development: std::env::var("NODE_ENV").is_ok_and(|v| v == "development"),
+            max_payload_bytes: config.websocket_max_payload_bytes,
+            query_urls: config.query_url.clone(),
+            query_api_key: config.query_api_key.clone(),
+        }
+    }
+}
+
+/// State shared by the HTTP handlers and the view-syncers.
+pub(crate) struct SyncShared {
+    pub(crate) replica_file: PathBuf,
+    pub(crate) cvr_file: PathBuf,
+    pub(crate) app_id: String,
+    pub(crate) shard_schema: String,
+    pub(crate) watermarks: watch::Receiver<String>,
+    pub(crate) admin_password: Option<String>,
+    pub(crate) development: bool,
+    pub(crate) max_payload_bytes: usize,
+    pub(crate) query_endpoint: Option<custom::QueryEndpoint>,
+    pub(crate) connections: AtomicUsize,
+    conn_ids: std::sync::atomic::AtomicU64,
+    registry: Mutex<HashMap<String, mpsc::UnboundedSender<GroupCmd>>>,
+    workers: Vec<tokio::runtime::Handle>,
+}
+
+impl SyncShared {
+    /// Sends a command to a group's view-syncer, starting one if the group has none.
+    pub(crate) fn dispatch(self: &Arc<Self>, group: &str, cmd: GroupCmd) {
+        let mut reg = self.registry.lock().expect("registry lock");
+        let cmd = match reg.get(group) {
+            Some(tx) => match tx.send(cmd) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => cmd,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(cmd);
+        reg.insert(group.to_string(), tx);
+        let worker = zero_queries::hash::h32(group) as usize % self.workers.len();
+        let shared = self.clone();
+        let group = group.to_string();
+        self.workers[worker].spawn(async move {
+            match ViewSyncer::open(&group, shared.clone()) {
+                Ok(vs) => vs.run(rx).await,
+                Err(e) => {
+                    error!(client_group = %group, error = %e, "view-syncer could not start");
+                    shared
+                        .registry
+                        .lock()
+                        .expect("registry lock")
+                        .remove(&group);
+                    let mut rx = rx;
+                    while let Ok(cmd) = rx.try_recv() {
+                        if let GroupCmd::Connect(c) = cmd {
+                            let _ = c.out.send(Outbound::Close(Some(protocol::Downstream::Error(
+                                protocol::ErrorBody::new(
+                                    protocol::ErrorKind::Internal,
+                                    e.to_string(),
+                                ),
+                            ))));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Removes a view-syncer that wants to stop; false when commands arrived meanwhile (it
+    /// must keep running). Holding the registry lock makes this atomic with `dispatch`.
+    pub(crate) fn retire(&self, group: &str, rx: &mpsc::UnboundedReceiver<GroupCmd>) -> bool {
+        let mut reg = self.registry.lock().expect("registry lock");
+        if !rx.is_empty() {
+            return false;
+        }
+        reg.remove(group);
+        true
+    }
+
+    /// Number of running view-syncers.
+    pub(crate) fn groups(&self) -> usize {
+        self.registry.lock().expect("registry lock").len()
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A bound sync server.
+pub struct SyncServer {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    shared: Arc<SyncShared>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+/// Binds the port and starts the sync workers.
+pub async fn bind(
+    opts: SyncOptions,
+    watermarks: watch::Receiver<String>,
+) -> Result<SyncServer, SyncError> {
+    let listener = tokio::net::TcpListener::bind(opts.addr).await?;
+    let addr = listener.local_addr()?;
+    let mut workers = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..opts.num_workers.max(1) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        workers.push(rt.handle().clone());
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        stops.push(stop_tx);
+        std::thread::Builder::new()
+            .name(format!("sync-worker-{i}"))
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            })?;
+    }
+    let query_endpoint = (!opts.query_urls.is_empty()).then(|| custom::QueryEndpoint {
+        urls: opts.query_urls.clone(),
+        api_key: opts.query_api_key.clone(),
+        schema: opts.shard_schema.clone(),
+        app_id: opts.app_id.clone(),
+    });
+    let shared = Arc::new(SyncShared {
+        replica_file: opts.replica_file,
+        cvr_file: opts.cvr_file,
+        app_id: opts.app_id,
+        shard_schema: opts.shard_schema,
+        watermarks,
+        admin_password: opts.admin_password,
+        development: opts.development,
+        max_payload_bytes: opts.max_payload_bytes,
+        query_endpoint,
+        connections: AtomicUsize::new(0),
+        conn_ids: std::sync::atomic::AtomicU64::new(1),
+        registry: Mutex::new(HashMap::new()),
+        workers,
+    });
+    info!(%addr, workers = stops.len(), "sync server listening");
+    Ok(SyncServer {
+        addr,
+        listener,
+        shared,
+        stops,
+    })
+}
+
+impl SyncServer {
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), SyncError> {
+        let app = http::router(self.shared.clone());
+        let r = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        for s in self.stops {
+            let _ = s.send(());
+        }
+        Ok(r?)
+    }
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn serve(
+    opts: SyncOptions,
+    watermarks: watch::Receiver<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SyncError> {
+    bind(opts, watermarks).await?.serve(shutdown).await
+}

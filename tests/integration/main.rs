@@ -30,3 +30,9 @@ mod sync_util;
 
 /// The sync protocol: HTTP endpoints, handshakes, messages, pokes, catch-up.
 mod sync_protocol;
+
+/// The real @rocicorp/zero client (Node) against the sync server.
+mod sync_e2e;
+
+/// The recorded real-client session replayed against the sync server.
+mod sync_trace;

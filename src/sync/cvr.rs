@@ -1,0 +1,579 @@
+//! The client view record (protocol §4, §12.4): what a client group has been sent, so that any
+//! client at any older cookie can be caught up with exact puts and dels.
+//!
+//! The record lives in memory while the group's view-syncer runs and is written through to a
+//! SQLite file (`<replica>-cvr.db` by default) after every change, so it survives view-syncer
+//! shutdown and server restarts. Every desire, query and row carries the version at which it
+//! last changed (`patch_version`); removed ones stay as tombstones with that version.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::version::{lexi_decode, lexi_encode};
+
+/// Why the CVR store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CvrError {
+    /// SQLite failed.
+    #[error("CVR database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be read.
+    #[error("CVR data: {0}")]
+    Data(String),
+}
+
+/// A CVR version: the replica state version its rows reflect plus a count of config-only
+/// changes since then. Encoded as `state` or `state:lexi(config)`; that string is the cookie.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CvrVersion {
+    /// Replica state version (lexi watermark); `00` before any rows.
+    pub state: String,
+    /// Config changes since `state`.
+    pub config: u64,
+}
+
+impl CvrVersion {
+    /// The version of a new CVR.
+    pub fn initial() -> CvrVersion {
+        CvrVersion {
+            state: "00".into(),
+            config: 0,
+        }
+    }
+
+    /// Parses a cookie.
+    pub fn parse(cookie: &str) -> Option<CvrVersion> {
+        let (state, config) = match cookie.split_once(':') {
+            Some((s, c)) => (s, lexi_decode(c)?),
+            None => (cookie, 0),
+        };
+        lexi_decode(state.split('.').next()?)?;
+        Some(CvrVersion {
+            state: state.to_string(),
+            config,
+        })
+    }
+
+    /// The next config-only version.
+    pub fn next_config(&self) -> CvrVersion {
+        CvrVersion {
+            state: self.state.clone(),
+            config: self.config + 1,
+        }
+    }
+}
+
+impl fmt::Display for CvrVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.config == 0 {
+            f.write_str(&self.state)
+        } else {
+            write!(f, "{}:{}", self.state, lexi_encode(self.config))
+        }
+    }
+}
+
+impl Ord for CvrVersion {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.state
+            .cmp(&other.state)
+            .then(self.config.cmp(&other.config))
+    }
+}
+
+impl PartialOrd for CvrVersion {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Serialize for CvrVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CvrVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        CvrVersion::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad version {s}")))
+    }
+}
+
+/// A query the group asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryRecord {
+    /// Legacy AST (server names).
+    pub ast: Option<Json>,
+    /// Custom query name.
+    pub name: Option<String>,
+    /// Custom query arguments.
+    pub args: Option<Vec<Json>>,
+    /// Hydrated and announced in `gotQueriesPatch`.
+    pub got: bool,
+    /// Version of the last got put/del (`None`: never got).
+    pub patch_version: Option<CvrVersion>,
+    /// Hash of the AST that was hydrated (after permissions / transform).
+    pub transformation_hash: Option<String>,
+}
+
+/// One client's desire for one query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesireRecord {
+    /// Version of the last put/del.
+    pub patch_version: CvrVersion,
+    /// The client dropped it (a tombstone for catch-up).
+    pub deleted: bool,
+    /// Time to live after `del`, ms.
+    pub ttl_ms: f64,
+    /// Wall-clock ms when it was dropped.
+    pub inactivated_at: Option<f64>,
+}
+
+/// A row the group was sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowRecord {
+    /// `_0_version` of the row when sent.
+    pub row_version: String,
+    /// Version of the last put/del.
+    pub patch_version: CvrVersion,
+    /// Queries holding the row; `None` once deleted (tombstone).
+    pub refs: Option<BTreeSet<String>>,
+}
+
+/// A row's identity: replica table and its primary-key JSON (client-schema key order).
+pub type RowId = (String, String);
+
+/// The record of one client group.
+#[derive(Debug, Clone)]
+pub struct Cvr {
+    /// Client group.
+    pub group: String,
+    /// Current version (the newest cookie).
+    pub version: CvrVersion,
+    /// Replica version (initial-sync identity) the rows came from.
+    pub replica_version: Option<String>,
+    /// Replica state version the rows reflect.
+    pub processed: Option<String>,
+    /// The group's client schema.
+    pub client_schema: Option<Json>,
+    /// Known clients.
+    pub clients: BTreeSet<String>,
+    /// Queries by hash.
+    pub queries: BTreeMap<String, QueryRecord>,
+    /// Desires by (client, hash).
+    pub desires: BTreeMap<(String, String), DesireRecord>,
+    /// Rows.
+    pub rows: BTreeMap<RowId, RowRecord>,
+    /// Rows per query (derived from `rows[..].refs`).
+    pub query_rows: BTreeMap<String, BTreeSet<RowId>>,
+    /// Whether the record exists in the store (false for a new group).
+    pub stored: bool,
+    dirty_rows: BTreeSet<RowId>,
+    dirty_queries: BTreeSet<String>,
+    dirty_desires: BTreeSet<(String, String)>,
+    dirty_clients: bool,
+}
+
+impl Cvr {
+    /// An empty record.
+    pub fn new(group: &str) -> Cvr {
+        Cvr {
+            group: group.to_string(),
+            version: CvrVersion::initial(),
+            replica_version: None,
+            processed: None,
+            client_schema: None,
+            clients: BTreeSet::new(),
+            queries: BTreeMap::new(),
+            desires: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            query_rows: BTreeMap::new(),
+            stored: false,
+            dirty_rows: BTreeSet::new(),
+            dirty_queries: BTreeSet::new(),
+            dirty_desires: BTreeSet::new(),
+            dirty_clients: false,
+        }
+    }
+
+    /// Records a query change.
+    pub fn put_query(&mut self, hash: &str, q: QueryRecord) {
+        self.queries.insert(hash.to_string(), q);
+        self.dirty_queries.insert(hash.to_string());
+    }
+
+    /// Marks a query as changed in place.
+    pub fn touch_query(&mut self, hash: &str) {
+        self.dirty_queries.insert(hash.to_string());
+    }
+
+    /// Records a desire change.
+    pub fn put_desire(&mut self, client: &str, hash: &str, d: DesireRecord) {
+        let k = (client.to_string(), hash.to_string());
+        self.desires.insert(k.clone(), d);
+        self.dirty_desires.insert(k);
+    }
+
+    /// Adds a client; true when new.
+    pub fn add_client(&mut self, client: &str) -> bool {
+        let new = self.clients.insert(client.to_string());
+        self.dirty_clients |= new;
+        new
+    }
+
+    /// Removes a client; true when it was known.
+    pub fn remove_client(&mut self, client: &str) -> bool {
+        let had = self.clients.remove(client);
+        self.dirty_clients |= had;
+        had
+    }
+
+    /// Sets the rows of query `hash` to `rows` (id → `_0_version`) at version `v`. Returns the
+    /// row ids whose contents must be sent (`put`) and those that left the group (`del`).
+    pub fn set_query_rows(
+        &mut self,
+        hash: &str,
+        rows: &BTreeMap<RowId, String>,
+        v: &CvrVersion,
+    ) -> (Vec<RowId>, Vec<RowId>) {
+        let old = self.query_rows.remove(hash).unwrap_or_default();
+        let mut puts = Vec::new();
+        let mut dels = Vec::new();
+        for (id, version) in rows {
+            let rec = self.rows.get_mut(id);
+            match rec {
+                Some(r) if r.refs.is_some() => {
+                    let refs = r.refs.as_mut().expect("checked");
+                    let mut changed = refs.insert(hash.to_string());
+                    if &r.row_version != version {
+                        r.row_version = version.clone();
+                        r.patch_version = v.clone();
+                        puts.push(id.clone());
+                        changed = true;
+                    }
+                    if changed {
+                        self.dirty_rows.insert(id.clone());
+                    }
+                }
+                _ => {
+                    self.rows.insert(
+                        id.clone(),
+                        RowRecord {
+                            row_version: version.clone(),
+                            patch_version: v.clone(),
+                            refs: Some(BTreeSet::from([hash.to_string()])),
+                        },
+                    );
+                    self.dirty_rows.insert(id.clone());
+                    puts.push(id.clone());
+                }
+            }
+        }
+        for id in old.difference(&rows.keys().cloned().collect()) {
+            if self.release_row(id, hash, v) {
+                dels.push(id.clone());
+            }
+        }
+        if !rows.is_empty() {
+            self.query_rows
+                .insert(hash.to_string(), rows.keys().cloned().collect());
+        }
+        (puts, dels)
+    }
+
+    /// Drops query `hash` from a row; true when the row left the group (now a tombstone).
+    fn release_row(&mut self, id: &RowId, hash: &str, v: &CvrVersion) -> bool {
+        let Some(r) = self.rows.get_mut(id) else {
+            return false;
+        };
+        let Some(refs) = r.refs.as_mut() else {
+            return false;
+        };
+        refs.remove(hash);
+        self.dirty_rows.insert(id.clone());
+        if refs.is_empty() {
+            r.refs = None;
+            r.patch_version = v.clone();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Removes all rows of query `hash`; returns rows that left the group.
+    pub fn drop_query_rows(&mut self, hash: &str, v: &CvrVersion) -> Vec<RowId> {
+        self.set_query_rows(hash, &BTreeMap::new(), v).1
+    }
+
+    fn rebuild_index(&mut self) {
+        self.query_rows.clear();
+        for (id, r) in &self.rows {
+            for h in r.refs.iter().flatten() {
+                self.query_rows
+                    .entry(h.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+        }
+    }
+}
+
+/// SQLite storage of all groups' records.
+pub struct CvrStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS instances (
+  "clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
+  processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER);
+CREATE TABLE IF NOT EXISTS clients (
+  "clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID"));
+CREATE TABLE IF NOT EXISTS queries (
+  "clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "queryHash"));
+CREATE TABLE IF NOT EXISTS desires (
+  "clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
+CREATE TABLE IF NOT EXISTS rows (
+  "clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
+  "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
+  PRIMARY KEY ("clientGroupID", "table", "rowKey"));
+"#;
+
+impl CvrStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<CvrStore, CvrError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.pragma_update(None, "busy_timeout", 30_000)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(CvrStore { conn })
+    }
+
+    /// Loads a group's record (an empty one if none is stored).
+    pub fn load(&self, group: &str) -> Result<Cvr, CvrError> {
+        let mut cvr = Cvr::new(group);
+        let inst = self
+            .conn
+            .query_row(
+                r#"SELECT version, "replicaVersion", processed, "clientSchema" FROM instances WHERE "clientGroupID" = ?1"#,
+                [group],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((version, rv, processed, schema)) = inst else {
+            return Ok(cvr);
+        };
+        cvr.stored = true;
+        cvr.version = CvrVersion::parse(&version)
+            .ok_or_else(|| CvrError::Data(format!("bad version {version}")))?;
+        cvr.replica_version = rv;
+        cvr.processed = processed;
+        cvr.client_schema = schema
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| CvrError::Data(e.to_string()))?;
+        let data = |e: serde_json::Error| CvrError::Data(e.to_string());
+        let mut st = self
+            .conn
+            .prepare(r#"SELECT "clientID" FROM clients WHERE "clientGroupID" = ?1"#)?;
+        cvr.clients = st
+            .query_map([group], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut st = self
+            .conn
+            .prepare(r#"SELECT "queryHash", data FROM queries WHERE "clientGroupID" = ?1"#)?;
+        for r in st.query_map([group], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })? {
+            let (h, d) = r?;
+            cvr.queries
+                .insert(h, serde_json::from_str(&d).map_err(data)?);
+        }
+        let mut st = self.conn.prepare(
+            r#"SELECT "clientID", "queryHash", data FROM desires WHERE "clientGroupID" = ?1"#,
+        )?;
+        for r in st.query_map([group], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })? {
+            let (c, h, d) = r?;
+            cvr.desires
+                .insert((c, h), serde_json::from_str(&d).map_err(data)?);
+        }
+        let mut st = self.conn.prepare(
+            r#"SELECT "table", "rowKey", "rowVersion", "patchVersion", "refCounts" FROM rows WHERE "clientGroupID" = ?1"#,
+        )?;
+        for r in st.query_map([group], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })? {
+            let (t, k, rv, pv, refs) = r?;
+            cvr.rows.insert(
+                (t, k),
+                RowRecord {
+                    row_version: rv,
+                    patch_version: CvrVersion::parse(&pv)
+                        .ok_or_else(|| CvrError::Data(format!("bad version {pv}")))?,
+                    refs: refs
+                        .map(|s| serde_json::from_str(&s))
+                        .transpose()
+                        .map_err(data)?,
+                },
+            );
+        }
+        cvr.rebuild_index();
+        Ok(cvr)
+    }
+
+    /// Writes the record's changes in one transaction.
+    pub fn flush(&mut self, cvr: &mut Cvr) -> Result<(), CvrError> {
+        let tx = self.conn.transaction()?;
+        let g = cvr.group.as_str();
+        tx.execute(
+            r#"INSERT OR REPLACE INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive")
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+            params![
+                g,
+                cvr.version.to_string(),
+                cvr.replica_version,
+                cvr.processed,
+                cvr.client_schema.as_ref().map(|s| s.to_string()),
+                crate::replica::now_ms()
+            ],
+        )?;
+        if cvr.dirty_clients {
+            tx.execute(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#, [g])?;
+            for c in &cvr.clients {
+                tx.execute(
+                    r#"INSERT INTO clients ("clientGroupID", "clientID") VALUES (?1, ?2)"#,
+                    [g, c],
+                )?;
+            }
+        }
+        let ser = |e: serde_json::Error| CvrError::Data(e.to_string());
+        for h in &cvr.dirty_queries {
+            match cvr.queries.get(h) {
+                Some(q) => tx.execute(
+                    r#"INSERT OR REPLACE INTO queries ("clientGroupID", "queryHash", data) VALUES (?1, ?2, ?3)"#,
+                    params![g, h, serde_json::to_string(q).map_err(ser)?],
+                )?,
+                None => tx.execute(
+                    r#"DELETE FROM queries WHERE "clientGroupID" = ?1 AND "queryHash" = ?2"#,
+                    params![g, h],
+                )?,
+            };
+        }
+        for (c, h) in &cvr.dirty_desires {
+            match cvr.desires.get(&(c.clone(), h.clone())) {
+                Some(d) => tx.execute(
+                    r#"INSERT OR REPLACE INTO desires ("clientGroupID", "clientID", "queryHash", data) VALUES (?1, ?2, ?3, ?4)"#,
+                    params![g, c, h, serde_json::to_string(d).map_err(ser)?],
+                )?,
+                None => tx.execute(
+                    r#"DELETE FROM desires WHERE "clientGroupID" = ?1 AND "clientID" = ?2 AND "queryHash" = ?3"#,
+                    params![g, c, h],
+                )?,
+            };
+        }
+        {
+            let mut put = tx.prepare(
+                r#"INSERT OR REPLACE INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+            )?;
+            for id in &cvr.dirty_rows {
+                if let Some(r) = cvr.rows.get(id) {
+                    let refs = r
+                        .refs
+                        .as_ref()
+                        .map(serde_json::to_string)
+                        .transpose()
+                        .map_err(ser)?;
+                    put.execute(params![
+                        g,
+                        id.0,
+                        id.1,
+                        r.row_version,
+                        r.patch_version.to_string(),
+                        refs
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        cvr.stored = true;
+        cvr.dirty_rows.clear();
+        cvr.dirty_queries.clear();
+        cvr.dirty_desires.clear();
+        cvr.dirty_clients = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_and_print_like_zero() {
+        let v = CvrVersion::initial();
+        assert_eq!(v.to_string(), "00");
+        assert_eq!(v.next_config().to_string(), "00:01");
+        assert_eq!(CvrVersion::parse("55nkx4w:02").unwrap().config, 2);
+        assert!(CvrVersion::parse("55nkx4w:01").unwrap() > CvrVersion::parse("55nkx4w").unwrap());
+        assert!(CvrVersion::parse("55nw7aw").unwrap() > CvrVersion::parse("55nkx4w:02").unwrap());
+        assert!(CvrVersion::parse("bogus").is_none());
+        assert!(CvrVersion::parse("00:zz").is_none());
+    }
+
+    #[test]
+    fn refcounts_tombstones_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = CvrStore::open(&dir.path().join("cvr.db")).unwrap();
+        let mut cvr = store.load("g").unwrap();
+        assert!(!cvr.stored);
+        let v1 = CvrVersion::parse("01").unwrap();
+        let a: RowId = ("t".into(), r#"{"id":1}"#.into());
+        let b: RowId = ("t".into(), r#"{"id":2}"#.into());
+        let rows = BTreeMap::from([(a.clone(), "01".to_string()), (b.clone(), "01".to_string())]);
+        let (puts, dels) = cvr.set_query_rows("q1", &rows, &v1);
+        assert_eq!((puts.len(), dels.len()), (2, 0));
+        let (puts, _) = cvr.set_query_rows("q2", &BTreeMap::from([(a.clone(), "01".into())]), &v1);
+        assert!(puts.is_empty(), "same version: nothing to send");
+        let v2 = CvrVersion::parse("02").unwrap();
+        let dels = cvr.drop_query_rows("q1", &v2);
+        assert_eq!(dels, vec![b.clone()], "a is still held by q2");
+        assert!(cvr.rows[&b].refs.is_none());
+        cvr.add_client("c1");
+        store.flush(&mut cvr).unwrap();
+        let back = store.load("g").unwrap();
+        assert!(back.stored);
+        assert_eq!(back.rows, cvr.rows);
+        assert_eq!(back.query_rows, cvr.query_rows);
+        assert_eq!(back.clients, cvr.clients);
+    }
+}

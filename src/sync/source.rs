@@ -1,0 +1,423 @@
+//! Where view rows come from. [`ViewSource`] is the seam between the view-syncer (CVR, pokes)
+//! and query evaluation, so that the incremental engine (`zero-dataflow`) can replace the
+//! first implementation, [`SqlViewSource`], which re-evaluates affected queries with the SQL
+//! evaluator of `zero-queries` over a read snapshot of the replica.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde_json::Value as Json;
+use tracing::{debug, warn};
+use zero_queries::Value;
+use zero_queries::ast::Ast;
+use zero_queries::schema::Schema;
+use zero_queries::sql::{self, SqlValue, Statement};
+
+use crate::schema::{PublishedSchema, ReplicaTable, ZqlType};
+use crate::sync::cvr::RowId;
+
+/// Column carrying the version of the commit that last wrote a row.
+pub const VERSION_COLUMN: &str = "_0_version";
+
+/// Why evaluating or reading the replica failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// SQLite failed.
+    #[error("replica: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The replica is not (yet) complete.
+    #[error("replica is not ready")]
+    NotReady,
+    /// The replica metadata could not be read.
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
+    /// The query does not fit the replica.
+    #[error("query: {0}")]
+    Query(String),
+}
+
+/// One row a query syncs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncedRow {
+    /// Replica table name.
+    pub table: String,
+    /// Primary-key JSON (client-schema key, in key order): the row's identity in the CVR.
+    pub key: String,
+    /// `_0_version`.
+    pub version: String,
+    /// The row as the client receives it (no `_0_version`).
+    pub value: Json,
+}
+
+impl SyncedRow {
+    /// The CVR identity of the row.
+    pub fn id(&self) -> RowId {
+        (self.table.clone(), self.key.clone())
+    }
+}
+
+/// What a snapshot of the replica looks like relative to the last one processed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    /// Replica state version (watermark).
+    pub state_version: String,
+    /// Replica identity (initial sync version).
+    pub replica_version: String,
+    /// Tables changed since the previous snapshot; `None` means everything (reset, schema
+    /// change, first snapshot).
+    pub changed: Option<BTreeSet<String>>,
+}
+
+/// The re-evaluated rows of the queries a change affected: per query hash, its rows or why
+/// they could not be computed.
+pub type Advanced = Vec<(String, Result<Vec<SyncedRow>, SourceError>)>;
+
+/// Evaluates queries over the replica for one client group.
+pub trait ViewSource: Send {
+    /// Pins a read snapshot of the current replica state and reports what changed since the
+    /// state version `since` (the one the group's rows reflect).
+    fn begin(&mut self, since: Option<&str>) -> Result<SnapshotInfo, SourceError>;
+    /// Adds (or replaces) query `hash` and returns all its rows at the snapshot.
+    fn hydrate(&mut self, hash: &str, ast: &Ast) -> Result<Vec<SyncedRow>, SourceError>;
+    /// The queries whose rows may differ after `info.changed`, with their rows at the snapshot.
+    fn advance(&mut self, info: &SnapshotInfo) -> Result<Advanced, SourceError>;
+    /// Forgets query `hash`.
+    fn remove(&mut self, hash: &str);
+    /// Whether query `hash` is loaded.
+    fn has(&self, hash: &str) -> bool;
+    /// Reads rows by key at the snapshot (`None` when gone), for catching clients up.
+    fn lookup(&mut self, table: &str, key: &str) -> Result<Option<Json>, SourceError>;
+    /// Reads raw SQL at the snapshot (internal queries: LMIDs, mutation results, permissions).
+    fn query_json(&mut self, sql: &str, params: &[SqlValue])
+    -> Result<Vec<Vec<Json>>, SourceError>;
+    /// The replica's tables (for the client-schema check).
+    fn tables(&self) -> &BTreeMap<String, ReplicaTable>;
+    /// Whether a snapshot is pinned.
+    fn active(&self) -> bool;
+    /// Sets the client schema's primary keys, which identify rows and complete orderings.
+    fn set_client_keys(&mut self, keys: BTreeMap<String, Vec<String>>);
+    /// Releases the snapshot.
+    fn end(&mut self);
+}
+
+/// [`ViewSource`] by SQL re-evaluation: each query's AST is evaluated with
+/// `zero_queries::sql::evaluate`; on a new watermark every query that reads a changed table
+/// is evaluated again and the view-syncer diffs the result against the CVR.
+pub struct SqlViewSource {
+    path: PathBuf,
+    conn: Option<Connection>,
+    published: Option<PublishedSchema>,
+    tables: BTreeMap<String, ReplicaTable>,
+    /// Primary keys from the client schema, which override the replica's row keys.
+    client_keys: BTreeMap<String, Vec<String>>,
+    schema: Schema,
+    queries: HashMap<String, (Ast, BTreeSet<String>)>,
+}
+
+impl SqlViewSource {
+    /// A source over the replica at `path`; `client_keys` are the client schema's primary keys.
+    pub fn new(path: PathBuf, client_keys: BTreeMap<String, Vec<String>>) -> SqlViewSource {
+        SqlViewSource {
+            path,
+            conn: None,
+            published: None,
+            tables: BTreeMap::new(),
+            client_keys,
+            schema: Schema::default(),
+            queries: HashMap::new(),
+        }
+    }
+
+    fn conn(&self) -> Result<&Connection, SourceError> {
+        self.conn.as_ref().ok_or(SourceError::NotReady)
+    }
+
+    fn rebuild_schema(&mut self) {
+        let mut tables = serde_json::Map::new();
+        for (name, t) in &self.tables {
+            let mut cols = serde_json::Map::new();
+            for c in &t.columns {
+                let ty = match c.kind.zql_type() {
+                    ZqlType::Number => "number",
+                    ZqlType::Boolean => "boolean",
+                    ZqlType::String => "string",
+                    ZqlType::Json => "json",
+                };
+                cols.insert(c.name.clone(), serde_json::json!({ "type": ty }));
+            }
+            cols.insert(VERSION_COLUMN.into(), serde_json::json!({"type": "string"}));
+            let pk = self
+                .client_keys
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| t.key.clone());
+            tables.insert(
+                name.clone(),
+                serde_json::json!({"columns": cols, "primaryKey": pk}),
+            );
+        }
+        match Schema::from_json_value(&serde_json::json!({ "tables": tables })) {
+            Ok(s) => self.schema = s,
+            Err(e) => warn!(error = %e, "replica schema could not be loaded for queries"),
+        }
+    }
+
+    fn key_of(&self, table: &str) -> Vec<String> {
+        self.schema
+            .table(table)
+            .map(|t| t.primary_key.clone())
+            .unwrap_or_default()
+    }
+
+    fn evaluate(&self, ast: &Ast) -> Result<Vec<SyncedRow>, SourceError> {
+        let conn = self.conn()?;
+        let nodes = sql::evaluate(ast, &self.schema, |stmt: &Statement| run(conn, stmt))
+            .map_err(|e| SourceError::Query(error_chain(&e)))?;
+        let mut out = Vec::new();
+        for (table, row) in sql::synced_rows(&nodes) {
+            let Some(t) = self.schema.table(&table) else {
+                continue;
+            };
+            let mut obj = serde_json::Map::new();
+            let mut version = String::new();
+            for (c, v) in t.columns.iter().zip(row.iter()) {
+                if c.name == VERSION_COLUMN {
+                    version = v.as_str().unwrap_or_default().to_string();
+                } else {
+                    obj.insert(c.name.clone(), v.to_json());
+                }
+            }
+            let mut key = serde_json::Map::new();
+            for k in &t.primary_key {
+                key.insert(k.clone(), obj.get(k).cloned().unwrap_or(Json::Null));
+            }
+            out.push(SyncedRow {
+                table,
+                key: Json::Object(key).to_string(),
+                version,
+                value: Json::Object(obj),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn to_rusqlite(v: &SqlValue) -> rusqlite::types::Value {
+    match v {
+        SqlValue::Null => rusqlite::types::Value::Null,
+        SqlValue::Integer(i) => rusqlite::types::Value::Integer(*i),
+        SqlValue::Real(f) => rusqlite::types::Value::Real(*f),
+        SqlValue::Text(t) => rusqlite::types::Value::Text(t.clone()),
+    }
+}
+
+fn from_rusqlite(v: rusqlite::types::Value) -> SqlValue {
+    match v {
+        rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => SqlValue::Null,
+        rusqlite::types::Value::Integer(i) => SqlValue::Integer(i),
+        rusqlite::types::Value::Real(f) => SqlValue::Real(f),
+        rusqlite::types::Value::Text(t) => SqlValue::Text(t),
+    }
+}
+
+fn run(conn: &Connection, stmt: &Statement) -> Result<Vec<Vec<SqlValue>>, rusqlite::Error> {
+    let mut st = conn.prepare_cached(&stmt.sql)?;
+    let params: Vec<rusqlite::types::Value> = stmt.params.iter().map(to_rusqlite).collect();
+    let n = stmt.columns.len();
+    let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(from_rusqlite))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    rows.collect()
+}
+
+fn sql_to_json(v: rusqlite::types::Value) -> Json {
+    match v {
+        rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => Json::Null,
+        rusqlite::types::Value::Integer(i) => Json::from(i),
+        rusqlite::types::Value::Real(f) => zero_queries::value::number_to_json(f),
+        rusqlite::types::Value::Text(t) => Json::String(t),
+    }
+}
+
+fn tables_of(ast: &Ast) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    ast.walk(&mut |a| {
+        out.insert(a.table.clone());
+    });
+    out
+}
+
+impl ViewSource for SqlViewSource {
+    fn begin(&mut self, since: Option<&str>) -> Result<SnapshotInfo, SourceError> {
+        self.end();
+        if !self.path.exists() {
+            return Err(SourceError::NotReady);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.pragma_update(None, "busy_timeout", 30_000)?;
+        conn.execute_batch("BEGIN")?;
+        let state = crate::replica::read_state(&conn)?.ok_or(SourceError::NotReady)?;
+        let mut changed: Option<BTreeSet<String>> = None;
+        if let Some(since) = since {
+            let mut set = BTreeSet::new();
+            let mut reset = false;
+            let mut st = conn.prepare(
+                r#"SELECT DISTINCT "table", op FROM "_zero.changeLog2" WHERE "stateVersion" > ?1"#,
+            )?;
+            for r in st.query_map([since], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })? {
+                let (t, op) = r?;
+                reset |= op == "r";
+                set.insert(t);
+            }
+            if !reset {
+                changed = Some(set);
+            }
+        }
+        if self.published.as_ref() != Some(&state.schema) {
+            self.tables = state.schema.replica_tables();
+            self.published = Some(state.schema.clone());
+            self.rebuild_schema();
+            changed = None;
+        }
+        self.conn = Some(conn);
+        Ok(SnapshotInfo {
+            state_version: state.watermark,
+            replica_version: state.replica_version,
+            changed,
+        })
+    }
+
+    fn hydrate(&mut self, hash: &str, ast: &Ast) -> Result<Vec<SyncedRow>, SourceError> {
+        self.queries
+            .insert(hash.to_string(), (ast.clone(), tables_of(ast)));
+        let rows = self.evaluate(ast);
+        if rows.is_err() {
+            self.queries.remove(hash);
+        }
+        rows
+    }
+
+    fn advance(&mut self, info: &SnapshotInfo) -> Result<Advanced, SourceError> {
+        let mut out = Vec::new();
+        let mut hashes: Vec<&String> = self.queries.keys().collect();
+        hashes.sort();
+        for h in hashes {
+            let (ast, tables) = &self.queries[h];
+            let affected = match &info.changed {
+                None => true,
+                Some(c) => tables.iter().any(|t| c.contains(t)),
+            };
+            if affected {
+                debug!(query = %h, "re-evaluating");
+                out.push((h.clone(), self.evaluate(ast)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&mut self, hash: &str) {
+        self.queries.remove(hash);
+    }
+
+    fn has(&self, hash: &str) -> bool {
+        self.queries.contains_key(hash)
+    }
+
+    fn lookup(&mut self, table: &str, key: &str) -> Result<Option<Json>, SourceError> {
+        let Some(t) = self.schema.table(table) else {
+            return Ok(None);
+        };
+        let key: serde_json::Map<String, Json> =
+            serde_json::from_str(key).map_err(|e| SourceError::Query(e.to_string()))?;
+        let cols: Vec<&zero_queries::schema::Column> = t
+            .columns
+            .iter()
+            .filter(|c| c.name != VERSION_COLUMN)
+            .collect();
+        let names: Vec<String> = cols.iter().map(|c| sql::quote_ident(&c.name)).collect();
+        let mut conds = Vec::new();
+        let mut params = Vec::new();
+        for (i, k) in self.key_of(table).iter().enumerate() {
+            conds.push(format!("{} = ?{}", sql::quote_ident(k), i + 1));
+            let v = Value::from_json(key.get(k).cloned().unwrap_or(Json::Null));
+            params.push(to_rusqlite(&sql::to_sql(&v)));
+        }
+        if conds.is_empty() {
+            return Ok(None);
+        }
+        let q = format!(
+            "SELECT {} FROM {} WHERE {}",
+            names.join(", "),
+            sql::quote_ident(table),
+            conds.join(" AND ")
+        );
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(&q)?;
+        let row = st
+            .query_row(rusqlite::params_from_iter(params), |r| {
+                let mut obj = serde_json::Map::new();
+                for (i, c) in cols.iter().enumerate() {
+                    let v = from_rusqlite(r.get::<_, rusqlite::types::Value>(i)?);
+                    obj.insert(c.name.clone(), sql::from_sql(c.ty, v).to_json());
+                }
+                Ok(Json::Object(obj))
+            })
+            .optional()?;
+        Ok(row)
+    }
+
+    fn query_json(&mut self, q: &str, params: &[SqlValue]) -> Result<Vec<Vec<Json>>, SourceError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(q)?;
+        let n = st.column_count();
+        let rows = st.query_map(
+            rusqlite::params_from_iter(params.iter().map(to_rusqlite)),
+            |r| {
+                (0..n)
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i).map(sql_to_json))
+                    .collect::<Result<Vec<_>, _>>()
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn tables(&self) -> &BTreeMap<String, ReplicaTable> {
+        &self.tables
+    }
+
+    fn active(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    fn set_client_keys(&mut self, keys: BTreeMap<String, Vec<String>>) {
+        if keys != self.client_keys {
+            self.client_keys = keys;
+            self.rebuild_schema();
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.execute_batch("COMMIT");
+        }
+    }
+}

@@ -1,0 +1,1154 @@
+//! One client group's view-syncer (protocol §4.5): an actor that owns the group's CVR, applies
+//! desired-query changes, hydrates queries, advances them on every new replica watermark, and
+//! pokes each connected client from its cookie to the CVR's version.
+//!
+//! Every operation runs to completion before the next command is read, so the CVR, the
+//! clients' cookies and the pokes stay consistent without locks. Pokes are computed as a
+//! catch-up from each client's version: rows, queries and desires whose patch version is newer
+//! than the client's cookie, so a client that is current gets exactly the new changes and one
+//! that reconnects with an old cookie gets everything it missed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use zero_queries::ast::Ast;
+use zero_queries::permissions::{self, Permissions};
+use zero_queries::sql::SqlValue;
+
+use super::SyncShared;
+use super::cvr::{Cvr, CvrError, CvrStore, CvrVersion, DesireRecord, QueryRecord, RowId};
+use super::protocol::{
+    DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind, InitConnectionBody,
+    MAX_TTL_MS, MutationPatchOp, PART_MAX_ENTRIES, PokeEndBody, PokePartBody, PokeStartBody,
+    QueriesPatchOp, RowPatchOp, UpQueriesPatchOp, Upstream,
+};
+use super::schema_check::check_client_schema;
+use super::source::{SourceError, SqlViewSource, ViewSource};
+
+/// How long a view-syncer stays up after its last connection closes.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// What the connection task sends to a client's socket.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A message.
+    Msg(Downstream),
+    /// Send the error message (if any), then close the socket.
+    Close(Option<Downstream>),
+}
+
+/// A connection registering with its group.
+#[derive(Debug)]
+pub struct Connect {
+    /// The client.
+    pub client_id: String,
+    /// The connection id the client chose (for logs).
+    pub wsid: String,
+    /// The server's id of this connection (unique, unlike `wsid`).
+    pub conn_id: u64,
+    /// The client's cookie at connect time.
+    pub base_cookie: Option<String>,
+    /// The connection's auth token (forwarded to the API server).
+    pub auth: Option<String>,
+    /// Messages to the socket.
+    pub out: mpsc::UnboundedSender<Outbound>,
+}
+
+/// Commands to a group's view-syncer.
+#[derive(Debug)]
+pub enum GroupCmd {
+    /// A new connection (replaces one of the same client).
+    Connect(Connect),
+    /// A message from a connection.
+    Message {
+        /// Sender.
+        client_id: String,
+        /// Sender's connection.
+        conn_id: u64,
+        /// The message.
+        msg: Box<Upstream>,
+    },
+    /// A connection closed.
+    Disconnect {
+        /// The client.
+        client_id: String,
+        /// The connection that closed.
+        conn_id: u64,
+    },
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+enum OpError {
+    #[error(transparent)]
+    Cvr(#[from] CvrError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A protocol error for one client.
+    #[error("{}", .0.message)]
+    Client(ErrorBody),
+}
+
+struct Conn {
+    wsid: String,
+    conn_id: u64,
+    out: mpsc::UnboundedSender<Outbound>,
+    base: Option<CvrVersion>,
+    /// The version this client has (after its pokes).
+    version: Option<CvrVersion>,
+    initialized: bool,
+    poked: bool,
+}
+
+impl Conn {
+    fn send(&self, m: Downstream) {
+        let _ = self.out.send(Outbound::Msg(m));
+    }
+    fn close(&self, e: Option<ErrorBody>) {
+        let _ = self.out.send(Outbound::Close(e.map(Downstream::Error)));
+    }
+}
+
+/// The view-syncer of one client group.
+pub(crate) struct ViewSyncer {
+    id: String,
+    shared: Arc<SyncShared>,
+    store: CvrStore,
+    cvr: Cvr,
+    source: Box<dyn ViewSource>,
+    conns: HashMap<String, Conn>,
+    /// Row contents read at the current snapshot (saves re-reading them for pokes).
+    fresh: HashMap<RowId, Json>,
+    permissions_text: Option<String>,
+    permissions: Permissions,
+    /// Transformed custom queries: the AST, or the error the API server returned.
+    custom: HashMap<String, Result<Json, Json>>,
+    /// `userQueryURL` from the latest initConnection.
+    query_url: Option<String>,
+    /// The latest connection's auth token.
+    auth: Option<String>,
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or_default()
+}
+
+impl ViewSyncer {
+    /// Loads the group's CVR.
+    pub(crate) fn open(id: &str, shared: Arc<SyncShared>) -> Result<ViewSyncer, CvrError> {
+        let store = CvrStore::open(&shared.cvr_file)?;
+        let cvr = store.load(id)?;
+        let keys = cvr
+            .client_schema
+            .as_ref()
+            .map(client_keys)
+            .unwrap_or_default();
+        let source = Box::new(SqlViewSource::new(shared.replica_file.clone(), keys));
+        Ok(ViewSyncer {
+            id: id.to_string(),
+            shared,
+            store,
+            cvr,
+            source,
+            conns: HashMap::new(),
+            fresh: HashMap::new(),
+            permissions_text: None,
+            permissions: Permissions::default(),
+            custom: HashMap::new(),
+            query_url: None,
+            auth: None,
+        })
+    }
+
+    /// Runs until the group has had no connection for [`KEEPALIVE`] and no command is pending.
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<GroupCmd>) {
+        let mut watermarks = self.shared.watermarks.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut idle_since: Option<Instant> = Some(Instant::now());
+        info!(client_group = %self.id, "view-syncer started");
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.handle(cmd).await;
+                    idle_since = if self.conns.is_empty() { Some(idle_since.unwrap_or_else(Instant::now)) } else { None };
+                }
+                r = watermarks.changed() => {
+                    if r.is_err() {
+                        // The replicator is gone; keep serving what we have.
+                        watermarks = self.shared.watermarks.clone();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    if self.conns.values().any(|c| c.initialized) {
+                        self.sync_and_poke().await;
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.ttl_expired() {
+                        self.sync_and_poke().await;
+                    }
+                    if let Some(t) = idle_since
+                        && t.elapsed() >= KEEPALIVE
+                        && self.shared.retire(&self.id, &rx)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        info!(client_group = %self.id, "view-syncer stopped");
+    }
+
+    async fn handle(&mut self, cmd: GroupCmd) {
+        match cmd {
+            GroupCmd::Connect(c) => {
+                if let Some(old) = self.conns.remove(&c.client_id) {
+                    debug!(client = %c.client_id, old = %old.wsid, "connection replaced");
+                    old.close(None);
+                }
+                let base = c.base_cookie.as_deref().map(CvrVersion::parse);
+                if c.auth.is_some() {
+                    self.auth = c.auth.clone();
+                }
+                let conn = Conn {
+                    wsid: c.wsid,
+                    conn_id: c.conn_id,
+                    out: c.out,
+                    base: base.clone().flatten(),
+                    version: base.clone().flatten(),
+                    initialized: false,
+                    poked: false,
+                };
+                if let Some(None) = base {
+                    conn.close(Some(ErrorBody::new(
+                        ErrorKind::InvalidConnectionRequestBaseCookie,
+                        format!("Invalid baseCookie {:?}", c.base_cookie.unwrap_or_default()),
+                    )));
+                    return;
+                }
+                self.conns.insert(c.client_id, conn);
+            }
+            GroupCmd::Disconnect { client_id, conn_id } => {
+                if self
+                    .conns
+                    .get(&client_id)
+                    .is_some_and(|c| c.conn_id == conn_id)
+                {
+                    self.conns.remove(&client_id);
+                }
+            }
+            GroupCmd::Message {
+                client_id,
+                conn_id,
+                msg,
+            } => {
+                let Some(conn) = self.conns.get(&client_id) else {
+                    return;
+                };
+                if conn.conn_id != conn_id {
+                    return;
+                }
+                let initialized = conn.initialized;
+                let r = match *msg {
+                    Upstream::InitConnection(body) => {
+                        if initialized {
+                            Err(OpError::Client(ErrorBody::new(
+                                ErrorKind::InvalidMessage,
+                                "Duplicate initConnection message",
+                            )))
+                        } else {
+                            self.init_connection(&client_id, body).await
+                        }
+                    }
+                    // Messages before initConnection have no handler yet (as in zero-cache).
+                    _ if !initialized => Ok(()),
+                    Upstream::ChangeDesiredQueries(body) => {
+                        self.change_desired(&client_id, &body.desired_queries_patch)
+                            .await
+                    }
+                    Upstream::DeleteClients(body) => self.delete_clients(&client_id, &body).await,
+                    Upstream::Push(p) => {
+                        if p.client_group_id != self.id {
+                            Err(OpError::Client(ErrorBody::new(
+                                ErrorKind::InvalidPush,
+                                "clientGroupID in mutation does not match the connection",
+                            )))
+                        } else {
+                            warn!(client_group = %self.id, mutations = p.mutations.len(), "push received but mutations are not supported yet");
+                            Ok(())
+                        }
+                    }
+                    Upstream::Pull(_) => {
+                        warn!(client_group = %self.id, "pull is not supported");
+                        Ok(())
+                    }
+                    Upstream::Inspect(body) => {
+                        if let Some(c) = self.conns.get(&client_id) {
+                            c.send(Downstream::Inspect(serde_json::json!({
+                                "id": body.id, "op": "error", "value": "inspect is not supported"
+                            })));
+                        }
+                        Ok(())
+                    }
+                    Upstream::Ping
+                    | Upstream::UpdateAuth(_)
+                    | Upstream::AckMutationResponses(_)
+                    | Upstream::CloseConnection => Ok(()),
+                };
+                if let Err(e) = r {
+                    self.fail(&client_id, e);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, client_id: &str, e: OpError) {
+        let body = match e {
+            OpError::Client(b) => b,
+            other => {
+                warn!(client_group = %self.id, error = %other, "view-syncer operation failed");
+                ErrorBody::new(ErrorKind::Internal, other.to_string())
+            }
+        };
+        if let Some(c) = self.conns.remove(client_id) {
+            c.close(Some(body));
+        }
+    }
+
+    async fn init_connection(
+        &mut self,
+        client_id: &str,
+        body: InitConnectionBody,
+    ) -> Result<(), OpError> {
+        let base = self.conns[client_id].base.clone();
+        if let Some(b) = &base {
+            if !self.cvr.stored {
+                return Err(OpError::Client(ErrorBody::new(
+                    ErrorKind::ClientNotFound,
+                    "Client not found",
+                )));
+            }
+            if b > &self.cvr.version {
+                return Err(OpError::Client(ErrorBody::new(
+                    ErrorKind::InvalidConnectionRequestBaseCookie,
+                    format!(
+                        "CVR is at version {} but the client has {b}",
+                        self.cvr.version
+                    ),
+                )));
+            }
+        }
+        match (&self.cvr.client_schema, &body.client_schema) {
+            (None, None) => {
+                return Err(OpError::Client(ErrorBody::new(
+                    ErrorKind::InvalidConnectionRequest,
+                    "The initConnection message for a new client group must include client schema.",
+                )));
+            }
+            (Some(stored), Some(given)) if stored != given => {
+                return Err(OpError::Client(ErrorBody::new(
+                    ErrorKind::InvalidConnectionRequest,
+                    "Provided schema does not match previous schema.",
+                )));
+            }
+            _ => {}
+        }
+        let schema = body
+            .client_schema
+            .clone()
+            .or_else(|| self.cvr.client_schema.clone())
+            .expect("checked above");
+        let info = self.source.begin(None);
+        let checked = match info {
+            Ok(_) => check_client_schema(&schema, self.source.tables()),
+            Err(e) => Err(ErrorBody::new(ErrorKind::Internal, e.to_string())),
+        };
+        self.source.end();
+        let keys = checked.map_err(OpError::Client)?;
+        self.source.set_client_keys(keys);
+        if self.cvr.client_schema.is_none() {
+            self.cvr.client_schema = Some(schema);
+        }
+        if let Some(c) = self.conns.get_mut(client_id) {
+            c.initialized = true;
+        }
+        if body.user_query_url.is_some() {
+            self.query_url = body.user_query_url.clone();
+        }
+        // Custom queries are transformed again for every new connection (auth may differ).
+        self.custom.clear();
+        let mut changed = self.cvr.add_client(client_id);
+        let new_version = self.cvr.version.next_config();
+        changed |= self.apply_patch(client_id, &body.desired_queries_patch, &new_version);
+        let mut deleted = Vec::new();
+        if let Some(active) = &body.active_clients {
+            let gone: Vec<String> = self
+                .cvr
+                .clients
+                .iter()
+                .filter(|c| *c != client_id && !active.contains(c))
+                .cloned()
+                .collect();
+            for c in gone {
+                changed |= self.remove_client(&c, &new_version);
+            }
+        }
+        if let Some(d) = &body.deleted {
+            for c in d.client_ids.iter().flatten() {
+                if c != client_id && self.remove_client(c, &new_version) {
+                    changed = true;
+                    deleted.push(c.clone());
+                }
+            }
+        }
+        if changed || !self.cvr.stored {
+            self.cvr.version = new_version;
+            self.store.flush(&mut self.cvr)?;
+        }
+        if !deleted.is_empty()
+            && let Some(c) = self.conns.get(client_id)
+        {
+            c.send(Downstream::DeleteClients(DeletedClients {
+                client_ids: Some(deleted),
+                client_group_ids: None,
+            }));
+        }
+        self.poke_all()?;
+        self.prepare_custom().await;
+        self.sync()?;
+        Ok(())
+    }
+
+    async fn change_desired(
+        &mut self,
+        client_id: &str,
+        ops: &[UpQueriesPatchOp],
+    ) -> Result<(), OpError> {
+        let new_version = self.cvr.version.next_config();
+        if self.apply_patch(client_id, ops, &new_version) {
+            self.cvr.version = new_version;
+            self.store.flush(&mut self.cvr)?;
+            self.poke_all()?;
+        }
+        self.prepare_custom().await;
+        self.sync()
+    }
+
+    /// Transforms wanted custom queries that have no AST yet through the API server. Per-query
+    /// errors go to the clients that want those queries as `transformError`; a failed request
+    /// closes those clients' connections with `TransformFailed`.
+    async fn prepare_custom(&mut self) {
+        let wanted = self.wanted();
+        let pending: Vec<(String, String, Json)> = wanted
+            .iter()
+            .filter(|h| !self.custom.contains_key(*h))
+            .filter_map(|h| {
+                let q = self.cvr.queries.get(h)?;
+                if q.ast.is_some() {
+                    return None;
+                }
+                let name = q.name.clone()?;
+                Some((
+                    h.clone(),
+                    name,
+                    Json::Array(q.args.clone().unwrap_or_default()),
+                ))
+            })
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let Some(endpoint) = self.shared.query_endpoint.clone() else {
+            warn!(client_group = %self.id, queries = pending.len(), "custom queries need ZERO_QUERY_URL; they will not be synced");
+            return;
+        };
+        let desiring = |this: &Self, ids: &[String]| -> Vec<String> {
+            this.cvr
+                .desires
+                .iter()
+                .filter(|((_, h), d)| !d.deleted && ids.contains(h))
+                .map(|((c, _), _)| c.clone())
+                .collect()
+        };
+        let ids: Vec<String> = pending.iter().map(|(h, _, _)| h.clone()).collect();
+        let result = match endpoint.url_for(self.query_url.as_deref()) {
+            Ok(url) => {
+                endpoint
+                    .transform(&url, self.auth.as_deref(), &pending)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(results) => {
+                let mut errors: Vec<Json> = Vec::new();
+                for (id, r) in results {
+                    match r {
+                        super::custom::QueryResult::Ast(a) => {
+                            self.custom.insert(id, Ok(a));
+                        }
+                        super::custom::QueryResult::Error(e) => {
+                            self.custom.insert(id, Err(e.clone()));
+                            errors.push(e);
+                        }
+                    }
+                }
+                for e in &errors {
+                    let id = e["id"].as_str().unwrap_or_default().to_string();
+                    for c in desiring(self, std::slice::from_ref(&id)) {
+                        if let Some(conn) = self.conns.get(&c) {
+                            conn.send(Downstream::TransformError(Json::Array(vec![e.clone()])));
+                        }
+                    }
+                }
+            }
+            Err(f) => {
+                warn!(client_group = %self.id, error = %f, "transforming custom queries failed");
+                for c in desiring(self, &ids) {
+                    if let Some(conn) = self.conns.remove(&c) {
+                        let _ = conn
+                            .out
+                            .send(Outbound::Close(Some(Downstream::ErrorJson(f.body(&ids)))));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn delete_clients(
+        &mut self,
+        client_id: &str,
+        body: &DeletedClients,
+    ) -> Result<(), OpError> {
+        let new_version = self.cvr.version.next_config();
+        let mut deleted = Vec::new();
+        for c in body.client_ids.iter().flatten() {
+            if c == client_id {
+                continue;
+            }
+            if self.remove_client(c, &new_version) {
+                deleted.push(c.clone());
+            }
+            if let Some(conn) = self.conns.remove(c) {
+                conn.close(None);
+            }
+        }
+        if !deleted.is_empty() {
+            self.cvr.version = new_version;
+            self.store.flush(&mut self.cvr)?;
+            self.poke_all()?;
+        }
+        if let Some(c) = self.conns.get(client_id) {
+            c.send(Downstream::DeleteClients(DeletedClients {
+                client_ids: (!deleted.is_empty()).then_some(deleted),
+                client_group_ids: None,
+            }));
+        }
+        self.prepare_custom().await;
+        self.sync()
+    }
+
+    /// Removes a client and inactivates its desires; true when it was known.
+    fn remove_client(&mut self, client: &str, v: &CvrVersion) -> bool {
+        let had = self.cvr.remove_client(client);
+        let desires: Vec<String> = self
+            .cvr
+            .desires
+            .iter()
+            .filter(|((c, _), d)| c == client && !d.deleted)
+            .map(|((_, h), _)| h.clone())
+            .collect();
+        for h in &desires {
+            self.set_desire_deleted(client, h, v);
+        }
+        had || !desires.is_empty()
+    }
+
+    fn set_desire_deleted(&mut self, client: &str, hash: &str, v: &CvrVersion) -> bool {
+        let key = (client.to_string(), hash.to_string());
+        match self.cvr.desires.get(&key) {
+            Some(d) if !d.deleted => {
+                let mut d = d.clone();
+                d.deleted = true;
+                d.patch_version = v.clone();
+                d.inactivated_at = Some(now_ms());
+                self.cvr.put_desire(client, hash, d);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Applies a desired-queries patch at version `v`; true when anything changed.
+    fn apply_patch(&mut self, client: &str, ops: &[UpQueriesPatchOp], v: &CvrVersion) -> bool {
+        let mut changed = false;
+        for op in ops {
+            match op {
+                UpQueriesPatchOp::Put {
+                    hash,
+                    ttl,
+                    ast,
+                    name,
+                    args,
+                } => {
+                    if hash == "lmids" || hash == "mutationResults" {
+                        warn!(client_group = %self.id, %hash, "reserved query id ignored");
+                        continue;
+                    }
+                    let ttl = match ttl {
+                        Some(t) if *t >= 0.0 => t.min(MAX_TTL_MS),
+                        Some(_) => MAX_TTL_MS,
+                        None => DEFAULT_TTL_MS,
+                    };
+                    if !self.cvr.queries.contains_key(hash) {
+                        self.cvr.put_query(
+                            hash,
+                            QueryRecord {
+                                ast: ast.clone(),
+                                name: name.clone(),
+                                args: args.clone(),
+                                got: false,
+                                patch_version: None,
+                                transformation_hash: None,
+                            },
+                        );
+                    }
+                    let key = (client.to_string(), hash.clone());
+                    let needs = match self.cvr.desires.get(&key) {
+                        None => true,
+                        Some(d) => d.deleted || ttl > d.ttl_ms,
+                    };
+                    if needs {
+                        self.cvr.put_desire(
+                            client,
+                            hash,
+                            DesireRecord {
+                                patch_version: v.clone(),
+                                deleted: false,
+                                ttl_ms: ttl,
+                                inactivated_at: None,
+                            },
+                        );
+                        changed = true;
+                    }
+                }
+                UpQueriesPatchOp::Del { hash } => {
+                    changed |= self.set_desire_deleted(client, hash, v);
+                }
+                UpQueriesPatchOp::Clear {} => {
+                    let hashes: Vec<String> = self
+                        .cvr
+                        .desires
+                        .keys()
+                        .filter(|(c, _)| c == client)
+                        .map(|(_, h)| h.clone())
+                        .collect();
+                    for h in hashes {
+                        changed |= self.set_desire_deleted(client, &h, v);
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// Queries that some client wants, or whose TTL has not yet run out.
+    fn wanted(&self) -> BTreeSet<String> {
+        let now = now_ms();
+        self.cvr
+            .desires
+            .iter()
+            .filter(|(_, d)| !d.deleted || d.inactivated_at.is_some_and(|at| now < at + d.ttl_ms))
+            .map(|((_, h), _)| h.clone())
+            .collect()
+    }
+
+    fn ttl_expired(&self) -> bool {
+        let wanted = self.wanted();
+        self.cvr
+            .queries
+            .iter()
+            .any(|(h, q)| q.got && !wanted.contains(h))
+    }
+
+    async fn sync_and_poke(&mut self) {
+        self.prepare_custom().await;
+        if let Err(e) = self.sync() {
+            warn!(client_group = %self.id, error = %e, "sync failed");
+            let body = match e {
+                OpError::Client(b) => b,
+                other => ErrorBody::new(ErrorKind::Internal, other.to_string()),
+            };
+            for (_, c) in self.conns.drain() {
+                c.close(Some(body.clone()));
+            }
+        }
+    }
+
+    fn load_permissions(&mut self) -> Result<(), SourceError> {
+        let table = format!("{}.permissions", self.shared.app_id);
+        let rows = self.source.query_json(
+            &format!(
+                "SELECT permissions FROM {} LIMIT 1",
+                zero_queries::sql::quote_ident(&table)
+            ),
+            &[],
+        );
+        let text = match rows {
+            Ok(r) => r
+                .into_iter()
+                .next()
+                .and_then(|mut r| r.pop())
+                .and_then(|v| v.as_str().map(str::to_string)),
+            Err(_) => None,
+        };
+        if text != self.permissions_text {
+            self.permissions = match text.as_deref().map(Permissions::from_json_str) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    warn!(error = %e, "permissions could not be parsed; legacy queries get no rows");
+                    Permissions::default()
+                }
+                None => Permissions::default(),
+            };
+            self.permissions_text = text;
+        }
+        Ok(())
+    }
+
+    /// The server-side AST of a query, or `None` when it cannot be hydrated (yet).
+    fn transform(&self, hash: &str, q: &QueryRecord) -> Option<Ast> {
+        let Some(ast_json) = q.ast.as_ref() else {
+            // Custom queries: the API server's AST, without permission rules (it is trusted).
+            let ast = self.custom.get(hash)?.as_ref().ok()?;
+            return match serde_json::from_value::<Ast>(ast.clone()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    warn!(client_group = %self.id, query = %hash, error = %e, "API server returned an invalid AST");
+                    None
+                }
+            };
+        };
+        match serde_json::from_value::<Ast>(ast_json.clone()) {
+            Ok(ast) => {
+                let unreadable = self.permissions.unreadable_tables(&ast);
+                if !unreadable.is_empty() {
+                    debug!(query = %hash, tables = ?unreadable, "no select permission; no rows will be returned");
+                }
+                Some(permissions::transform_query(&ast, &self.permissions, None))
+            }
+            Err(e) => {
+                warn!(client_group = %self.id, query = %hash, error = %e, "invalid query AST");
+                None
+            }
+        }
+    }
+
+    /// Brings the CVR to the replica's current state: hydrates new queries, removes unwanted
+    /// ones, re-evaluates queries on tables that changed, then pokes every client.
+    fn sync(&mut self) -> Result<(), OpError> {
+        let r = self.sync_inner();
+        self.source.end();
+        self.fresh.clear();
+        r
+    }
+
+    fn sync_inner(&mut self) -> Result<(), OpError> {
+        let since = self.cvr.processed.clone();
+        let info = match self.source.begin(since.as_deref()) {
+            Ok(i) => i,
+            Err(SourceError::NotReady) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(rv) = &self.cvr.replica_version
+            && rv > &info.replica_version
+        {
+            return Err(OpError::Client(ErrorBody::new(
+                ErrorKind::ClientNotFound,
+                "The replica is older than the client view record",
+            )));
+        }
+        self.load_permissions()?;
+        let rehydrate_all = self.cvr.replica_version.as_deref() != Some(&info.replica_version)
+            && self.cvr.replica_version.is_some();
+        let wanted = self.wanted();
+        let state_advanced = self.cvr.processed.as_deref() != Some(info.state_version.as_str());
+
+        // Queries to add (new or with a new transformation) and to remove.
+        let mut to_add: Vec<(String, Ast, String)> = Vec::new();
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        for h in &wanted {
+            let Some(q) = self.cvr.queries.get(h) else {
+                continue;
+            };
+            let Some(ast) = self.transform(h, q) else {
+                failed.insert(h.clone());
+                continue;
+            };
+            let th = zero_queries::hash::h64_base36(&ast.to_json_string());
+            if rehydrate_all
+                || !self.source.has(h)
+                || q.transformation_hash.as_deref() != Some(th.as_str())
+                || !q.got
+            {
+                to_add.push((h.clone(), ast, th));
+            }
+        }
+        let to_remove: Vec<String> = self
+            .cvr
+            .queries
+            .iter()
+            .filter(|(h, q)| {
+                (!wanted.contains(*h) || failed.contains(*h)) && (q.got || self.source.has(h))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        if to_add.is_empty() && to_remove.is_empty() && !state_advanced {
+            return self.poke_all();
+        }
+
+        let new_version = if info.state_version > self.cvr.version.state {
+            CvrVersion {
+                state: info.state_version.clone(),
+                config: 0,
+            }
+        } else {
+            self.cvr.version.next_config()
+        };
+        let mut patched = false;
+        for h in &to_remove {
+            self.source.remove(h);
+            let dels = self.cvr.drop_query_rows(h, &new_version);
+            patched |= !dels.is_empty();
+            if let Some(q) = self.cvr.queries.get_mut(h)
+                && q.got
+            {
+                q.got = false;
+                q.patch_version = Some(new_version.clone());
+                q.transformation_hash = None;
+                patched = true;
+            }
+            // Forget queries nobody desires any more.
+            let desired = self.cvr.desires.keys().any(|(_, dh)| dh == h);
+            let announced = self
+                .cvr
+                .queries
+                .get(h)
+                .is_some_and(|q| q.patch_version.is_some());
+            if !desired && !announced {
+                self.cvr.queries.remove(h);
+            }
+            self.cvr.touch_query(h);
+        }
+        let added: BTreeSet<String> = to_add.iter().map(|(h, _, _)| h.clone()).collect();
+        for (h, ast, th) in to_add {
+            match self.source.hydrate(&h, &ast) {
+                Ok(rows) => {
+                    patched |= self.apply_rows(&h, rows, &new_version);
+                    if let Some(q) = self.cvr.queries.get_mut(&h) {
+                        if !q.got {
+                            q.got = true;
+                            q.patch_version = Some(new_version.clone());
+                            patched = true;
+                        }
+                        q.transformation_hash = Some(th);
+                    }
+                    self.cvr.touch_query(&h);
+                }
+                Err(e) => {
+                    warn!(client_group = %self.id, query = %h, error = %e, "query could not be hydrated");
+                }
+            }
+        }
+        if state_advanced && self.cvr.processed.is_some() {
+            for (h, rows) in self.source.advance(&info)? {
+                if added.contains(&h) {
+                    continue;
+                }
+                match rows {
+                    Ok(rows) => patched |= self.apply_rows(&h, rows, &new_version),
+                    Err(e) => {
+                        warn!(client_group = %self.id, query = %h, error = %e, "query could not be re-evaluated")
+                    }
+                }
+            }
+        }
+        if state_advanced && !patched {
+            // LMID and mutation-result changes of this group also need a poke.
+            let from = CvrVersion {
+                state: self.cvr.processed.clone().unwrap_or_else(|| "00".into()),
+                config: 0,
+            };
+            let part = self.mutation_changes(Some(&from), &new_version.to_string())?;
+            patched = !part.is_empty();
+        }
+        self.cvr.processed = Some(info.state_version.clone());
+        self.cvr.replica_version = Some(info.replica_version.clone());
+        if patched {
+            self.cvr.version = new_version;
+        }
+        self.store.flush(&mut self.cvr)?;
+        self.poke_all()
+    }
+
+    fn apply_rows(
+        &mut self,
+        hash: &str,
+        rows: Vec<super::source::SyncedRow>,
+        v: &CvrVersion,
+    ) -> bool {
+        let mut ids = BTreeMap::new();
+        for r in rows {
+            let id = r.id();
+            ids.insert(id.clone(), r.version);
+            self.fresh.insert(id, r.value);
+        }
+        let (puts, dels) = self.cvr.set_query_rows(hash, &ids, v);
+        !puts.is_empty() || !dels.is_empty()
+    }
+
+    /// LMID and mutation-result changes for this group after `from` (all when `None`).
+    fn mutation_changes(
+        &mut self,
+        from: Option<&CvrVersion>,
+        poke_id: &str,
+    ) -> Result<PokePartBody, SourceError> {
+        let mut part = PokePartBody {
+            poke_id: poke_id.to_string(),
+            ..Default::default()
+        };
+        let after = from.map(|v| v.state.clone()).unwrap_or_default();
+        let shard = &self.shared.shard_schema;
+        let clients = zero_queries::sql::quote_ident(&format!("{shard}.clients"));
+        let mutations = zero_queries::sql::quote_ident(&format!("{shard}.mutations"));
+        let g = SqlValue::Text(self.id.clone());
+        let a = SqlValue::Text(after.clone());
+        if let Ok(rows) = self.source.query_json(
+            &format!(r#"SELECT "clientID", "lastMutationID" FROM {clients} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2"#),
+            &[g.clone(), a.clone()],
+        ) {
+            for r in rows {
+                if let (Some(c), Some(n)) = (r[0].as_str(), r[1].as_i64()) {
+                    part.last_mutation_id_changes.insert(c.to_string(), n);
+                }
+            }
+        }
+        if let Ok(rows) = self.source.query_json(
+            &format!(r#"SELECT "clientID", "mutationID", "result" FROM {mutations} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2"#),
+            &[g, a.clone()],
+        ) {
+            for r in rows {
+                let result = match &r[2] {
+                    Json::String(s) => serde_json::from_str(s).unwrap_or(Json::Null),
+                    other => other.clone(),
+                };
+                part.mutations_patch.push(MutationPatchOp::Put {
+                    mutation: serde_json::json!({
+                        "id": {"clientID": r[0], "id": r[1]},
+                        "result": result,
+                    }),
+                });
+            }
+        }
+        if from.is_some()
+            && let Ok(rows) = self.source.query_json(
+                r#"SELECT "rowKey" FROM "_zero.changeLog2" WHERE "table" = ?1 AND op = 'd' AND "stateVersion" > ?2"#,
+                &[SqlValue::Text(format!("{shard}.mutations")), a],
+            )
+        {
+            for r in rows {
+                let Some(key) = r[0].as_str().and_then(|k| serde_json::from_str::<Json>(k).ok()) else {
+                    continue;
+                };
+                if key["clientGroupID"].as_str() == Some(self.id.as_str()) {
+                    part.mutations_patch.push(MutationPatchOp::Del {
+                        id: serde_json::json!({"clientID": key["clientID"], "id": key["mutationID"]}),
+                    });
+                }
+            }
+        }
+        Ok(part)
+    }
+
+    /// Pokes every initialized client that is behind the CVR (or not yet poked since it
+    /// connected) with the changes since its version.
+    fn poke_all(&mut self) -> Result<(), OpError> {
+        let target = self.cvr.version.clone();
+        let ids: Vec<String> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.initialized && (!c.poked || c.version.as_ref() != Some(&target)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let need_snapshot = ids
+            .iter()
+            .any(|id| self.conns[id].version.as_ref() != Some(&target));
+        let began = if need_snapshot && !self.source.active() {
+            match self.source.begin(None) {
+                Ok(_) => true,
+                Err(SourceError::NotReady) => false,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            false
+        };
+        let r = (|| {
+            for id in ids {
+                let from = self.conns[&id].version.clone();
+                let parts = if from.as_ref() == Some(&target) {
+                    Vec::new()
+                } else {
+                    self.catchup(from.as_ref(), &target)?
+                };
+                let conn = &self.conns[&id];
+                let poke_id = target.to_string();
+                conn.send(Downstream::PokeStart(PokeStartBody {
+                    poke_id: poke_id.clone(),
+                    base_cookie: from.as_ref().map(CvrVersion::to_string),
+                }));
+                for p in parts {
+                    conn.send(Downstream::PokePart(p));
+                }
+                conn.send(Downstream::PokeEnd(PokeEndBody {
+                    poke_id: poke_id.clone(),
+                    cookie: poke_id,
+                    cancel: false,
+                }));
+                let conn = self.conns.get_mut(&id).expect("present");
+                conn.version = Some(target.clone());
+                conn.poked = true;
+            }
+            Ok::<(), OpError>(())
+        })();
+        if began {
+            self.source.end();
+        }
+        r
+    }
+
+    /// The poke parts that bring a client from `from` to `to`.
+    fn catchup(
+        &mut self,
+        from: Option<&CvrVersion>,
+        to: &CvrVersion,
+    ) -> Result<Vec<PokePartBody>, OpError> {
+        let poke_id = to.to_string();
+        let newer = |v: &CvrVersion| from.is_none_or(|f| v > f);
+        let mut parts = Vec::new();
+        let mut part = PokePartBody {
+            poke_id: poke_id.clone(),
+            ..Default::default()
+        };
+        let flush = |part: &mut PokePartBody, parts: &mut Vec<PokePartBody>| {
+            if part.len() >= PART_MAX_ENTRIES {
+                let full = std::mem::replace(
+                    part,
+                    PokePartBody {
+                        poke_id: part.poke_id.clone(),
+                        ..Default::default()
+                    },
+                );
+                parts.push(full);
+            }
+        };
+        for ((client, hash), d) in &self.cvr.desires {
+            if !newer(&d.patch_version) || (from.is_none() && d.deleted) {
+                continue;
+            }
+            let op = if d.deleted {
+                QueriesPatchOp::Del { hash: hash.clone() }
+            } else {
+                QueriesPatchOp::Put { hash: hash.clone() }
+            };
+            part.desired_queries_patches
+                .entry(client.clone())
+                .or_default()
+                .push(op);
+        }
+        flush(&mut part, &mut parts);
+        for (hash, q) in &self.cvr.queries {
+            let Some(pv) = &q.patch_version else { continue };
+            if !newer(pv) || (from.is_none() && !q.got) {
+                continue;
+            }
+            part.got_queries_patch.push(if q.got {
+                QueriesPatchOp::Put { hash: hash.clone() }
+            } else {
+                QueriesPatchOp::Del { hash: hash.clone() }
+            });
+        }
+        flush(&mut part, &mut parts);
+        if self.shared_state_ready() {
+            let m = self.mutation_changes(from, &poke_id)?;
+            part.last_mutation_id_changes = m.last_mutation_id_changes;
+            part.mutations_patch = m.mutations_patch;
+        }
+        let rows: Vec<(RowId, bool)> = self
+            .cvr
+            .rows
+            .iter()
+            .filter(|(_, r)| newer(&r.patch_version) && !(from.is_none() && r.refs.is_none()))
+            .map(|(id, r)| (id.clone(), r.refs.is_some()))
+            .collect();
+        for ((table, key), present) in rows {
+            let id = (table.clone(), key.clone());
+            if present {
+                let value = match self.fresh.get(&id) {
+                    Some(v) => Some(v.clone()),
+                    None => self.source.lookup(&table, &key)?,
+                };
+                match value {
+                    Some(value) => part.rows_patch.push(RowPatchOp::Put {
+                        table_name: table,
+                        value,
+                    }),
+                    None => continue,
+                }
+            } else {
+                let id = serde_json::from_str(&key).unwrap_or(Json::Null);
+                part.rows_patch.push(RowPatchOp::Del {
+                    table_name: table,
+                    id,
+                });
+            }
+            flush(&mut part, &mut parts);
+        }
+        if !part.is_empty() {
+            parts.push(part);
+        }
+        Ok(parts)
+    }
+
+    fn shared_state_ready(&self) -> bool {
+        self.cvr.processed.is_some()
+    }
+}
+
+/// The client schema's primary keys per table.
+fn client_keys(schema: &Json) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    if let Some(tables) = schema["tables"].as_object() {
+        for (t, v) in tables {
+            if let Some(pk) = v["primaryKey"].as_array() {
+                out.insert(
+                    t.clone(),
+                    pk.iter()
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                        .collect(),
+                );
+            }
+        }
+    }
+    out
+}

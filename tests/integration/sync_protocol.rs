@@ -1,0 +1,443 @@
+use serde_json::json;
+
+use crate::support::test_db;
+use crate::sync_util::{
+    ADMIN_PASSWORD, ConnectOpts, Connected, allow_all, connect, connect_raw, http_get, init,
+    start_server,
+};
+use zero_cache::sync::connect::encode_sec_protocol;
+
+fn issue_schema() -> serde_json::Value {
+    json!({"tables": {"issue": {"columns": {
+        "id": {"type": "string"}, "title": {"type": "string"}, "open": {"type": "boolean"},
+        "n": {"type": "number"}, "meta": {"type": "json"}}, "primaryKey": ["id"]}}})
+}
+
+const ISSUES: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text, open bool, n int8, meta jsonb);
+     INSERT INTO issue VALUES ('a', 'first', true, 1, '{\"x\": [1, 2]}'), ('b', 'second', false, 2, NULL);";
+
+fn all_issues() -> serde_json::Value {
+    json!([{"op": "put", "hash": "q1", "ttl": 60000,
+            "ast": {"table": "issue", "orderBy": [["id", "asc"]]}}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_and_statz_auth() {
+    let db = test_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let server = start_server(&db).await;
+    let (s, _, body) = http_get(server.addr, "/", None).await;
+    assert_eq!((s, body.as_str()), (200, "OK"));
+    let (s, _, body) = http_get(server.addr, "/keepalive", None).await;
+    assert_eq!((s, body.as_str()), (200, "OK"));
+    let (s, head, _) = http_get(server.addr, "/statz", None).await;
+    assert_eq!(s, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: basic realm=\"statz protected area\""),
+        "{head}"
+    );
+    let (s, _, _) = http_get(server.addr, "/statz", Some("admin:wrong")).await;
+    assert_eq!(s, 401);
+    let (s, _, body) = http_get(
+        server.addr,
+        "/statz",
+        Some(&format!("anyone:{ADMIN_PASSWORD}")),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["replica"]["watermark"], server.watermark());
+    let (s, _, _) = http_get(server.addr, "/nope", None).await;
+    assert_eq!(s, 404);
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_errors_close_with_1002_or_error() {
+    let db = test_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let server = start_server(&db).await;
+    let proto = encode_sec_protocol(None, None);
+    let q = "clientID=c&clientGroupID=g&baseCookie=&ts=1&lmid=0&wsid=w";
+    let expect_1002 = |r: Connected, needle: &str| match r {
+        Connected::Rejected(None, Some((1002, reason))) => {
+            assert!(reason.contains(needle), "{reason} should mention {needle}");
+            assert!(reason.len() <= 123);
+        }
+        Connected::Rejected(m, c) => panic!("expected close 1002, got {m:?} {c:?}"),
+        Connected::Ok(_) => panic!("expected close 1002, got connected"),
+    };
+    expect_1002(
+        connect_raw(server.addr, &format!("/sync/vx/connect?{q}"), Some(&proto)).await,
+        "version",
+    );
+    expect_1002(
+        connect_raw(
+            server.addr,
+            &format!("/a/b/sync/v51/connect?{q}"),
+            Some(&proto),
+        )
+        .await,
+        "URL",
+    );
+    expect_1002(
+        connect_raw(
+            server.addr,
+            "/sync/v51/connect?clientGroupID=g&ts=1&lmid=0",
+            Some(&proto),
+        )
+        .await,
+        "clientID",
+    );
+    expect_1002(
+        connect_raw(
+            server.addr,
+            "/sync/v51/connect?clientID=c&clientGroupID=g&lmid=0",
+            Some(&proto),
+        )
+        .await,
+        "ts",
+    );
+    expect_1002(
+        connect_raw(server.addr, &format!("/sync/v51/connect?{q}"), None).await,
+        "Sec-WebSocket-Protocol",
+    );
+    expect_1002(
+        connect_raw(
+            server.addr,
+            &format!("/sync/v51/connect?{q}"),
+            Some("bm90IGpzb24"),
+        )
+        .await,
+        "Sec-WebSocket-Protocol",
+    );
+    for v in [29, 52, 100] {
+        match connect_raw(
+            server.addr,
+            &format!("/sync/v{v}/connect?{q}"),
+            Some(&proto),
+        )
+        .await
+        {
+            Connected::Rejected(Some(m), _) => {
+                assert_eq!(m[0], "error");
+                assert_eq!(m[1]["kind"], "VersionNotSupported");
+                assert_eq!(m[1]["origin"], "zeroCache");
+            }
+            _ => panic!("v{v} should be rejected with VersionNotSupported"),
+        }
+    }
+    // Every supported version, with or without a base path, connects.
+    for path in ["/sync/v30/connect", "/zero/sync/v51/connect"] {
+        match connect_raw(server.addr, &format!("{path}?{q}"), Some(&proto)).await {
+            Connected::Ok(c) => c.close().await,
+            Connected::Rejected(m, c) => panic!("{path}: {m:?} {c:?}"),
+        }
+    }
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_get_invalid_message_and_ping_gets_pong() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let server = start_server(&db).await;
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    c.send(json!(["ping", {}])).await;
+    // The idle pongs are skipped by the helper; a ping must be answered at once.
+    c.send_text("[\"ping\",{}]".into()).await;
+    c.send_text("not json".into()).await;
+    let e = c.expect_error("InvalidMessage").await;
+    assert_eq!(e[1]["origin"], "zeroCache");
+
+    for bad in [
+        json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "put"}]}]),
+        json!(["noSuchMessage", {}]),
+        json!(["changeDesiredQueries", {"desiredQueriesPatch": [], "extra": 1}]),
+    ] {
+        let mut c = connect(
+            server.addr,
+            ConnectOpts::new("c2", "g2", init(json!([]), Some(issue_schema()))),
+        )
+        .await
+        .ok();
+        c.poke().await;
+        c.send(bad).await;
+        c.expect_error("InvalidMessage").await;
+    }
+
+    // Oversize frames (the test server allows 64 KiB).
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c3", "g3", init(json!([]), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    let big = format!(
+        "[\"changeDesiredQueries\",{{\"desiredQueriesPatch\":[],\"traceparent\":\"{}\"}}]",
+        "x".repeat(100_000)
+    );
+    c.send_text(big).await;
+    c.expect_error("InvalidMessage").await;
+
+    // The server is still serving.
+    let (s, _, _) = http_get(server.addr, "/", None).await;
+    assert_eq!(s, 200);
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydration_then_one_poke_per_commit() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    let config = c.poke().await;
+    assert_eq!(config.base(), json!(null));
+    assert_eq!(config.cookie(), "00:01");
+    assert_eq!(
+        config.parts[0]["desiredQueriesPatches"],
+        json!({"c1": [{"op": "put", "hash": "q1"}]})
+    );
+    let hydrate = c.poke().await;
+    assert_eq!(hydrate.base(), json!("00:01"));
+    assert_eq!(hydrate.cookie(), server.watermark());
+    assert_eq!(
+        hydrate.all("gotQueriesPatch"),
+        vec![json!({"op": "put", "hash": "q1"})]
+    );
+    assert_eq!(
+        hydrate.puts(),
+        vec![
+            (
+                "issue".to_string(),
+                json!({"id": "a", "title": "first", "open": true, "n": 1, "meta": {"x": [1, 2]}})
+            ),
+            (
+                "issue".to_string(),
+                json!({"id": "b", "title": "second", "open": false, "n": 2, "meta": null})
+            ),
+        ]
+    );
+
+    let mut cookie = hydrate.cookie();
+    db.exec("INSERT INTO issue VALUES ('c', 'third', true, 3, '[]')")
+        .await;
+    let p = c.poke().await;
+    assert_eq!(p.base(), json!(cookie));
+    assert_eq!(
+        p.puts(),
+        vec![(
+            "issue".to_string(),
+            json!({"id": "c", "title": "third", "open": true, "n": 3, "meta": []})
+        )]
+    );
+    cookie = p.cookie();
+    db.exec("UPDATE issue SET title = 'changed' WHERE id = 'a'")
+        .await;
+    let p = c.poke().await;
+    assert_eq!(p.base(), json!(cookie));
+    assert_eq!(p.puts().len(), 1);
+    assert_eq!(p.puts()[0].1["title"], "changed");
+    cookie = p.cookie();
+    db.exec("DELETE FROM issue WHERE id = 'b'").await;
+    let p = c.poke().await;
+    assert_eq!(p.base(), json!(cookie));
+    assert_eq!(p.dels(), vec![("issue".to_string(), json!({"id": "b"}))]);
+    assert!(p.cookie() > cookie);
+
+    // Removing the query: a config poke with the desire deleted; rows stay until the TTL.
+    c.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del", "hash": "q1"}]}]))
+        .await;
+    let p = c.poke().await;
+    assert_eq!(
+        p.parts[0]["desiredQueriesPatches"],
+        json!({"c1": [{"op": "del", "hash": "q1"}]})
+    );
+    assert!(p.all("rowsPatch").is_empty());
+    c.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_queries_without_permissions_sync_no_rows() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let server = start_server(&db).await;
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    let p = c.poke().await;
+    assert_eq!(
+        p.all("gotQueriesPatch"),
+        vec![json!({"op": "put", "hash": "q1"})]
+    );
+    assert!(p.puts().is_empty(), "no permissions deployed: no rows");
+    c.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_catches_up_from_the_cookie_and_bad_cookies_are_rejected() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    let cookie = c.poke().await.cookie();
+    c.close().await;
+
+    let before = server.watermark();
+    db.exec(
+        "INSERT INTO issue VALUES ('c', 'third', true, 3, NULL); DELETE FROM issue WHERE id = 'a';",
+    )
+    .await;
+    server.wait_watermark_after(&before).await;
+
+    // Same client, with its cookie and no schema (the client sends none when it has a cookie).
+    let mut o = ConnectOpts::new("c1", "g1", init(all_issues(), None));
+    o.base_cookie = Some(&cookie);
+    let mut c = connect(server.addr, o).await.ok();
+    let pokes = c.pokes_until(|p| !p.dels().is_empty()).await;
+    let last = pokes.last().expect("poke");
+    assert_eq!(pokes[0].base(), json!(cookie));
+    assert_eq!(last.dels(), vec![("issue".to_string(), json!({"id": "a"}))]);
+    let puts: Vec<_> = pokes.iter().flat_map(|p| p.puts()).collect();
+    assert_eq!(puts.len(), 1, "only the new row is sent: {puts:?}");
+    assert_eq!(puts[0].1["id"], "c");
+    c.close().await;
+
+    // A cookie ahead of the CVR.
+    let mut o = ConnectOpts::new("c1", "g1", init(json!([]), None));
+    o.base_cookie = Some("zzzzzzzz");
+    let mut c = connect(server.addr, o).await.ok();
+    c.expect_error("InvalidConnectionRequestBaseCookie").await;
+
+    // A cookie for a group the server never saw.
+    let mut o = ConnectOpts::new("c9", "unknown-group", init(json!([]), None));
+    o.base_cookie = Some(&cookie);
+    let mut c = connect(server.addr, o).await.ok();
+    c.expect_error("ClientNotFound").await;
+
+    // A new group without a client schema.
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c8", "new-group", init(json!([]), None)),
+    )
+    .await
+    .ok();
+    c.expect_error("InvalidConnectionRequest").await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_schema_is_checked_against_the_replica() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let server = start_server(&db).await;
+    let bad = json!({"tables": {
+        "nope": {"columns": {"id": {"type": "string"}}, "primaryKey": ["id"]},
+        "issue": {"columns": {"id": {"type": "string"}, "open": {"type": "string"},
+                              "missing": {"type": "number"}}, "primaryKey": ["title"]}}});
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(json!([]), Some(bad))),
+    )
+    .await
+    .ok();
+    let e = c.expect_error("SchemaVersionNotSupported").await;
+    let msg = e[1]["message"].as_str().expect("message");
+    for needle in [
+        "\"nope\"",
+        "\"issue\".\"open\"",
+        "\"issue\".\"missing\"",
+        "primary key",
+    ] {
+        assert!(msg.contains(needle), "{msg} should mention {needle}");
+    }
+    server.stop_sync().await.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_of_a_client_replaces_the_first_and_lmids_are_poked() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let mut first = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    first.poke().await;
+    first.poke().await;
+    let mut second = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    // The first socket is closed by the server.
+    loop {
+        match first.next_event().await {
+            crate::sync_util::Event::Close(_) => break,
+            crate::sync_util::Event::Msg(m) => assert_ne!(m[0], "error", "{m}"),
+        }
+    }
+    let p = second.poke().await;
+    assert_eq!(p.base(), json!(null));
+    let p = if p.puts().is_empty() {
+        second.poke().await
+    } else {
+        p
+    };
+    assert_eq!(p.puts().len(), 2, "a fresh connection gets every row");
+
+    // A mutation processed by an API server bumps the client's LMID upstream.
+    db.exec(r#"INSERT INTO zero_0.clients ("clientGroupID", "clientID", "lastMutationID") VALUES ('g1', 'c1', 1), ('other', 'c1', 7)"#)
+        .await;
+    let p = second.poke().await;
+    assert_eq!(p.parts[0]["lastMutationIDChanges"], json!({"c1": 1}));
+    db.exec(r#"INSERT INTO zero_0.mutations ("clientGroupID", "clientID", "mutationID", "result") VALUES ('g1', 'c1', 2, '{"error":"app","message":"nope"}')"#)
+        .await;
+    let p = second.poke().await;
+    assert_eq!(
+        p.all("mutationsPatch"),
+        vec![
+            json!({"op": "put", "mutation": {"id": {"clientID": "c1", "id": 2}, "result": {"error": "app", "message": "nope"}}})
+        ]
+    );
+    db.exec(r#"DELETE FROM zero_0.mutations"#).await;
+    let p = second.poke().await;
+    assert_eq!(
+        p.all("mutationsPatch"),
+        vec![json!({"op": "del", "id": {"clientID": "c1", "id": 2}})]
+    );
+    second.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

@@ -1,0 +1,421 @@
+//! Helpers for the sync-server tests: a replicator plus sync server on a loopback port, and a
+//! small WebSocket client that speaks Zero's JSON frames.
+
+#![allow(unreachable_pub, dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value as Json, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use zero_cache::sync::{self, SyncOptions, connect::encode_sec_protocol};
+
+use crate::support::{Running, TestDb, start};
+
+/// The admin password the test servers use.
+pub const ADMIN_PASSWORD: &str = "s3cret";
+
+/// A replicator and a sync server for one test database.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub repl: Running,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Options for a server over `db`'s replica.
+pub fn options(db: &TestDb) -> SyncOptions {
+    let mut cvr = db.replica_file().into_os_string();
+    cvr.push("-cvr.db");
+    SyncOptions {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        replica_file: db.replica_file(),
+        cvr_file: cvr.into(),
+        app_id: "zero".into(),
+        shard_schema: "zero_0".into(),
+        num_workers: 2,
+        admin_password: Some(ADMIN_PASSWORD.into()),
+        development: false,
+        max_payload_bytes: 64 * 1024,
+        query_urls: Vec::new(),
+        query_api_key: None,
+    }
+}
+
+/// Starts the replicator, waits for the replica, then starts the sync server.
+pub async fn start_server(db: &TestDb) -> Server {
+    let mut repl = start(db.replicator_config());
+    repl.ready().await;
+    start_sync(db, repl).await
+}
+
+/// Starts a sync server next to an already running replicator.
+pub async fn start_sync(db: &TestDb, repl: Running) -> Server {
+    let server = sync::bind(options(db), repl.watermarks.clone())
+        .await
+        .expect("bind");
+    let addr = server.addr;
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        server
+            .serve(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+            .expect("serve");
+    });
+    Server {
+        addr,
+        repl,
+        stop,
+        task,
+    }
+}
+
+impl Server {
+    /// Stops the sync server (the replicator keeps running).
+    pub async fn stop_sync(self) -> Running {
+        self.stop.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.repl
+    }
+
+    /// The current replica watermark.
+    pub fn watermark(&self) -> String {
+        self.repl.watermarks.borrow().clone()
+    }
+
+    /// Waits until the watermark moves past `after`.
+    pub async fn wait_watermark_after(&mut self, after: &str) -> String {
+        let after = after.to_string();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            self.repl.watermarks.wait_for(|w| *w > after),
+        )
+        .await
+        .expect("watermark advances")
+        .expect("replicator running")
+        .clone()
+    }
+}
+
+/// Lets every legacy query read every row of `tables`.
+pub async fn allow_all(db: &TestDb, server: &mut Server, tables: &[&str]) {
+    let rules: serde_json::Map<String, Json> = tables
+        .iter()
+        .map(|t| {
+            (
+                t.to_string(),
+                json!({"row": {"select": [["allow", {"type": "and", "conditions": []}]]}}),
+            )
+        })
+        .collect();
+    let before = server.watermark();
+    db.exec(&format!(
+        "UPDATE zero.permissions SET permissions = '{}'",
+        json!({ "tables": rules })
+    ))
+    .await;
+    server.wait_watermark_after(&before).await;
+}
+
+/// A minimal HTTP/1.1 GET; returns status, headers and body.
+pub async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(a) = auth {
+        use base64::Engine as _;
+        req.push_str(&format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(a)
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// A test client connection.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// One poke: start, parts, end.
+#[derive(Debug, Clone)]
+pub struct Poke {
+    pub start: Json,
+    pub parts: Vec<Json>,
+    pub end: Json,
+}
+
+impl Poke {
+    /// The cookie after the poke.
+    pub fn cookie(&self) -> String {
+        self.end["cookie"].as_str().expect("cookie").to_string()
+    }
+
+    /// The base cookie (null for a fresh client).
+    pub fn base(&self) -> Json {
+        self.start["baseCookie"].clone()
+    }
+
+    /// All entries of one patch field over the parts.
+    pub fn all(&self, field: &str) -> Vec<Json> {
+        self.parts
+            .iter()
+            .flat_map(|p| p[field].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// Row puts as (table, value), sorted by table then JSON text.
+    pub fn puts(&self) -> Vec<(String, Json)> {
+        let mut v: Vec<(String, Json)> = self
+            .all("rowsPatch")
+            .into_iter()
+            .filter(|p| p["op"] == "put")
+            .map(|p| {
+                (
+                    p["tableName"].as_str().unwrap().to_string(),
+                    p["value"].clone(),
+                )
+            })
+            .collect();
+        v.sort_by_key(|(t, j)| (t.clone(), j.to_string()));
+        v
+    }
+
+    /// Row dels as (table, id).
+    pub fn dels(&self) -> Vec<(String, Json)> {
+        self.all("rowsPatch")
+            .into_iter()
+            .filter(|p| p["op"] == "del")
+            .map(|p| {
+                (
+                    p["tableName"].as_str().unwrap().to_string(),
+                    p["id"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the poke carries no patch at all.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+/// Connect parameters.
+pub struct ConnectOpts<'a> {
+    pub path: &'a str,
+    pub client_id: &'a str,
+    pub group_id: &'a str,
+    pub base_cookie: Option<&'a str>,
+    pub init: Option<Json>,
+}
+
+impl<'a> ConnectOpts<'a> {
+    /// v51 connect of `client` in `group` with an initConnection in the header.
+    pub fn new(client: &'a str, group: &'a str, init: Json) -> ConnectOpts<'a> {
+        ConnectOpts {
+            path: "/sync/v51/connect",
+            client_id: client,
+            group_id: group,
+            base_cookie: None,
+            init: Some(init),
+        }
+    }
+}
+
+/// The result of a connect attempt.
+pub enum Connected {
+    /// The server sent `connected`.
+    Ok(Box<Client>),
+    /// The server sent something else first (error) or closed; (first message, close frame).
+    Rejected(Option<Json>, Option<(u16, String)>),
+}
+
+impl Connected {
+    pub fn ok(self) -> Client {
+        match self {
+            Connected::Ok(c) => *c,
+            Connected::Rejected(m, c) => panic!("connection rejected: {m:?} {c:?}"),
+        }
+    }
+}
+
+/// An `initConnection` with the given query puts and client schema.
+pub fn init(puts: Json, client_schema: Option<Json>) -> Json {
+    let mut body = json!({ "desiredQueriesPatch": puts });
+    if let Some(s) = client_schema {
+        body["clientSchema"] = s;
+    }
+    json!(["initConnection", body])
+}
+
+/// Connects with a raw URL and optional subprotocol header.
+pub async fn connect_raw(addr: SocketAddr, url_path: &str, protocol: Option<&str>) -> Connected {
+    let mut req = format!("ws://{addr}{url_path}")
+        .into_client_request()
+        .expect("request");
+    if let Some(p) = protocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().expect("header"));
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let mut c = Client { ws };
+    match c.next_event().await {
+        Event::Msg(m) if m[0] == "connected" => Connected::Ok(Box::new(c)),
+        Event::Msg(m) => {
+            let close = match c.next_event().await {
+                Event::Close(c) => c,
+                _ => None,
+            };
+            Connected::Rejected(Some(m), close)
+        }
+        Event::Close(c) => Connected::Rejected(None, c),
+    }
+}
+
+static WSIDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Connects like the client does.
+pub async fn connect(addr: SocketAddr, o: ConnectOpts<'_>) -> Connected {
+    let url = format!(
+        "{}?clientID={}&clientGroupID={}&userID=anon&baseCookie={}&ts=1127.042&lmid=0&wsid=ws-{}-{}&profileID=p1",
+        o.path,
+        o.client_id,
+        o.group_id,
+        o.base_cookie.unwrap_or(""),
+        o.client_id,
+        WSIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let proto = encode_sec_protocol(o.init.as_ref(), None);
+    connect_raw(addr, &url, Some(&proto)).await
+}
+
+/// What arrives on a connection.
+pub enum Event {
+    /// A JSON message.
+    Msg(Json),
+    /// The socket closed (with code and reason if given).
+    Close(Option<(u16, String)>),
+}
+
+impl Client {
+    /// Sends a message.
+    pub async fn send(&mut self, m: Json) {
+        self.ws
+            .send(Message::Text(m.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, t: String) {
+        self.ws.send(Message::Text(t.into())).await.expect("send");
+    }
+
+    /// The next message or close (10 s timeout), skipping pongs the server sends on idle.
+    pub async fn next_event(&mut self) -> Event {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a message within 10 s");
+            match m {
+                None | Some(Err(_)) => return Event::Close(None),
+                Some(Ok(Message::Text(t))) => {
+                    let j: Json = serde_json::from_str(&t).expect("json frame");
+                    if j[0] == "pong" {
+                        continue;
+                    }
+                    return Event::Msg(j);
+                }
+                Some(Ok(Message::Close(f))) => {
+                    return Event::Close(f.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next message; panics on close.
+    pub async fn recv(&mut self) -> Json {
+        match self.next_event().await {
+            Event::Msg(m) => m,
+            Event::Close(c) => panic!("closed: {c:?}"),
+        }
+    }
+
+    /// Reads one whole poke.
+    pub async fn poke(&mut self) -> Poke {
+        let start = self.recv().await;
+        assert_eq!(start[0], "pokeStart", "expected pokeStart, got {start}");
+        let id = start[1]["pokeID"].clone();
+        let mut parts = Vec::new();
+        loop {
+            let m = self.recv().await;
+            assert_eq!(m[1]["pokeID"], id, "poke messages must not interleave: {m}");
+            match m[0].as_str() {
+                Some("pokePart") => parts.push(m[1].clone()),
+                Some("pokeEnd") => {
+                    return Poke {
+                        start: start[1].clone(),
+                        parts,
+                        end: m[1].clone(),
+                    };
+                }
+                _ => panic!("unexpected message inside a poke: {m}"),
+            }
+        }
+    }
+
+    /// Reads pokes until `pred` holds for one; returns all read.
+    pub async fn pokes_until(&mut self, mut pred: impl FnMut(&Poke) -> bool) -> Vec<Poke> {
+        let mut out = Vec::new();
+        loop {
+            let p = self.poke().await;
+            let done = pred(&p);
+            out.push(p);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Expects an error message of `kind`, then the close.
+    pub async fn expect_error(&mut self, kind: &str) -> Json {
+        let m = self.recv().await;
+        assert_eq!(m[0], "error", "expected an error, got {m}");
+        assert_eq!(m[1]["kind"], kind, "{m}");
+        match self.next_event().await {
+            Event::Close(_) => {}
+            Event::Msg(m) => panic!("expected close after error, got {m}"),
+        }
+        m
+    }
+
+    /// Asks the server to close and waits for it.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await
+        {}
+    }
+}
