@@ -6,9 +6,10 @@
 //!
 //! * **Tables** are input collections of `(primary key, row)`, fed by committed change batches
 //!   ([`Engine::apply`]) at strictly increasing `u64` versions. Each table is arranged once by
-//!   primary key; secondary arrangements (by correlation or equality columns, and a whole-table
-//!   one for scans) are built lazily and **shared** by every query. After each version all
-//!   arrangements are compacted to it, so memory stays bounded under a long update stream.
+//!   primary key; the correlation indexes of the schema's relationships are built up front;
+//!   other arrangements (equality seeks, whole-table scans, sorted indexes for top-k) are
+//!   built when a shape first needs them. All are **shared** by every query. After each
+//!   version they are compacted to it, so memory stays bounded under a long update stream.
 //! * **Queries are data.** [`Engine::add_query`] validates the AST, completes its orderings,
 //!   and splits it into a *shape* (literals, limits and start cursors replaced by slots) and
 //!   parameters ([`plan`]). One dataflow (a *template*) runs per distinct shape; each distinct
@@ -18,8 +19,12 @@
 //!   included), plus up to [`plan::EXISTS_LIMIT`] EXISTS witnesses per parent (all of them for
 //!   `flip`, none for permission subqueries). [`Engine::step_until`] returns, per version and
 //!   query, the row patches (put/del by table and primary key); a version's patches are
-//!   complete and atomic. [`Engine::view`] renders the current result as Zero's hierarchical
-//!   view.
+//!   complete and atomic ([`Engine::poll`] is the non-blocking form). [`Engine::view`]
+//!   renders the current result as Zero's hierarchical view; [`Engine::rows`] lists it flat.
+//! * **Threads.** Timely workers run on their own threads ([`EngineConfig::workers`]); every
+//!   command goes to every worker in the same order, and each worker reports its output and
+//!   its frontiers on one channel, so the API is synchronous and the caller bridges it to
+//!   async code with channels or a blocking task.
 //!
 //! ```no_run
 //! # use zero_dataflow::{Engine, EngineConfig, TableChange, Op};
