@@ -64,6 +64,7 @@ async fn main() {
             fsync: false,
             remove_on_drop: true,
             settings: vec![("max_wal_size".into(), "4GB".into())],
+            hba: None,
         },
     )
     .expect("start postgres");

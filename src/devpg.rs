@@ -51,6 +51,8 @@ pub struct DevPgOptions {
     pub remove_on_drop: bool,
     /// Extra server settings (`name`, `value`), overriding the defaults.
     pub settings: Vec<(String, String)>,
+    /// Replaces `pg_hba.conf` (e.g. to allow only TLS connections).
+    pub hba: Option<String>,
 }
 
 fn find_bindir() -> Option<PathBuf> {
@@ -130,6 +132,13 @@ impl DevPostgres {
                 ],
                 true,
             )?;
+        }
+        if let Some(hba) = &opts.hba {
+            std::fs::write(pg.dir.join("pg_hba.conf"), hba)?;
+            if as_postgres {
+                let f = pg.dir.join("pg_hba.conf").to_string_lossy().into_owned();
+                pg.run("chown", &["postgres:postgres", &f], false)?;
+            }
         }
         // Another cluster may take the port between our probe and its bind: retry.
         let mut last = None;
@@ -299,6 +308,11 @@ impl DevPostgres {
             .stderr(Stdio::null())
             .spawn()?;
         Ok(())
+    }
+
+    /// Whether Postgres commands run as the `postgres` user (we are root).
+    pub fn runs_as_postgres(&self) -> bool {
+        self.as_postgres
     }
 
     /// Stops the cluster (fast shutdown).

@@ -1,10 +1,14 @@
 //! Connections to the upstream Postgres: ordinary SQL sessions and replication sessions, both
 //! from the one `ZERO_UPSTREAM_DB` URI, both pinned to the text formats that `pgvalue` parses.
 
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
-use pgwire_replication::{ReplicationConfig, TlsConfig};
-use tokio_postgres::config::Host;
+use pgwire_replication::{ReplicationConfig, SslMode as WireSslMode, TlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres::config::{Host, SslMode};
 
 use crate::upstream::Shard;
 
@@ -13,16 +17,33 @@ use crate::upstream::Shard;
 const SESSION_OPTIONS: &str =
     "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=iso_8601";
 
+/// libpq's `sslmode`, which tokio-postgres only partly understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS if the server offers it, without verifying the certificate (libpq's default).
+    Prefer,
+    /// TLS, without verifying the certificate.
+    Require,
+    /// TLS with a certificate signed by a trusted CA (`sslrootcert`, else the web PKI roots).
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host.
+    VerifyFull,
+}
+
 /// The upstream database, parsed once from its URI.
 #[derive(Clone)]
 pub struct UpstreamConfig {
     pg: tokio_postgres::Config,
+    tls: TlsMode,
+    root_cert: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
-        write!(f, "UpstreamConfig({})", self.display())
+        write!(f, "UpstreamConfig({}, {:?})", self.display(), self.tls)
     }
 }
 
@@ -31,10 +52,74 @@ impl std::fmt::Debug for UpstreamConfig {
 #[error("invalid upstream URI: {0}")]
 pub struct UriError(String);
 
+/// Removes the TLS parameters that tokio-postgres rejects or ignores from a URI or key=value
+/// connection string, returning them separately.
+fn split_tls_params(uri: &str) -> (String, Vec<(String, String)>) {
+    let tls_key = |k: &str| {
+        matches!(
+            k,
+            "sslmode" | "sslrootcert" | "sslcert" | "sslkey" | "sslnegotiation"
+        )
+    };
+    let mut taken = Vec::new();
+    if uri.starts_with("postgres://") || uri.starts_with("postgresql://") {
+        let Some((base, query)) = uri.split_once('?') else {
+            return (uri.to_string(), taken);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if tls_key(k) {
+                taken.push((k.to_string(), percent_decode(v)));
+            } else {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (rest, taken)
+    } else {
+        let mut kept = Vec::new();
+        for token in uri.split_whitespace() {
+            match token.split_once('=') {
+                Some((k, v)) if tls_key(k) => taken.push((k.to_string(), v.to_string())),
+                _ => kept.push(token),
+            }
+        }
+        (kept.join(" "), taken)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl UpstreamConfig {
-    /// Parses a `postgres://` URI (or key=value connection string).
+    /// Parses a `postgres://` URI (or key=value connection string), including libpq's
+    /// `sslmode` (`disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`) and
+    /// `sslrootcert`.
     pub fn parse(uri: &str) -> Result<UpstreamConfig, UriError> {
-        let mut pg = tokio_postgres::Config::from_str(uri).map_err(|e| UriError(e.to_string()))?;
+        let (rest, tls_params) = split_tls_params(uri);
+        let mut pg =
+            tokio_postgres::Config::from_str(&rest).map_err(|e| UriError(e.to_string()))?;
         if pg.get_hosts().is_empty() {
             pg.host("localhost");
         }
@@ -43,7 +128,56 @@ impl UpstreamConfig {
         }
         pg.options(SESSION_OPTIONS);
         pg.application_name("zero-cache");
-        Ok(UpstreamConfig { pg })
+        let mut tls = TlsMode::Prefer;
+        let mut root_cert = None;
+        for (k, v) in tls_params {
+            match (k.as_str(), v.as_str()) {
+                ("sslmode", "disable" | "allow") => tls = TlsMode::Disable,
+                ("sslmode", "prefer") => tls = TlsMode::Prefer,
+                ("sslmode", "require") => tls = TlsMode::Require,
+                ("sslmode", "verify-ca") => tls = TlsMode::VerifyCa,
+                ("sslmode", "verify-full") => tls = TlsMode::VerifyFull,
+                ("sslmode", other) => {
+                    return Err(UriError(format!("unknown sslmode \"{other}\"")));
+                }
+                ("sslrootcert", path) => root_cert = Some(PathBuf::from(path)),
+                ("sslnegotiation", "postgres") => {}
+                (k, _) => {
+                    return Err(UriError(format!(
+                        "\"{k}\" is not supported (client certificates and direct TLS negotiation are not implemented)"
+                    )));
+                }
+            }
+        }
+        if let Some(p) = &root_cert
+            && !p.exists()
+        {
+            return Err(UriError(format!(
+                "sslrootcert {} does not exist",
+                p.display()
+            )));
+        }
+        if tls == TlsMode::VerifyFull
+            && let Some(Host::Tcp(h)) = pg.get_hosts().first()
+            && h.parse::<std::net::IpAddr>().is_ok()
+        {
+            return Err(UriError(format!(
+                "sslmode=verify-full needs a host name, not the address {h}: the replication \
+                 connection cannot verify certificates for IP addresses (use the name in the \
+                 server's certificate, or sslmode=verify-ca)"
+            )));
+        }
+        pg.ssl_mode(match tls {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        Ok(UpstreamConfig { pg, tls, root_cert })
+    }
+
+    /// The TLS mode in force.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls
     }
 
     /// `user@host:port/db`, for logs.
@@ -79,13 +213,65 @@ impl UpstreamConfig {
 
     /// Opens an SQL session, driven on a background task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await?;
+        if self.tls == TlsMode::Disable {
+            let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection closed");
+                }
+            });
+            return Ok(client);
+        }
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config());
+        let (client, conn) = self.pg.connect(tls).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection closed");
             }
         });
         Ok(client)
+    }
+
+    fn rustls_config(&self) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions");
+        match self.tls {
+            TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+                .with_no_client_auth(),
+            TlsMode::VerifyCa | TlsMode::VerifyFull => {
+                let mut roots = rustls::RootCertStore::empty();
+                match &self.root_cert {
+                    Some(path) => {
+                        for cert in CertificateDer::pem_file_iter(path)
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                        {
+                            let _ = roots.add(cert);
+                        }
+                    }
+                    None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+                }
+                let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .expect("a root store with the provider's algorithms builds");
+                if self.tls == TlsMode::VerifyFull {
+                    builder.with_webpki_verifier(verifier).with_no_client_auth()
+                } else {
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(CaOnly(verifier)))
+                        .with_no_client_auth()
+                }
+            }
+        }
     }
 
     /// The configuration of a replication session on `slot` for the shard's publications.
@@ -104,9 +290,146 @@ impl UpstreamConfig {
             shard.publications(),
         )
         .with_port(self.port())
-        .with_tls(TlsConfig::disabled())
+        .with_tls(TlsConfig {
+            mode: match self.tls {
+                TlsMode::Disable => WireSslMode::Disable,
+                TlsMode::Prefer => WireSslMode::Prefer,
+                TlsMode::Require => WireSslMode::Require,
+                TlsMode::VerifyCa => WireSslMode::VerifyCa,
+                TlsMode::VerifyFull => WireSslMode::VerifyFull,
+            },
+            ca_pem_path: self.root_cert.clone(),
+            ..TlsConfig::default()
+        })
         .with_options(SESSION_OPTIONS)
         .with_application_name("zero-cache-replication")
         .with_status_interval(std::time::Duration::from_secs(1))
+    }
+}
+
+/// libpq's `require`: encrypt, but accept any server certificate (signatures are still checked,
+/// so the handshake itself is sound).
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// libpq's `verify-ca`: the chain must lead to a trusted root, whatever name it carries.
+#[derive(Debug)]
+struct CaOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_the_uri() {
+        let c = UpstreamConfig::parse(
+            "postgres://u:p@h:5433/db?sslmode=verify-ca&application_name=x&sslrootcert=%2Fdev%2Fnull",
+        )
+        .expect("parse");
+        assert_eq!(c.tls_mode(), TlsMode::VerifyCa);
+        assert_eq!(
+            c.root_cert.as_deref(),
+            Some(std::path::Path::new("/dev/null"))
+        );
+        assert_eq!(c.display(), "u@h:5433/db");
+        let c = UpstreamConfig::parse("host=h user=u dbname=d sslmode=require").expect("parse");
+        assert_eq!(c.tls_mode(), TlsMode::Require);
+        assert_eq!(
+            UpstreamConfig::parse("postgres://h/db")
+                .expect("parse")
+                .tls_mode(),
+            TlsMode::Prefer
+        );
+        assert!(UpstreamConfig::parse("postgres://h/db?sslmode=bogus").is_err());
+        assert!(UpstreamConfig::parse("postgres://h/db?sslcert=/x").is_err());
     }
 }

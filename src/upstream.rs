@@ -6,8 +6,8 @@
 //! calls it inside the snapshot and the DDL trigger calls it after every schema change, so both
 //! paths see exactly the same description.
 
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
 use crate::schema::PublishedSchema;
@@ -102,17 +102,6 @@ pub enum UpstreamError {
     /// The published schema could not be read.
     #[error("cannot read published schema: {0}")]
     Schema(String),
-}
-
-/// Opens an ordinary SQL connection and drives it on a background task.
-pub async fn connect(uri: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(uri, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection closed");
-        }
-    });
-    Ok(client)
 }
 
 /// Checks server version, `wal_level` and the role's replication privilege.

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
                 fsync: true,
                 remove_on_drop: false,
                 settings: Vec::new(),
+                hba: None,
             },
         )
         .context("starting the development Postgres")?;

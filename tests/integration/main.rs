@@ -31,8 +31,14 @@ mod sync_util;
 /// The sync protocol: HTTP endpoints, handshakes, messages, pokes, catch-up.
 mod sync_protocol;
 
+/// Upstream connections over TLS (`sslmode`, `sslrootcert`).
+mod tls;
+
 /// The real @rocicorp/zero client (Node) against the sync server.
 mod sync_e2e;
 
 /// The recorded real-client session replayed against the sync server.
 mod sync_trace;
+
+/// Custom queries, pushes and TTLs with fake API servers.
+mod sync_api;

@@ -80,6 +80,7 @@ async fn wal_level_other_than_logical_is_a_clear_error() {
             fsync: false,
             remove_on_drop: true,
             settings: vec![("wal_level".into(), "replica".into())],
+            hba: None,
         },
     )
     .expect("start cluster");

@@ -40,6 +40,7 @@ pub fn cluster() -> &'static DevPostgres {
                 fsync: false,
                 remove_on_drop: true,
                 settings: Vec::new(),
+                hba: None,
             },
         )
         .expect("starting the test Postgres cluster");
