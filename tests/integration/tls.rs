@@ -125,11 +125,9 @@ async fn replicates_over_tls_and_honours_sslmode() {
 
     // Without TLS the server refuses us, and the error says so.
     let plain = UpstreamConfig::parse(&format!("{base}?sslmode=disable")).expect("uri");
-    let err = plain
-        .connect()
-        .await
-        .err()
-        .expect("plain connection refused");
+    let Err(err) = plain.connect().await else {
+        panic!("plain connection must be refused");
+    };
     assert!(format!("{err:?}").contains("no encryption"), "{err:?}");
 
     // verify-full against the web PKI roots fails: the certificate's CA is our own.
