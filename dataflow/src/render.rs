@@ -679,6 +679,9 @@ struct ProbeExists {
     child: ProbeLevel,
 }
 
+/// One update of a sorted index: the value (sort key and row) and its multiplicity change.
+type SortedUpdate = ((SortKey, Row), Diff);
+
 /// Reads the child rows under a key of one probe trace, as of the time being processed.
 type Fetch<'a> = dyn FnMut(usize, &Key) -> Arc<Vec<Row>> + 'a;
 
@@ -805,8 +808,7 @@ where
                 // Parameter changes (`Some`) and child-index changes (`None`).
                 let mut pending: Vec<(Option<Q>, Time, Diff)> = Vec::new();
                 // Sort keys of the rows that changed, by time and index key.
-                let mut changed: BTreeMap<Time, HashMap<Key, Vec<(SortKey, Row)>>> =
-                    BTreeMap::new();
+                let mut changed: BTreeMap<Time, HashMap<Key, Vec<SortedUpdate>>> = BTreeMap::new();
                 let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
                 let mut interest: HashMap<Key, BTreeSet<u64>> = HashMap::new();
                 let mut emitted: HashMap<u64, Vec<Row>> = HashMap::new();
@@ -821,13 +823,13 @@ where
                             let mut c = b.cursor();
                             while let Some(key) = c.get_key(b) {
                                 while let Some(val) = c.get_val(b) {
-                                    c.map_times(b, |t, _| {
+                                    c.map_times(b, |t, d| {
                                         changed
                                             .entry(*t)
                                             .or_default()
                                             .entry(key.clone())
                                             .or_default()
-                                            .push((val.0.clone(), Arc::clone(&val.1)));
+                                            .push(((val.0.clone(), Arc::clone(&val.1)), *d));
                                     });
                                     c.step_val(b);
                                 }
@@ -924,9 +926,24 @@ where
                                 fetched.insert((i, k.clone()), Arc::clone(&rows));
                                 rows
                             };
+                            // Windows updated in place: with only index changes at `t`
+                            // (no parameter or child change), the rows that pass an
+                            // instance's filter change exactly by the changed rows, so its
+                            // new window is the old one minus deleted plus inserted rows,
+                            // unless a full window shrinks and must be refilled by a walk.
+                            let mut updated: BTreeMap<u64, Vec<Row>> = BTreeMap::new();
                             if let Some(keys) = changed.remove(&t) {
-                                for (k, rows) in keys {
+                                for (k, mut rows) in keys {
                                     let Some(qs) = interest.get(&k) else { continue };
+                                    rows.sort_by(|a, b| a.0.cmp(&b.0));
+                                    let mut merged: Vec<SortedUpdate> = Vec::new();
+                                    for (v, d) in rows {
+                                        match merged.last_mut() {
+                                            Some((lv, ld)) if *lv == v => *ld += d,
+                                            _ => merged.push((v, d)),
+                                        }
+                                    }
+                                    merged.retain(|(_, d)| *d != 0);
                                     for qid in qs {
                                         if dirty.contains(qid) {
                                             continue;
@@ -934,23 +951,27 @@ where
                                         let Some((q, _, _)) = live.get(qid) else {
                                             continue;
                                         };
-                                        // A changed row (old or new version) can only move the
-                                        // window if it passes the instance's filter and, for a
-                                        // full window, sorts inside it.
-                                        let full_before = match (emitted.get(qid), live.get(qid)) {
-                                            (Some(rows), Some((q, _, _)))
-                                                if rows.len() >= plan.limit(q) =>
-                                            {
-                                                rows.last().map(|r| sort_key(&plan.order, r))
-                                            }
-                                            _ => None,
+                                        let limit = plan.limit(q);
+                                        let old = emitted.get(qid).cloned().unwrap_or_default();
+                                        let full = limit > 0 && old.len() >= limit;
+                                        let last = if full {
+                                            old.last().map(|r| sort_key(&plan.order, r))
+                                        } else {
+                                            None
                                         };
-                                        let affected = rows.iter().any(|(sk, row)| {
-                                            full_before.as_ref().is_none_or(|last| sk <= last)
-                                                && plan.start.is_none_or(|s| {
+                                        let mut window: Vec<(SortKey, Row)> = old
+                                            .iter()
+                                            .map(|r| (sort_key(&plan.order, r), Arc::clone(r)))
+                                            .collect();
+                                        let mut touched_window = false;
+                                        for ((sk, row), d) in &merged {
+                                            if last.as_ref().is_some_and(|l| sk > l) {
+                                                continue;
+                                            }
+                                            let passes =
+                                                plan.start.is_none_or(|s| {
                                                     after_start(&plan.order, row, &q.params[s])
-                                                })
-                                                && plan.level.filter.as_ref().is_none_or(|p| {
+                                                }) && plan.level.filter.as_ref().is_none_or(|p| {
                                                     eval_probe(
                                                         &plan.level,
                                                         p,
@@ -959,11 +980,30 @@ where
                                                         &mut likes,
                                                         &mut fetch,
                                                     )
-                                                })
-                                        });
-                                        if affected {
-                                            dirty.insert(*qid);
+                                                });
+                                            if !passes {
+                                                continue;
+                                            }
+                                            touched_window = true;
+                                            if *d < 0 {
+                                                window.retain(|(ws, wr)| !(ws == sk && wr == row));
+                                            } else {
+                                                window.push((sk.clone(), Arc::clone(row)));
+                                            }
                                         }
+                                        if !touched_window {
+                                            continue;
+                                        }
+                                        if full && window.len() < limit {
+                                            dirty.insert(*qid);
+                                            continue;
+                                        }
+                                        window.sort();
+                                        window.truncate(limit);
+                                        updated.insert(
+                                            *qid,
+                                            window.into_iter().map(|(_, r)| r).collect(),
+                                        );
                                     }
                                 }
                             }
@@ -1021,6 +1061,21 @@ where
                                 }
                                 for r in new.iter().filter(|r| !old.contains(r)) {
                                     session.give(((Arc::clone(&q), Arc::clone(r)), t, 1));
+                                }
+                                if !new.is_empty() {
+                                    emitted.insert(qid, new);
+                                }
+                            }
+                            for (qid, new) in updated {
+                                let Some((q, _, _)) = live.get(&qid) else {
+                                    continue;
+                                };
+                                let old = emitted.remove(&qid).unwrap_or_default();
+                                for r in old.iter().filter(|r| !new.contains(r)) {
+                                    session.give(((Arc::clone(q), Arc::clone(r)), t, -1));
+                                }
+                                for r in new.iter().filter(|r| !old.contains(r)) {
+                                    session.give(((Arc::clone(q), Arc::clone(r)), t, 1));
                                 }
                                 if !new.is_empty() {
                                     emitted.insert(qid, new);
