@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::pgconn::UpstreamConfig;
 use crate::pgvalue;
 use crate::replica::{self, ReplicaState};
-use crate::schema::{PublishedSchema, ReplicaColumn, ReplicaTable, ValueKind};
+use crate::schema::{ReplicaColumn, ReplicaTable, ValueKind};
 use crate::upstream::{self, Shard, UpstreamError, quote_ident, quote_literal};
 use crate::version::Lsn;
 
@@ -714,11 +714,6 @@ async fn drop_other_slots(client: &tokio_postgres::Client, shard: &Shard, keep: 
             &[&keep],
         )
         .await;
-}
-
-/// Whether the schema has any table at all (an empty publication is legal but unusual).
-pub fn is_empty(schema: &PublishedSchema) -> bool {
-    schema.tables.is_empty()
 }
 
 #[cfg(test)]
