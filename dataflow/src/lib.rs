@@ -60,8 +60,10 @@
 //!   instance and walks a shared *sorted* index (rows under each key in ORDER BY order) until
 //!   the limit is filled. On a single worker it decides EXISTS by probing the children's
 //!   shared indexes during the walk, so hydrating `issues with label X order by modified
-//!   limit 50` reads about 50 / selectivity rows. A change to a full window's key re-walks only
-//!   if it sorts inside the window. Witnesses and `related` then hang off the few output rows.
+//!   limit 50` reads about 50 / selectivity rows. Changes to the table update windows in
+//!   place (only rows that pass the filter and sort inside the window matter); a walk happens
+//!   on hydration, when a child table of an EXISTS changes, or to refill a shrunken window.
+//!   Witnesses and `related` then hang off the few output rows.
 //! * **Other limits** (per parent in `related`, EXISTS witness caps, and root limits with EXISTS
 //!   on several workers) use `reduce`; whole-instance groups get one hash-bucket stage first.
 //! * EXISTS in other positions are (anti)semijoins against the child's keys, after the pure
