@@ -781,8 +781,14 @@ impl TopKPlan {
 ///
 /// Per instance it keeps only the rows it emitted, and it reads the index, which is shared by
 /// every template, by seeking the instance's key and walking values in ORDER BY order until
-/// the limit is reached: hydration costs O(limit / selectivity), not O(group). A change to a
-/// key re-evaluates the instances interested in that key.
+/// the limit is reached: hydration costs O(limit / selectivity), not O(group). Changed rows
+/// under a key update the windows of the instances interested in that key in place; an
+/// instance walks again when its parameters or an EXISTS child table change, or when its full
+/// window lost rows and must be refilled.
+///
+/// `left` carries parameter rows (`Some`) and, when the filter has EXISTS, one `None` per time
+/// at which a probed child index changed; `pact` routes parameter rows to the worker holding
+/// their key (probing shapes run on a single worker, so they use `Pipeline`).
 fn lookup_topk<'s, P>(
     left: Coll<'s, Option<Q>>,
     pact: P,
