@@ -73,26 +73,14 @@ pub struct QueryEndpoint {
 impl QueryEndpoint {
     /// The URL to call: the client's choice if configured, else the first configured one.
     pub fn url_for(&self, client_url: Option<&str>) -> Result<String, TransformFailed> {
-        let strip = |u: &str| u.split(['?', '#']).next().unwrap_or(u).to_string();
-        let base = match client_url {
-            Some(u) => {
-                if !self.urls.iter().any(|c| strip(c) == strip(u)) {
-                    return Err(TransformFailed::new(
-                        "internal",
-                        format!("URL \"{u}\" is not allowed by the ZERO_QUERY_URL configuration"),
-                    ));
-                }
-                u.to_string()
-            }
-            None => self.urls.first().cloned().ok_or_else(|| {
-                TransformFailed::new("internal", "ZERO_QUERY_URL is not configured")
-            })?,
-        };
-        let sep = if base.contains('?') { '&' } else { '?' };
-        Ok(format!(
-            "{base}{sep}schema={}&appID={}",
-            self.schema, self.app_id
-        ))
+        choose_url(
+            &self.urls,
+            client_url,
+            "ZERO_QUERY_URL",
+            &self.schema,
+            &self.app_id,
+        )
+        .map_err(|m| TransformFailed::new("internal", m))
     }
 
     /// Transforms `queries` (`(id, name, args)`), returning a result per id.
@@ -142,6 +130,34 @@ impl QueryEndpoint {
         }
         parse_response(&text)
     }
+}
+
+/// Picks the API URL (the client's if it is one of the configured ones, else the first
+/// configured one) and appends `schema` and `appID`.
+pub(crate) fn choose_url(
+    urls: &[String],
+    client_url: Option<&str>,
+    option: &str,
+    schema: &str,
+    app_id: &str,
+) -> Result<String, String> {
+    let strip = |u: &str| u.split(['?', '#']).next().unwrap_or(u).to_string();
+    let base = match client_url {
+        Some(u) => {
+            if !urls.iter().any(|c| strip(c) == strip(u)) {
+                return Err(format!(
+                    "URL \"{u}\" is not allowed by the {option} configuration"
+                ));
+            }
+            u.to_string()
+        }
+        None => urls
+            .first()
+            .cloned()
+            .ok_or_else(|| format!("{option} is not configured"))?,
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}schema={schema}&appID={app_id}"))
 }
 
 /// Parses a transform response in any of its shapes.
@@ -199,7 +215,7 @@ pub fn parse_response(text: &str) -> Result<Vec<(String, QueryResult)>, Transfor
 }
 
 /// POSTs `body` over HTTP/1.0 (no chunked replies) and returns status and body.
-async fn post(
+pub(crate) async fn post(
     url: &str,
     headers: &[(String, String)],
     body: &[u8],

@@ -204,6 +204,10 @@ async fn connection(
             out: out_tx.clone(),
         }),
     );
+    let push_url = params
+        .init_connection
+        .as_ref()
+        .and_then(|i| i.user_push_url.clone());
     if let Some(init) = params.init_connection {
         shared.dispatch(
             &group,
@@ -216,7 +220,16 @@ async fn connection(
     }
     let (sink, stream) = socket.split();
     let writer = write_loop(sink, out_rx);
-    let reader = read_loop(&shared, stream, &out_tx, &group, &client_id, conn_id);
+    let pusher = Pusher {
+        shared: shared.clone(),
+        group: group.clone(),
+        client_id: client_id.clone(),
+        url: push_url,
+        auth: params.auth_token.clone(),
+        queue: None,
+        out: out_tx.clone(),
+    };
+    let reader = read_loop(&shared, stream, &out_tx, pusher, conn_id);
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
@@ -262,14 +275,107 @@ async fn write_loop(
     }
 }
 
+/// Forwards a connection's pushes, in order, to the API server (protocol §8).
+struct Pusher {
+    shared: Arc<SyncShared>,
+    group: String,
+    client_id: String,
+    url: Option<String>,
+    auth: Option<String>,
+    queue: Option<mpsc::UnboundedSender<serde_json::Value>>,
+    out: mpsc::UnboundedSender<Outbound>,
+}
+
+impl Pusher {
+    fn fail(&self, kind: ErrorKind, message: &str) {
+        let _ = self
+            .out
+            .send(Outbound::Close(Some(Downstream::Error(ErrorBody::new(
+                kind, message,
+            )))));
+    }
+
+    /// Queues one push (the body as received); `false` when the connection must close.
+    fn push(&mut self, body: serde_json::Value) -> bool {
+        if body["clientGroupID"].as_str() != Some(self.group.as_str()) {
+            self.fail(
+                ErrorKind::InvalidPush,
+                "clientGroupID in mutation does not match the connection",
+            );
+            return false;
+        }
+        let crud = body["mutations"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["type"] == "crud"));
+        if crud {
+            self.fail(ErrorKind::InvalidPush, "CRUD mutations are not supported");
+            return false;
+        }
+        let Some(endpoint) = self.shared.mutate_endpoint.clone() else {
+            self.fail(
+                ErrorKind::InvalidPush,
+                "A ZERO_MUTATE_URL must be set in order to process custom mutations.",
+            );
+            return false;
+        };
+        let queue = self.queue.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<serde_json::Value>();
+            let url = self.url.clone();
+            let auth = self.auth.clone();
+            let out = self.out.clone();
+            let client = self.client_id.clone();
+            tokio::spawn(async move {
+                while let Some(push) = rx.recv().await {
+                    if let Err(e) = endpoint.push(url.as_deref(), auth.as_deref(), &push).await {
+                        warn!(%client, error = %e, "push failed");
+                        let _ = out.send(Outbound::Close(Some(Downstream::ErrorJson(e))));
+                        return;
+                    }
+                }
+            });
+            tx
+        });
+        let _ = queue.send(body);
+        true
+    }
+
+    /// Asks the API server to delete mutation results the client has processed.
+    fn cleanup(&self, client_id: &str, up_to: f64) {
+        let Some(endpoint) = self.shared.mutate_endpoint.clone() else {
+            return;
+        };
+        let now = crate::replica::now_ms();
+        let body = serde_json::json!({
+            "clientGroupID": self.group,
+            "mutations": [{
+                "type": "custom", "id": 0, "clientID": client_id, "name": "_zero_cleanupResults",
+                "args": [{"type": "single", "clientGroupID": self.group, "clientID": client_id,
+                          "upToMutationID": up_to}],
+                "timestamp": now,
+            }],
+            "pushVersion": 1,
+            "timestamp": now,
+            "requestID": format!("cleanup-{}-{client_id}-{up_to}", self.group),
+        });
+        let (url, auth) = (self.url.clone(), self.auth.clone());
+        tokio::spawn(async move {
+            if let Err(e) = endpoint.push(url.as_deref(), auth.as_deref(), &body).await {
+                debug!(error = %e, "mutation result cleanup failed");
+            }
+        });
+    }
+}
+
 async fn read_loop(
     shared: &Arc<SyncShared>,
     mut stream: futures::stream::SplitStream<WebSocket>,
     out: &mpsc::UnboundedSender<Outbound>,
-    group: &str,
-    client_id: &str,
+    mut pusher: Pusher,
     conn_id: u64,
 ) {
+    let group = pusher.group.clone();
+    let client_id = pusher.client_id.clone();
+    let (group, client_id) = (group.as_str(), client_id.as_str());
     let invalid = |msg: String| {
         let _ = out.send(Outbound::Close(Some(Downstream::Error(ErrorBody::new(
             ErrorKind::InvalidMessage,
@@ -307,14 +413,32 @@ async fn read_loop(
             Ok(Upstream::Ping) => {
                 let _ = out.send(Outbound::Msg(Downstream::Pong));
             }
-            Ok(msg) => shared.dispatch(
-                group,
-                GroupCmd::Message {
-                    client_id: client_id.to_string(),
-                    conn_id,
-                    msg: Box::new(msg),
-                },
-            ),
+            Ok(Upstream::Push(_)) => {
+                // Forwarded exactly as received.
+                let body = serde_json::from_str::<serde_json::Value>(t.as_str())
+                    .map(|mut v| v[1].take())
+                    .unwrap_or_default();
+                if !pusher.push(body) {
+                    closing = true;
+                    break;
+                }
+            }
+            Ok(Upstream::AckMutationResponses(m)) => pusher.cleanup(&m.client_id, m.id),
+            Ok(msg) => {
+                if let Upstream::InitConnection(i) = &msg
+                    && i.user_push_url.is_some()
+                {
+                    pusher.url = i.user_push_url.clone();
+                }
+                shared.dispatch(
+                    group,
+                    GroupCmd::Message {
+                        client_id: client_id.to_string(),
+                        conn_id,
+                        msg: Box::new(msg),
+                    },
+                )
+            }
             Err(e) => {
                 debug!(client = %client_id, error = %e, "invalid message");
                 invalid(e.0);

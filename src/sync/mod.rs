@@ -11,6 +11,7 @@
 //! - [`source`]: the [`source::ViewSource`] seam and its SQL re-evaluation implementation.
 //! - [`schema_check`]: the client-schema check against the replica.
 //! - [`custom`]: custom (named) queries, transformed by the API server at `ZERO_QUERY_URL`.
+//! - [`mutate`]: pushes forwarded to the API server at `ZERO_MUTATE_URL`.
 //!
 //! Client groups are spread over `ZERO_NUM_SYNC_WORKERS` threads (each a single-threaded
 //! runtime) by a hash of the group id, so one slow group only delays the groups sharing its
@@ -20,6 +21,7 @@ pub mod connect;
 pub mod custom;
 pub mod cvr;
 pub mod http;
+pub mod mutate;
 pub mod protocol;
 pub mod schema_check;
 pub mod source;
@@ -71,6 +73,10 @@ pub struct SyncOptions {
     pub query_urls: Vec<String>,
     /// `ZERO_QUERY_API_KEY`.
     pub query_api_key: Option<String>,
+    /// `ZERO_MUTATE_URL`: API servers that run custom mutators.
+    pub mutate_urls: Vec<String>,
+    /// `ZERO_MUTATE_API_KEY`.
+    pub mutate_api_key: Option<String>,
 }
 
 impl SyncOptions {
@@ -95,6 +101,8 @@ impl SyncOptions {
             max_payload_bytes: config.websocket_max_payload_bytes,
             query_urls: config.query_url.clone(),
             query_api_key: config.query_api_key.clone(),
+            mutate_urls: config.mutate_url.clone(),
+            mutate_api_key: config.mutate_api_key.clone(),
         }
     }
 }
@@ -110,6 +118,7 @@ pub(crate) struct SyncShared {
     pub(crate) development: bool,
     pub(crate) max_payload_bytes: usize,
     pub(crate) query_endpoint: Option<custom::QueryEndpoint>,
+    pub(crate) mutate_endpoint: Option<mutate::MutateEndpoint>,
     pub(crate) connections: AtomicUsize,
     conn_ids: std::sync::atomic::AtomicU64,
     registry: Mutex<HashMap<String, mpsc::UnboundedSender<GroupCmd>>>,
@@ -227,6 +236,12 @@ pub async fn bind(
         schema: opts.shard_schema.clone(),
         app_id: opts.app_id.clone(),
     });
+    let mutate_endpoint = (!opts.mutate_urls.is_empty()).then(|| mutate::MutateEndpoint {
+        urls: opts.mutate_urls.clone(),
+        api_key: opts.mutate_api_key.clone(),
+        schema: opts.shard_schema.clone(),
+        app_id: opts.app_id.clone(),
+    });
     let shared = Arc::new(SyncShared {
         replica_file: opts.replica_file,
         cvr_file: opts.cvr_file,
@@ -237,6 +252,7 @@ pub async fn bind(
         development: opts.development,
         max_payload_bytes: opts.max_payload_bytes,
         query_endpoint,
+        mutate_endpoint,
         connections: AtomicUsize::new(0),
         conn_ids: std::sync::atomic::AtomicU64::new(1),
         registry: Mutex::new(HashMap::new()),

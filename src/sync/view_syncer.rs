@@ -275,17 +275,8 @@ impl ViewSyncer {
                             .await
                     }
                     Upstream::DeleteClients(body) => self.delete_clients(&client_id, &body).await,
-                    Upstream::Push(p) => {
-                        if p.client_group_id != self.id {
-                            Err(OpError::Client(ErrorBody::new(
-                                ErrorKind::InvalidPush,
-                                "clientGroupID in mutation does not match the connection",
-                            )))
-                        } else {
-                            warn!(client_group = %self.id, mutations = p.mutations.len(), "push received but mutations are not supported yet");
-                            Ok(())
-                        }
-                    }
+                    // Pushes are forwarded by the connection itself (`http::Pusher`).
+                    Upstream::Push(_) => Ok(()),
                     Upstream::Pull(_) => {
                         warn!(client_group = %self.id, "pull is not supported");
                         Ok(())

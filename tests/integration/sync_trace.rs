@@ -2,8 +2,9 @@
 //! (`tests/fixtures/zero-1.9/trace.jsonl`, copied from the shared fixtures) against this
 //! server: same upstream rows, same API-server answers (`api-trace.jsonl`), same client
 //! messages; the server must answer with the same message sequence and equal contents, up to
-//! cookies (ours come from our own LSNs) and timestamps. The custom mutation in the recording
-//! is skipped: pushes are not forwarded yet.
+//! cookies (ours come from our own LSNs) and timestamps. The recorded custom mutation goes to a
+//! fake API server that writes upstream what `@rocicorp/zero/server` would (the row and the
+//! client's LMID in one transaction).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -162,7 +163,45 @@ async fn recorded_session_replays_with_equal_messages() {
         }
     }
     let answers = Arc::new(answers);
-    let app = axum::Router::new().route(
+    let db = test_db().await;
+    let writer = Arc::new(tokio::sync::Mutex::new(
+        crate::support::connect(&db.uri).await,
+    ));
+    let mutate = axum::routing::post(move |AxumJson(push): AxumJson<Json>| {
+        let writer = writer.clone();
+        async move {
+            let mut w = writer.lock().await;
+            let tx = w.transaction().await.expect("begin");
+            let group = push["clientGroupID"].as_str().expect("group").to_string();
+            let mut results = Vec::new();
+            for m in push["mutations"].as_array().cloned().unwrap_or_default() {
+                assert_eq!(m["name"], "issue.setTitle", "only the recorded mutator");
+                let a = &m["args"][0];
+                tx.execute(
+                    "UPDATE issue SET title = $1, modified = $2 WHERE id = $3",
+                    &[
+                        &a["title"].as_str().expect("title"),
+                        &a["modified"].as_f64().expect("modified"),
+                        &a["id"].as_str().expect("id"),
+                    ],
+                )
+                .await
+                .expect("update");
+                let client = m["clientID"].as_str().expect("client").to_string();
+                tx.execute(
+                    r#"INSERT INTO zero_0.clients ("clientGroupID", "clientID", "lastMutationID") VALUES ($1, $2, 1)
+                       ON CONFLICT ("clientGroupID", "clientID") DO UPDATE SET "lastMutationID" = zero_0.clients."lastMutationID" + 1"#,
+                    &[&group, &client],
+                )
+                .await
+                .expect("lmid");
+                results.push(json!({"id": {"clientID": client, "id": m["id"]}, "result": {}}));
+            }
+            tx.commit().await.expect("commit");
+            AxumJson(json!({"kind": "MutateResponse", "mutations": results, "userID": "anon"}))
+        }
+    });
+    let app = axum::Router::new().route("/mutate", mutate).route(
         "/query",
         axum::routing::post(move |AxumJson(body): AxumJson<Json>| {
             let answers = answers.clone();
@@ -195,7 +234,6 @@ async fn recorded_session_replays_with_equal_messages() {
     let protocol = open["secWebSocketProtocol"].as_str().expect("protocol");
     let header = decode_protocol(protocol);
     let schema = &header["initConnectionMessage"][1]["clientSchema"];
-    let db = test_db().await;
     let mut ddl = String::new();
     for (t, def) in schema["tables"].as_object().expect("tables") {
         let cols: Vec<String> = def["columns"]
@@ -254,6 +292,7 @@ async fn recorded_session_replays_with_equal_messages() {
     repl.ready().await;
     let mut opts = options(&db);
     opts.query_urls = vec![format!("http://{api_addr}/query")];
+    opts.mutate_urls = vec![format!("http://{api_addr}/mutate")];
     let server = sync::bind(opts, repl.watermarks.clone())
         .await
         .expect("bind");
@@ -273,7 +312,6 @@ async fn recorded_session_replays_with_equal_messages() {
     let mut last_cookie: Option<String> = None;
     let mut i = 0;
     let mut compared = 0;
-    let mut skipping_push = false;
     while i < trace.len() {
         let e = &trace[i];
         i += 1;
@@ -296,10 +334,8 @@ async fn recorded_session_replays_with_equal_messages() {
                 )
                 .await;
             }
-            (Some("mark"), Some("mutation")) => skipping_push = true,
-            (Some("mark"), Some("mutation-confirmed")) => skipping_push = false,
-            (Some("c2s"), _) if !skipping_push => client.send(e["msg"].clone()).await,
-            (Some("s2c"), _) if !skipping_push => match e["msg"][0].as_str() {
+            (Some("c2s"), _) => client.send(e["msg"].clone()).await,
+            (Some("s2c"), _) => match e["msg"][0].as_str() {
                 Some("connected") => {}
                 Some("pokeStart") => {
                     let start = e["msg"][1].clone();
@@ -323,10 +359,7 @@ async fn recorded_session_replays_with_equal_messages() {
             _ => {}
         }
     }
-    assert_eq!(
-        compared, 7,
-        "every recorded poke outside the push was compared"
-    );
+    assert_eq!(compared, 8, "every recorded poke was compared");
     // Nothing else arrives (idle pongs aside).
     client.send(json!(["ping", {}])).await;
     match tokio::time::timeout(std::time::Duration::from_secs(1), client.next_event()).await {

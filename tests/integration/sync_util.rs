@@ -43,6 +43,8 @@ pub fn options(db: &TestDb) -> SyncOptions {
         max_payload_bytes: 64 * 1024,
         query_urls: Vec::new(),
         query_api_key: None,
+        mutate_urls: Vec::new(),
+        mutate_api_key: None,
     }
 }
 
@@ -417,5 +419,42 @@ impl Client {
         while let Ok(Some(Ok(_))) =
             tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await
         {}
+    }
+}
+
+/// Serves `router` on a loopback port (a fake API server); returns its address.
+pub async fn serve_api(router: axum::Router) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind api");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, router).await });
+    addr
+}
+
+/// Starts the replicator and a sync server with custom options.
+pub async fn start_server_with(db: &TestDb, f: impl FnOnce(&mut SyncOptions)) -> Server {
+    let mut repl = start(db.replicator_config());
+    repl.ready().await;
+    let mut opts = options(db);
+    f(&mut opts);
+    let server = sync::bind(opts, repl.watermarks.clone())
+        .await
+        .expect("bind");
+    let addr = server.addr;
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        server
+            .serve(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+            .expect("serve");
+    });
+    Server {
+        addr,
+        repl,
+        stop,
+        task,
     }
 }
