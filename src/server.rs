@@ -100,8 +100,10 @@ pub fn init_logging(config: &Config) {
             config.log_level.as_filter()
         ))
     });
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         crate::config::LogFormat::Json => builder.json().init(),
