@@ -230,9 +230,16 @@ async fn connection(
         out: out_tx.clone(),
     };
     let reader = read_loop(&shared, stream, &out_tx, pusher, conn_id);
+    let mut closing = shared.closing.subscribe();
+    tokio::pin!(writer);
     tokio::select! {
-        _ = writer => {}
+        _ = &mut writer => {}
         _ = reader => {}
+        _ = async { drop(closing.wait_for(|c| *c).await) } => {
+            // The writer owns the sink; it sends the close frame.
+            let _ = out_tx.send(Outbound::Close(None));
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        }
     }
     shared.dispatch(
         &group,

@@ -87,6 +87,12 @@ impl SyncOptions {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut cvr = config.replica_file.clone().into_os_string();
         cvr.push("-cvr.db");
+        if config.cvr_db.is_some() {
+            tracing::warn!(
+                cvr_file = %PathBuf::from(&cvr).display(),
+                "ZERO_CVR_DB is not supported yet; client view records are kept next to the replica"
+            );
+        }
         SyncOptions {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.port),
             replica_file: config.replica_file.clone(),
@@ -120,6 +126,8 @@ pub(crate) struct SyncShared {
     pub(crate) query_endpoint: Option<custom::QueryEndpoint>,
     pub(crate) mutate_endpoint: Option<mutate::MutateEndpoint>,
     pub(crate) connections: AtomicUsize,
+    /// Set when the server shuts down: every connection closes.
+    pub(crate) closing: watch::Sender<bool>,
     conn_ids: std::sync::atomic::AtomicU64,
     registry: Mutex<HashMap<String, mpsc::UnboundedSender<GroupCmd>>>,
     workers: Vec<tokio::runtime::Handle>,
@@ -254,6 +262,7 @@ pub async fn bind(
         query_endpoint,
         mutate_endpoint,
         connections: AtomicUsize::new(0),
+        closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),
         registry: Mutex::new(HashMap::new()),
         workers,
@@ -274,6 +283,13 @@ impl SyncServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), SyncError> {
         let app = http::router(self.shared.clone());
+        let shared = self.shared.clone();
+        // WebSocket connections outlive graceful HTTP shutdown; they are closed explicitly
+        // (with "going away") so that clients reconnect to the next server.
+        let shutdown = async move {
+            shutdown.await;
+            shared.closing.send_replace(true);
+        };
         let r = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;

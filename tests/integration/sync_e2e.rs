@@ -183,3 +183,40 @@ async fn real_client_view_follows_upstream_changes() {
     view.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_catches_up_after_a_server_restart() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
+         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', true, 2, NULL);",
+    )
+    .await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue", "comment"]).await;
+    let mut view = ViewProcess::start(&format!("http://{}", server.addr));
+    view.wait_for(&json!([
+        issue("i1", "one", Some(1), Json::Null, json!([])),
+        issue("i2", "two", Some(2), Json::Null, json!([])),
+    ]))
+    .await;
+
+    // The server goes away; upstream changes meanwhile; a new server process (same replica and
+    // CVR files) serves the client's reconnect from its cookie.
+    let addr = server.addr;
+    let mut repl = server.stop_sync().await;
+    let before = repl.watermarks.borrow().clone();
+    db.exec("UPDATE issue SET title = 'ONE' WHERE id = 'i1'; DELETE FROM issue WHERE id = 'i2';")
+        .await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(20),
+        repl.watermarks.wait_for(|w| *w > before),
+    )
+    .await;
+    let server = crate::sync_util::start_sync_at(&db, repl, addr).await;
+    view.wait_for(&json!([issue("i1", "ONE", Some(1), Json::Null, json!([]))]))
+        .await;
+    view.stop().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

@@ -57,7 +57,15 @@ pub async fn start_server(db: &TestDb) -> Server {
 
 /// Starts a sync server next to an already running replicator.
 pub async fn start_sync(db: &TestDb, repl: Running) -> Server {
-    let server = sync::bind(options(db), repl.watermarks.clone())
+    let addr = options(db).addr;
+    start_sync_at(db, repl, addr).await
+}
+
+/// Starts a sync server on `addr` (e.g. the address of a stopped one, as after a restart).
+pub async fn start_sync_at(db: &TestDb, repl: Running, addr: SocketAddr) -> Server {
+    let mut opts = options(db);
+    opts.addr = addr;
+    let server = sync::bind(opts, repl.watermarks.clone())
         .await
         .expect("bind");
     let addr = server.addr;
