@@ -301,7 +301,7 @@ impl Compiler<'_> {
         }
         let mut exists = Vec::new();
         let filter = match &ast.where_ {
-            Some(w) => Some(self.pred(&simplify_condition(w), table, &mut exists)?),
+            Some(w) => Some(self.pred(&simplify_keeping_exists(w), table, &mut exists)?),
             None => None,
         };
         let (limit, start) = if level == Level::Exists {
@@ -461,6 +461,31 @@ impl Compiler<'_> {
                 }
             }
         })
+    }
+}
+
+/// [`simplify_condition`], unless folding a constant (`or(.., true)`, `and(.., false)`) would
+/// drop an EXISTS whose witnesses are synced: Zero joins every EXISTS of a `where`, whatever
+/// the truth of its branch, and syncs its witnesses for every output row. Such a condition is
+/// compiled as written (constants become [`Pred::Const`]).
+fn simplify_keeping_exists(w: &Condition) -> Condition {
+    fn synced_exists(c: &Condition) -> usize {
+        match c {
+            Condition::Simple(_) => 0,
+            Condition::And { conditions } | Condition::Or { conditions } => {
+                conditions.iter().map(synced_exists).sum()
+            }
+            Condition::CorrelatedSubquery(c) => usize::from(
+                c.related.system != Some(System::Permissions)
+                    && c.related.subquery.limit != Some(0),
+            ),
+        }
+    }
+    let simplified = simplify_condition(w);
+    if synced_exists(&simplified) == synced_exists(w) {
+        simplified
+    } else {
+        w.clone()
     }
 }
 

@@ -528,6 +528,21 @@ impl<'s, 'a> Ctx<'s, 'a> {
         pred: &Pred,
         exists: &mut Vec<Option<ExistsOut<'s>>>,
     ) -> Coll<'s, (Q, Row)> {
+        self.apply_within(shape, input, pred, exists, None)
+    }
+
+    /// [`Self::apply`] below an OR whose input is `scope`. A row can pass the OR through
+    /// another branch and still needs the witnesses of every EXISTS in it, so the children of
+    /// an EXISTS are built for the parents in `scope` (the outermost OR's input), not only for
+    /// the rows that passed the conjuncts before it.
+    fn apply_within(
+        &mut self,
+        shape: &QueryShape,
+        input: Coll<'s, (Q, Row)>,
+        pred: &Pred,
+        exists: &mut Vec<Option<ExistsOut<'s>>>,
+        scope: Option<&Coll<'s, (Q, Row)>>,
+    ) -> Coll<'s, (Q, Row)> {
         if !pred.has_exists() {
             let p = pred.clone();
             let mut likes = LikeCache::default();
@@ -540,24 +555,26 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let mut cur = input;
                 if !pure.is_empty() {
                     let p = Pred::And(pure.into_iter().cloned().collect());
-                    cur = self.apply(shape, cur, &p, exists);
+                    cur = self.apply_within(shape, cur, &p, exists, scope);
                 }
                 for p in joins {
-                    cur = self.apply(shape, cur, p, exists);
+                    cur = self.apply_within(shape, cur, p, exists, scope);
                 }
                 cur
             }
             Pred::Or(parts) => {
+                let scope = scope.cloned().unwrap_or_else(|| input.clone());
                 let branches: Vec<_> = parts
                     .iter()
-                    .map(|p| self.apply(shape, input.clone(), p, exists))
+                    .map(|p| self.apply_within(shape, input.clone(), p, exists, Some(&scope)))
                     .collect();
                 differential_dataflow::collection::concatenate(self.scope, branches).distinct()
             }
             Pred::Exists { index, negated } => {
                 let es = &shape.exists[*index];
                 let pc = es.parent_cols.clone();
-                let keys = input
+                let keys = scope
+                    .unwrap_or(&input)
                     .clone()
                     .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)));
                 let cand = self.lookup(keys, es.child.table, &es.child_cols);

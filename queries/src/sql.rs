@@ -18,9 +18,10 @@
 //!   predicate that follows Zero's null ordering (nulls first ascending, last descending);
 //! * `limit` in a `related` subquery is per parent: [`evaluate`] runs one statement per parent
 //!   row and relationship, with the correlation bound as parameters;
-//! * rows Zero syncs for a top-level EXISTS (up to 3 child rows per parent, all of them when
-//!   flipped) come back as `exists` relationships, so [`synced_rows`] is the full set of rows a
-//!   client receives.
+//! * rows Zero syncs for every EXISTS / NOT EXISTS in a `where`, under AND or OR at any depth
+//!   (the first 3 matching child rows per parent in the child's ordering; up to the
+//!   subquery's own limit when flipped; none for permission subqueries) come back as `exists`
+//!   relationships, so [`synced_rows`] is the full set of rows a client receives.
 //!
 //! The crate does no I/O: [`evaluate`] calls an executor closure for every statement and
 //! decodes the rows it returns with the schema's column types.
@@ -31,8 +32,8 @@ use std::fmt::Write as _;
 use thiserror::Error;
 
 use crate::ast::{
-    Ast, Condition, CorrelatedSubquery, Direction, ExistsOp, LiteralValue, Operand, OrderPart,
-    SimpleCondition, SimpleOp, System, ValuePosition,
+    Ast, Condition, CorrelatedSubquery, CorrelatedSubqueryCondition, Direction, ExistsOp,
+    LiteralValue, Operand, OrderPart, SimpleCondition, SimpleOp, System, ValuePosition,
 };
 use crate::eval::LikePatternError;
 use crate::schema::{ColumnType, Schema, TableSchema};
@@ -491,8 +492,8 @@ pub struct Relationship {
     pub hidden: bool,
     /// `permissions` rows are evaluated but never synced.
     pub system: Option<System>,
-    /// Witness rows of a top-level EXISTS rather than a `related` entry: synced (so the client
-    /// can evaluate the condition) but not part of the view.
+    /// Witness rows of an EXISTS / NOT EXISTS condition rather than a `related` entry: synced
+    /// (so the client can evaluate the condition) but not part of the view.
     pub exists: bool,
     /// Child rows in the child ordering.
     pub nodes: Vec<ResultNode>,
@@ -500,7 +501,8 @@ pub struct Relationship {
 
 /// Rows Zero syncs per parent for a non-flipped EXISTS (`EXISTS_LIMIT`).
 pub const EXISTS_LIMIT: u64 = 3;
-/// Rows Zero fetches per parent for a permission EXISTS (never synced).
+/// Rows Zero fetches per parent for a permission EXISTS (evaluated, never synced, so no
+/// witness query is built for it).
 pub const PERMISSIONS_EXISTS_LIMIT: u64 = 1;
 
 /// A child query evaluated for every output row of a node.
@@ -510,10 +512,16 @@ pub(crate) struct ChildQuery {
 }
 
 /// The child queries of `ast`: its `related` entries, deduplicated by alias (last wins, as in
-/// Zero), then one witness query per top-level `EXISTS` conjunct. A witness query is the
-/// EXISTS subquery capped at [`EXISTS_LIMIT`] rows per parent ([`PERMISSIONS_EXISTS_LIMIT`]
-/// for permission rules, no cap when flipped) in the child's ordering. Witnesses of EXISTS
-/// nested under OR / NOT are not modeled.
+/// Zero), then one witness query per EXISTS / NOT EXISTS condition anywhere in its `where`
+/// (under AND and OR at any depth), in condition order.
+///
+/// A witness query is the condition's subquery with its own `where` and ordering, capped per
+/// parent at [`EXISTS_LIMIT`] rows, or at the subquery's own `limit` (none: every child) when
+/// flipped; its `start` and `related` are dropped, since Zero syncs the matching children, not
+/// a view of them. Witnesses of a witness come from its own `where`, recursively. Whatever the
+/// condition's truth value, the rows that match the subquery are synced: a NOT EXISTS that
+/// holds has none, but one that fails under an OR has. Permission subqueries and subqueries
+/// with `limit: 0` (constant conditions) have no witnesses.
 pub(crate) fn child_queries(ast: &Ast) -> Vec<ChildQuery> {
     let related = ast.related();
     let mut out: Vec<ChildQuery> = related
@@ -529,28 +537,37 @@ pub(crate) fn child_queries(ast: &Ast) -> Vec<ChildQuery> {
             exists: false,
         })
         .collect();
-    let conjuncts: Vec<&Condition> = match &ast.where_ {
-        Some(Condition::And { conditions }) => conditions.iter().collect(),
-        Some(c) => vec![c],
-        None => vec![],
-    };
-    for c in conjuncts {
-        if let Condition::CorrelatedSubquery(csq) = c
-            && csq.op == ExistsOp::Exists
-            && csq.related.subquery.limit != Some(0)
+    let mut conds = Vec::new();
+    if let Some(w) = &ast.where_ {
+        exists_conditions(w, &mut conds);
+    }
+    for csq in conds {
+        if csq.related.system == Some(System::Permissions) || csq.related.subquery.limit == Some(0)
         {
-            let mut sub = csq.related.clone();
-            sub.subquery.limit = if sub.system == Some(System::Permissions) {
-                Some(PERMISSIONS_EXISTS_LIMIT)
-            } else if csq.flip == Some(true) {
-                None
-            } else {
-                Some(EXISTS_LIMIT)
-            };
-            out.push(ChildQuery { sub, exists: true });
+            continue;
         }
+        let mut sub = csq.related.clone();
+        if csq.flip != Some(true) {
+            sub.subquery.limit = Some(EXISTS_LIMIT);
+        }
+        sub.subquery.start = None;
+        sub.subquery.related = None;
+        out.push(ChildQuery { sub, exists: true });
     }
     out
+}
+
+/// Every EXISTS / NOT EXISTS condition of `cond`, through AND and OR, in order.
+fn exists_conditions<'a>(cond: &'a Condition, out: &mut Vec<&'a CorrelatedSubqueryCondition>) {
+    match cond {
+        Condition::And { conditions } | Condition::Or { conditions } => {
+            for c in conditions {
+                exists_conditions(c, out);
+            }
+        }
+        Condition::CorrelatedSubquery(c) => out.push(c),
+        Condition::Simple(_) => {}
+    }
 }
 
 /// Executes `ast` through `exec` and builds the hierarchical result. Validates first.

@@ -410,6 +410,38 @@ fn exists_witness_rows_are_synced_but_not_viewed() {
         count("issue.whereExists('comments').limit(1)", "comment"),
         ["c1", "c2", "c3"]
     );
+    // Conditions under OR witness too, whether or not they hold for the row.
+    assert_eq!(
+        count(
+            "issue.where(({or, cmp, exists}) => or(cmp('id', 'i3'), exists('comments')))",
+            "comment"
+        ),
+        ["c1", "c2", "c3", "c4", "c5"]
+    );
+    assert_eq!(
+        count(
+            "issue.where(({or, cmp, exists}) => or(cmp('id', 'i2'), exists('comments', c => c.where('created', '>', 5))))",
+            "comment"
+        ),
+        ["c5"]
+    );
+    // A NOT EXISTS that fails under OR syncs the children that make it fail (i2's c4); the
+    // rows for which it holds have none.
+    assert_eq!(
+        count(
+            "issue.where(({or, not, cmp, exists}) => or(cmp('open', false), not(exists('comments'))))",
+            "comment"
+        ),
+        ["c4"]
+    );
+    // A condition nested in an OR inside a witness's own `where` has witnesses of its own.
+    assert_eq!(
+        count(
+            "issue.where('id', 'i2').whereExists('comments', c => c.where(({or, cmp, exists}) => or(cmp('body', 'x'), exists('creator'))))",
+            "user"
+        ),
+        ["u1"]
+    );
     let ast = db.parse("issue.whereExists('comments').where('id', 'i2')");
     let view = to_view_json(&db.run_sql(&ast), &db.schema);
     assert_eq!(
