@@ -93,6 +93,8 @@ async fn main() {
         },
         auto_reset: true,
         vacuum_interval_hours: None,
+        lag_report_interval: None,
+        stats: Default::default(),
     };
 
     // Initial sync: a fresh replica each run (the previous slot is dropped by the next sync).

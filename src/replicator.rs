@@ -28,6 +28,21 @@ pub struct ReplicatorConfig {
     pub auto_reset: bool,
     /// VACUUM the replica at startup when at least this many hours passed since the last one.
     pub vacuum_interval_hours: Option<f64>,
+    /// How often to send a lag report through the replication stream (`None`: never).
+    pub lag_report_interval: Option<std::time::Duration>,
+    /// Counters the replicator keeps for monitoring.
+    pub stats: std::sync::Arc<ReplicationStats>,
+}
+
+/// Replication figures for monitoring (`/statz`, logs, tests).
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    /// Lag reports received back through the stream.
+    pub lag_reports: std::sync::atomic::AtomicU64,
+    /// Milliseconds between sending the latest lag report upstream and receiving it.
+    pub last_lag_ms: std::sync::atomic::AtomicI64,
+    /// Transactions applied to the replica.
+    pub transactions: std::sync::atomic::AtomicU64,
 }
 
 /// Errors that stop the replication manager.
@@ -169,6 +184,8 @@ pub async fn run(
                 &mut applier,
                 &thread_wm,
                 thread_shutdown,
+                thread_cfg.lag_report_interval,
+                &thread_cfg.stats,
             );
             Ok::<_, ReplicatorError>(r)
         })

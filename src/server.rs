@@ -46,6 +46,10 @@ pub fn replicator_config(config: &Config) -> Result<ReplicatorConfig, ServerErro
         },
         auto_reset: config.auto_reset,
         vacuum_interval_hours: config.replica_vacuum_interval_hours,
+        lag_report_interval: (config.replication_lag_report_interval_ms > 0).then(|| {
+            std::time::Duration::from_millis(config.replication_lag_report_interval_ms as u64)
+        }),
+        stats: Default::default(),
     })
 }
 

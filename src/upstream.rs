@@ -68,6 +68,11 @@ impl Shard {
         format!("{}/{}/ddl", self.app_id, self.shard_num)
     }
 
+    /// The prefix of lag-report messages.
+    pub fn lag_message_prefix(&self) -> String {
+        format!("{}/{}/lag", self.app_id, self.shard_num)
+    }
+
     /// Prefix of replication slot names; slots are this plus a letter suffix.
     pub fn slot_prefix(&self) -> String {
         format!("{}_{}_", self.app_id, self.shard_num)

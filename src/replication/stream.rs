@@ -12,7 +12,10 @@ use tracing::{debug, info, warn};
 use super::pgoutput::{self, Message, RelationColumn, TupleValue};
 use crate::pgconn::UpstreamConfig;
 use crate::pgvalue;
+use std::sync::atomic::Ordering;
+
 use crate::replica::{Applier, ColumnValue, ReplicaError, ReplicaState};
+use crate::replicator::ReplicationStats;
 use crate::schema::{PublishedSchema, ReplicaTable};
 use crate::upstream::{self, Shard};
 use crate::version::{Lsn, lexi_decode};
@@ -63,6 +66,8 @@ pub fn stream_changes(
     applier: &mut Applier,
     watermarks: &watch::Sender<String>,
     mut shutdown: watch::Receiver<bool>,
+    lag_report_interval: Option<std::time::Duration>,
+    stats: &ReplicationStats,
 ) -> Result<StreamOutcome, StreamError> {
     let slot = state.slot.as_str();
     let start = Lsn(lexi_decode(applier.watermark()).unwrap_or(0));
@@ -84,6 +89,34 @@ pub fn stream_changes(
     rt.block_on(client.wait_started())?;
     // Ready: the replica is valid and streaming.
     watermarks.send_replace(applier.watermark().to_string());
+    // Lag reports travel through the stream as non-transactional messages; the time between
+    // sending and receiving one is the replication lag.
+    let lag_task = lag_report_interval.map(|every| {
+        let up = up.clone();
+        let prefix = shard.lag_message_prefix();
+        rt.spawn(async move {
+            let Ok(client) = up.connect().await else {
+                return;
+            };
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let body =
+                    serde_json::json!({ "sendTimeMs": crate::replica::now_ms() }).to_string();
+                if let Err(e) = client
+                    .execute(
+                        "SELECT pg_logical_emit_message(false, $1, $2)",
+                        &[&prefix, &body],
+                    )
+                    .await
+                {
+                    debug!(error = %e, "cannot send a lag report");
+                    return;
+                }
+            }
+        })
+    });
     info!(slot = %slot, watermark = %applier.watermark(), lsn = %start, "streaming changes");
 
     let mut s = Stream {
@@ -96,6 +129,8 @@ pub fn stream_changes(
         txn_started: Instant::now(),
         changes: 0,
         ddl_prefix: shard.ddl_message_prefix(),
+        lag_prefix: shard.lag_message_prefix(),
+        stats,
         pending: None,
     };
     let result = loop {
@@ -122,6 +157,9 @@ pub fn stream_changes(
             Err(e) => break Err(e),
         }
     };
+    if let Some(t) = lag_task {
+        t.abort();
+    }
     applier.rollback()?;
     client.stop();
     let _ = rt.block_on(client.shutdown());
@@ -139,6 +177,8 @@ struct Stream<'a> {
     txn_started: Instant,
     changes: u64,
     ddl_prefix: String,
+    lag_prefix: String,
+    stats: &'a ReplicationStats,
     /// The latest schema announced by a DDL message of the open transaction, not yet applied.
     pending: Option<Ddl>,
 }
@@ -185,6 +225,7 @@ impl Stream<'_> {
                     return Ok(Some(end_lsn));
                 }
                 let v = applier.commit()?;
+                self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     watermark = %v,
                     changes = self.changes,
@@ -221,6 +262,24 @@ impl Stream<'_> {
                 transactional,
                 ..
             } => {
+                if prefix == self.lag_prefix && !transactional {
+                    #[derive(serde::Deserialize)]
+                    #[serde(rename_all = "camelCase")]
+                    struct Lag {
+                        send_time_ms: i64,
+                    }
+                    if let Ok(lag) = serde_json::from_slice::<Lag>(&content) {
+                        let ms = crate::replica::now_ms() - lag.send_time_ms;
+                        self.stats.last_lag_ms.store(ms, Ordering::Relaxed);
+                        self.stats.lag_reports.fetch_add(1, Ordering::Relaxed);
+                        if ms > 10_000 {
+                            warn!(lag_ms = ms, "replication lag");
+                        } else {
+                            debug!(lag_ms = ms, "replication lag");
+                        }
+                    }
+                    return Ok(None);
+                }
                 if prefix == self.ddl_prefix && transactional && self.in_txn && !self.skipping {
                     let ddl: Ddl = serde_json::from_slice(&content)
                         .map_err(|e| StreamError::Data(format!("bad DDL message: {e}")))?;

@@ -64,3 +64,30 @@ async fn replica_is_vacuumed_at_startup_when_due() {
     );
     assert_eq!(events, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_reports_travel_through_the_stream() {
+    use std::sync::atomic::Ordering;
+    let db = test_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let mut cfg = db.replicator_config();
+    cfg.lag_report_interval = Some(Duration::from_millis(100));
+    let stats = std::sync::Arc::clone(&cfg.stats);
+    let mut r = start(cfg);
+    r.ready().await;
+    db.exec("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+        .await;
+    wait_equal(&db, Duration::from_secs(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.lag_reports.load(Ordering::Relaxed) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lag reports came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lag = stats.last_lag_ms.load(Ordering::Relaxed);
+    assert!((0..5_000).contains(&lag), "lag {lag} ms");
+    assert!(stats.transactions.load(Ordering::Relaxed) >= 1);
+    r.stop().await.expect("clean stop");
+}

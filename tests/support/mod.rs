@@ -119,6 +119,8 @@ impl TestDb {
             },
             auto_reset: true,
             vacuum_interval_hours: None,
+            lag_report_interval: None,
+            stats: Default::default(),
         }
     }
 }
