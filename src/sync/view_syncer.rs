@@ -357,7 +357,13 @@ impl ViewSyncer {
             .clone()
             .or_else(|| self.cvr.client_schema.clone())
             .expect("checked above");
-        let info = self.source.begin(None);
+        let mut info = self.source.begin(None);
+        if matches!(info, Err(SourceError::NotReady)) {
+            // Clients may connect while the replica is still being synced: wait for it.
+            let mut wm = self.shared.watermarks.clone();
+            let _ = wm.wait_for(|w| !w.is_empty()).await;
+            info = self.source.begin(None);
+        }
         let checked = match info {
             Ok(_) => check_client_schema(&schema, self.source.tables()),
             Err(e) => Err(ErrorBody::new(ErrorKind::Internal, e.to_string())),

@@ -42,3 +42,6 @@ mod sync_trace;
 
 /// Custom queries, pushes and TTLs with fake API servers.
 mod sync_api;
+
+/// `server::run` with the sync server on `ZERO_PORT`.
+mod sync_server;
