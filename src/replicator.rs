@@ -178,14 +178,11 @@ pub async fn run(
             let mut applier = Applier::new(conn, &state);
             let r = stream_changes(
                 &rt,
-                &thread_cfg.upstream,
-                &thread_cfg.shard,
+                &thread_cfg,
                 &state,
                 &mut applier,
                 &thread_wm,
                 thread_shutdown,
-                thread_cfg.lag_report_interval,
-                &thread_cfg.stats,
             );
             Ok::<_, ReplicatorError>(r)
         })

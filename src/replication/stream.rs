@@ -10,12 +10,11 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::pgoutput::{self, Message, RelationColumn, TupleValue};
-use crate::pgconn::UpstreamConfig;
 use crate::pgvalue;
 use std::sync::atomic::Ordering;
 
 use crate::replica::{Applier, ColumnValue, ReplicaError, ReplicaState};
-use crate::replicator::ReplicationStats;
+use crate::replicator::{ReplicationStats, ReplicatorConfig};
 use crate::schema::{PublishedSchema, ReplicaTable};
 use crate::upstream::{self, Shard};
 use crate::version::{Lsn, lexi_decode};
@@ -60,15 +59,14 @@ struct Relation {
 /// receives each committed watermark.
 pub fn stream_changes(
     rt: &tokio::runtime::Handle,
-    up: &UpstreamConfig,
-    shard: &Shard,
+    rcfg: &ReplicatorConfig,
     state: &ReplicaState,
     applier: &mut Applier,
     watermarks: &watch::Sender<String>,
     mut shutdown: watch::Receiver<bool>,
-    lag_report_interval: Option<std::time::Duration>,
-    stats: &ReplicationStats,
 ) -> Result<StreamOutcome, StreamError> {
+    let (up, shard, stats) = (&rcfg.upstream, &rcfg.shard, &*rcfg.stats);
+    let lag_report_interval = rcfg.lag_report_interval;
     let slot = state.slot.as_str();
     let start = Lsn(lexi_decode(applier.watermark()).unwrap_or(0));
     let cfg = up
