@@ -156,14 +156,7 @@ async fn a_lost_slot_resyncs_with_auto_reset_and_stops_without_it() {
     let mut cfg = db.replicator_config();
     cfg.auto_reset = false;
     let r = start(cfg);
-    let result = tokio::time::timeout(Duration::from_secs(20), async {
-        while !r.finished() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        r.stop().await
-    })
-    .await
-    .expect("stops by itself");
+    let result = r.stopped_by_itself().await;
     match result {
         Err(ReplicatorError::ResetDisabled(msg)) => {
             assert!(msg.contains("no longer exists"), "{msg}")
@@ -193,14 +186,7 @@ async fn a_replica_of_another_database_is_replaced() {
     let mut cfg = b.replicator_config();
     cfg.auto_reset = false;
     let r = start(cfg);
-    let result = tokio::time::timeout(Duration::from_secs(20), async {
-        while !r.finished() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        r.stop().await
-    })
-    .await
-    .expect("stops by itself");
+    let result = r.stopped_by_itself().await;
     assert!(
         matches!(result, Err(ReplicatorError::ResetDisabled(_))),
         "{result:?}"

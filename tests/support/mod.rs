@@ -167,6 +167,16 @@ impl Running {
         self.handle.await.expect("replicator task")
     }
 
+    /// Waits (up to 20 s) for the replicator to end on its own, and returns its result.
+    pub async fn stopped_by_itself(self) -> Result<(), ReplicatorError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.finished() {
+            assert!(Instant::now() < deadline, "the replicator kept running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop().await
+    }
+
     /// Whether the replicator task ended (e.g. with an error).
     pub fn finished(&self) -> bool {
         self.handle.is_finished()
