@@ -44,13 +44,17 @@ pub enum UpQueriesPatchOp {
 
 /// Clients and groups a client reports as deleted.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct DeletedClients {
     /// Deleted client ids.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "clientIDs", skip_serializing_if = "Option::is_none")]
     pub client_ids: Option<Vec<String>>,
     /// Deleted client-group ids (ignored, as in zero-cache).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "clientGroupIDs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_group_ids: Option<Vec<String>>,
 }
 
@@ -500,6 +504,28 @@ mod tests {
             Upstream::parse(r#"["ackMutationResponses",{"id":3,"clientID":"c"}]"#).unwrap(),
             Upstream::AckMutationResponses(_)
         ));
+        let Upstream::DeleteClients(d) =
+            Upstream::parse(r#"["deleteClients",{"clientIDs":["a"],"clientGroupIDs":["g"]}]"#)
+                .unwrap()
+        else {
+            panic!("wrong type")
+        };
+        assert_eq!(d.client_ids, Some(vec!["a".to_string()]));
+        let Upstream::InitConnection(i) = Upstream::parse(
+            r#"["initConnection",{"desiredQueriesPatch":[],"deleted":{"clientIDs":["x"]},"activeClients":["c"]}]"#,
+        )
+        .unwrap() else {
+            panic!("wrong type")
+        };
+        assert_eq!(i.deleted.unwrap().client_ids, Some(vec!["x".to_string()]));
+        assert_eq!(
+            Downstream::DeleteClients(DeletedClients {
+                client_ids: Some(vec!["a".into()]),
+                client_group_ids: None
+            })
+            .to_text(),
+            r#"["deleteClients",{"clientIDs":["a"]}]"#
+        );
     }
 
     #[test]

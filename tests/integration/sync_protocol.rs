@@ -441,3 +441,83 @@ async fn second_connection_of_a_client_replaces_the_first_and_lmids_are_poked() 
     second.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_group_share_rows_and_see_each_others_desires() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let mut c1 = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c1.poke().await;
+    c1.poke().await;
+    let mut c2 = connect(
+        server.addr,
+        ConnectOpts::new("c2", "g1", init(json!([]), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    // c1 sees c2 join (a config change without desires) ...
+    let p = c1.poke().await;
+    assert!(p.all("rowsPatch").is_empty());
+    // ... and c2 gets the group's whole state from scratch.
+    let p = c2.poke().await;
+    assert_eq!(p.base(), json!(null));
+    assert_eq!(
+        p.parts
+            .iter()
+            .find_map(|x| x.get("desiredQueriesPatches").cloned()),
+        Some(json!({"c1": [{"op": "put", "hash": "q1"}]}))
+    );
+    assert_eq!(
+        p.all("gotQueriesPatch"),
+        vec![json!({"op": "put", "hash": "q1"})]
+    );
+    assert_eq!(p.puts().len(), 2);
+
+    // A query of c2 is announced to both clients; its rows are already in the group.
+    c2.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "put", "hash": "q2",
+        "ast": {"table": "issue", "where": {"type": "simple", "op": "=",
+            "left": {"type": "column", "name": "id"}, "right": {"type": "literal", "value": "a"}}}}]}]))
+        .await;
+    for c in [&mut c1, &mut c2] {
+        let config = c.poke().await;
+        assert_eq!(
+            config.parts[0]["desiredQueriesPatches"],
+            json!({"c2": [{"op": "put", "hash": "q2"}]})
+        );
+        let hydrate = c.poke().await;
+        assert_eq!(
+            hydrate.all("gotQueriesPatch"),
+            vec![json!({"op": "put", "hash": "q2"})]
+        );
+        assert!(
+            hydrate.puts().is_empty(),
+            "rows are per group, not per query"
+        );
+    }
+
+    // c1 deletes c2: c2's desires go, c2's connection closes, c1 gets the acknowledgement.
+    c1.send(json!(["deleteClients", {"clientIDs": ["c2"]}]))
+        .await;
+    let p = c1.poke().await;
+    assert_eq!(
+        p.parts[0]["desiredQueriesPatches"],
+        json!({"c2": [{"op": "del", "hash": "q2"}]})
+    );
+    let ack = c1.recv().await;
+    assert_eq!(ack, json!(["deleteClients", {"clientIDs": ["c2"]}]));
+    loop {
+        match c2.next_event().await {
+            crate::sync_util::Event::Close(_) => break,
+            crate::sync_util::Event::Msg(m) => assert_ne!(m[0], "error", "{m}"),
+        }
+    }
+    c1.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
