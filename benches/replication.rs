@@ -33,16 +33,7 @@ fn report(name: &str, unit: &str, mut xs: Vec<f64>, reference: &str, target: &st
 }
 
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    zero_cache::procstat::peak_rss_bytes() as f64 / (1024.0 * 1024.0)
 }
 
 async fn wait_ready(wm: &mut watch::Receiver<String>) {

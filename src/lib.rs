@@ -5,6 +5,7 @@
 //! - [`upstream`]: the app and shard schemas, publications, DDL triggers and slots upstream.
 //! - [`pgconn`]: SQL and replication connections to upstream.
 //! - [`schema`]: the published schema and its mapping onto replica tables and types.
+//! - [`procstat`]: this process's memory figures.
 //! - [`pgvalue`]: conversion of upstream values into replica values.
 //! - [`initial_sync`]: copying a slot's snapshot into a new replica file.
 //! - [`replication`]: decoding pgoutput and applying the stream to the replica.
@@ -23,6 +24,7 @@ pub mod devpg;
 pub mod initial_sync;
 pub mod pgconn;
 pub mod pgvalue;
+pub mod procstat;
 pub mod replica;
 pub mod replication;
 pub mod replicator;

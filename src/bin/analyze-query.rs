@@ -91,19 +91,6 @@ fn main() {
     }
 }
 
-fn peak_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// Tables an AST reads (its table and every subquery's, recursively).
 fn tables_of(ast: &Ast, out: &mut Vec<String>) {
     let v = serde_json::to_value(ast).expect("ASTs serialize");
@@ -264,7 +251,7 @@ fn run(args: Args) -> Result<(), Failure> {
             "rowsRead": rows_read,
             "hydrationMs": {"first": first, "median": median},
             "loadMs": load_ms,
-            "peakMemoryBytes": peak_memory_bytes(),
+            "peakMemoryBytes": zero_cache::procstat::peak_rss_bytes(),
             "plan": plan,
         });
         if args.output_view {
@@ -285,7 +272,7 @@ fn run(args: Args) -> Result<(), Failure> {
             "hydration: first {first:.2} ms, median {median:.2} ms over {} run(s)",
             times.len()
         );
-        println!("peak memory: {} MB", peak_memory_bytes() / (1024 * 1024));
+        println!("peak memory: {} MB", zero_cache::procstat::peak_rss_bytes() / (1024 * 1024));
         if args.output_view {
             println!(
                 "{}",
