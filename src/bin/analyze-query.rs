@@ -272,7 +272,10 @@ fn run(args: Args) -> Result<(), Failure> {
             "hydration: first {first:.2} ms, median {median:.2} ms over {} run(s)",
             times.len()
         );
-        println!("peak memory: {} MB", zero_cache::procstat::peak_rss_bytes() / (1024 * 1024));
+        println!(
+            "peak memory: {} MB",
+            zero_cache::procstat::peak_rss_bytes() / (1024 * 1024)
+        );
         if args.output_view {
             println!(
                 "{}",
