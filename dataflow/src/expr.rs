@@ -11,90 +11,14 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use zero_queries::Value;
 use zero_queries::ast::SimpleOp;
+use zero_queries::eval::LikePattern;
 use zero_queries::value::ValueKind;
 
 use crate::plan::{Param, Pred, PredArg};
 
-/// A compiled LIKE pattern: `%` any run, `_` one character, `\` escapes the next character.
-#[derive(Debug, Clone)]
-pub struct Like {
-    tokens: Vec<Tok>,
-    fold: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Any,
-    One,
-    Lit(char),
-}
-
-impl Like {
-    /// Compiles `pattern`; `fold` for ILIKE. `None` for a trailing `\`, which Zero rejects
-    /// (the condition is then false rather than an error, because the row filter cannot fail).
-    pub fn new(pattern: &str, fold: bool) -> Option<Like> {
-        let src = if fold {
-            pattern.to_lowercase()
-        } else {
-            pattern.to_owned()
-        };
-        let mut tokens = Vec::new();
-        let mut it = src.chars();
-        while let Some(c) = it.next() {
-            match c {
-                '%' => {
-                    if tokens.last() != Some(&Tok::Any) {
-                        tokens.push(Tok::Any);
-                    }
-                }
-                '_' => tokens.push(Tok::One),
-                '\\' => tokens.push(Tok::Lit(it.next()?)),
-                c => tokens.push(Tok::Lit(c)),
-            }
-        }
-        Some(Like { tokens, fold })
-    }
-
-    /// Whether the whole of `text` matches.
-    pub fn matches(&self, text: &str) -> bool {
-        let chars: Vec<char> = if self.fold {
-            text.to_lowercase().chars().collect()
-        } else {
-            text.chars().collect()
-        };
-        let (mut t, mut p) = (0, 0);
-        let mut back: Option<(usize, usize)> = None;
-        while t < chars.len() {
-            match self.tokens.get(p) {
-                Some(Tok::One) => {
-                    t += 1;
-                    p += 1;
-                }
-                Some(Tok::Lit(c)) if *c == chars[t] => {
-                    t += 1;
-                    p += 1;
-                }
-                Some(Tok::Any) => {
-                    back = Some((p, t));
-                    p += 1;
-                }
-                _ => match back {
-                    Some((bp, bt)) => {
-                        p = bp + 1;
-                        t = bt + 1;
-                        back = Some((bp, bt + 1));
-                    }
-                    None => return false,
-                },
-            }
-        }
-        self.tokens[p..].iter().all(|x| *x == Tok::Any)
-    }
-}
-
 /// Compiled LIKE patterns by `(pattern, fold)`, so a filter compiles each pattern once.
 #[derive(Default)]
-pub struct LikeCache(HashMap<(String, bool), Option<Like>>);
+pub struct LikeCache(HashMap<(String, bool), Option<LikePattern>>);
 
 impl LikeCache {
     fn matches(&mut self, pattern: &str, fold: bool, text: &str) -> bool {
@@ -103,7 +27,8 @@ impl LikeCache {
         }
         self.0
             .entry((pattern.to_owned(), fold))
-            .or_insert_with(|| Like::new(pattern, fold))
+            // A trailing `\` (rejected by Zero) makes the condition false: a row filter cannot fail.
+            .or_insert_with(|| LikePattern::new(pattern, fold).ok())
             .as_ref()
             .is_some_and(|l| l.matches(text))
     }
@@ -242,7 +167,9 @@ mod tests {
     use super::*;
 
     fn like(p: &str, t: &str) -> bool {
-        Like::new(p, false).expect("valid pattern").matches(t)
+        LikePattern::new(p, false)
+            .expect("valid pattern")
+            .matches(t)
     }
 
     #[test]
@@ -260,9 +187,13 @@ mod tests {
         assert!(like("a\\\\", "a\\"));
         assert!(like("%", ""));
         assert!(like("a%b", "a\nb"));
-        assert!(Like::new("abc\\", false).is_none());
-        assert!(Like::new("ÄB%", true).expect("valid").matches("äbx"));
-        assert!(!Like::new("AB%", false).expect("valid").matches("abx"));
+        assert!(LikePattern::new("abc\\", false).is_err());
+        assert!(LikePattern::new("ÄB%", true).expect("valid").matches("äbx"));
+        assert!(
+            !LikePattern::new("AB%", false)
+                .expect("valid")
+                .matches("abx")
+        );
     }
 
     #[test]
