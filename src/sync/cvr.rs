@@ -307,6 +307,65 @@ impl Cvr {
         }
     }
 
+    /// Applies row changes of query `hash` at version `v`: `puts` (id → `_0_version`) are in
+    /// its result now (new or changed), `dels` left it. Costs in proportion to the changes, not
+    /// to the query's size. Returns whether a client-visible row changed.
+    pub fn patch_query_rows(
+        &mut self,
+        hash: &str,
+        puts: &[(RowId, String)],
+        dels: &[RowId],
+        v: &CvrVersion,
+    ) -> bool {
+        let mut changed = false;
+        for id in dels {
+            let had = self
+                .query_rows
+                .get_mut(hash)
+                .is_some_and(|set| set.remove(id));
+            if had {
+                changed |= self.release_row(id, hash, v);
+            }
+        }
+        for (id, version) in puts {
+            self.query_rows
+                .entry(hash.to_string())
+                .or_default()
+                .insert(id.clone());
+            match self.rows.get_mut(id) {
+                Some(r) if r.refs.is_some() => {
+                    let refs = r.refs.as_mut().expect("checked");
+                    let mut dirty = refs.insert(hash.to_string());
+                    if &r.row_version != version {
+                        r.row_version = version.clone();
+                        r.patch_version = v.clone();
+                        changed = true;
+                        dirty = true;
+                    }
+                    if dirty {
+                        self.dirty_rows.insert(id.clone());
+                    }
+                }
+                _ => {
+                    self.rows.insert(
+                        id.clone(),
+                        RowRecord {
+                            row_version: version.clone(),
+                            patch_version: v.clone(),
+                            refs: Some(BTreeSet::from([hash.to_string()])),
+                        },
+                    );
+                    self.dirty_rows.insert(id.clone());
+                    changed = true;
+                }
+            }
+        }
+        if self.query_rows.get(hash).is_some_and(|s| s.is_empty()) {
+            self.query_rows.remove(hash);
+        }
+        changed
+    }
+
     /// Removes all rows of query `hash`; returns rows that left the group.
     pub fn drop_query_rows(&mut self, hash: &str, v: &CvrVersion) -> Vec<RowId> {
         self.set_query_rows(hash, &BTreeMap::new(), v).1

@@ -79,6 +79,11 @@ async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Res
             "clientGroups": shared.groups(),
             "connections": shared.connections.load(std::sync::atomic::Ordering::Relaxed),
         },
+        "engine": {
+            "queries": shared.engine.stats.queries.load(std::sync::atomic::Ordering::Relaxed),
+            "shapes": shared.engine.stats.shapes.load(std::sync::atomic::Ordering::Relaxed),
+            "subscriptions": shared.engine.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
+        },
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

@@ -8,7 +8,10 @@
 //! - [`protocol`]: the wire types of every upstream and downstream message.
 //! - [`view_syncer`]: one actor per client group: CVR updates, hydration, advancement, pokes.
 //! - [`cvr`]: the client view record and its SQLite store.
-//! - [`source`]: the [`source::ViewSource`] seam and its SQL re-evaluation implementation.
+//! - `ivm`: the process's incremental view engine (`zero-dataflow`), shared by every group:
+//!   it tails the replica's change log and sends each group its queries' row patches.
+//! - [`source`]: SQL reads of the replica (permissions, LMIDs, mutation results, the client
+//!   schema check) and the SQL re-evaluation [`source::ViewSource`].
 //! - [`schema_check`]: the client-schema check against the replica.
 //! - [`custom`]: custom (named) queries, transformed by the API server at `ZERO_QUERY_URL`.
 //! - [`mutate`]: pushes forwarded to the API server at `ZERO_MUTATE_URL`.
@@ -21,6 +24,7 @@ pub mod connect;
 pub mod custom;
 pub mod cvr;
 pub mod http;
+pub(crate) mod ivm;
 pub mod mutate;
 pub mod protocol;
 pub mod schema_check;
@@ -125,6 +129,8 @@ pub(crate) struct SyncShared {
     pub(crate) max_payload_bytes: usize,
     pub(crate) query_endpoint: Option<custom::QueryEndpoint>,
     pub(crate) mutate_endpoint: Option<mutate::MutateEndpoint>,
+    /// The view engine every group's queries run in.
+    pub(crate) engine: ivm::EngineHandle,
     pub(crate) connections: AtomicUsize,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,
@@ -250,6 +256,27 @@ pub async fn bind(
         schema: opts.shard_schema.clone(),
         app_id: opts.app_id.clone(),
     });
+    let engine = ivm::EngineHandle::start(
+        opts.replica_file.clone(),
+        opts.app_id.clone(),
+        opts.shard_schema.clone(),
+        1,
+    )?;
+    {
+        // Every new watermark reaches the engine; groups hear from the engine.
+        let engine = engine.clone();
+        let mut wm = watermarks.clone();
+        tokio::spawn(async move {
+            loop {
+                if !engine.send(ivm::Cmd::Watermark) {
+                    break;
+                }
+                if wm.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let shared = Arc::new(SyncShared {
         replica_file: opts.replica_file,
         cvr_file: opts.cvr_file,
@@ -261,6 +288,7 @@ pub async fn bind(
         max_payload_bytes: opts.max_payload_bytes,
         query_endpoint,
         mutate_endpoint,
+        engine,
         connections: AtomicUsize::new(0),
         closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),
@@ -296,6 +324,7 @@ impl SyncServer {
         for s in self.stops {
             let _ = s.send(());
         }
+        self.shared.engine.send(ivm::Cmd::Stop);
         Ok(r?)
     }
 }

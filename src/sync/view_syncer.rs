@@ -21,13 +21,14 @@ use zero_queries::sql::SqlValue;
 
 use super::SyncShared;
 use super::cvr::{Cvr, CvrError, CvrStore, CvrVersion, DesireRecord, QueryRecord, RowId};
+use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
     DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind, InitConnectionBody,
     MAX_TTL_MS, MutationPatchOp, PART_MAX_ENTRIES, PokeEndBody, PokePartBody, PokeStartBody,
     QueriesPatchOp, RowPatchOp, UpQueriesPatchOp, Upstream,
 };
 use super::schema_check::check_client_schema;
-use super::source::{SourceError, SqlViewSource, ViewSource};
+use super::source::{SourceError, SqlViewSource, SyncedRow, ViewSource};
 
 /// How long a view-syncer stays up after its last connection closes.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -131,6 +132,18 @@ pub(crate) struct ViewSyncer {
     query_url: Option<String>,
     /// The latest connection's auth token.
     auth: Option<String>,
+    /// Messages from the view engine (in order: they move the group from version to version).
+    engine_rx: mpsc::UnboundedReceiver<EngineMsg>,
+    /// Queries subscribed in the engine, with the hash of the AST they run.
+    subscribed: HashMap<String, String>,
+    /// Subscribed queries whose rows have not arrived yet.
+    awaiting: BTreeSet<String>,
+    /// A fetch is outstanding.
+    fetching: bool,
+    /// A sync found no replica yet: sync again on the next engine message.
+    resync: bool,
+    /// The client schema's primary keys where they differ from the replica's.
+    client_keys: Arc<BTreeMap<String, Vec<String>>>,
 }
 
 fn now_ms() -> f64 {
@@ -151,6 +164,11 @@ impl ViewSyncer {
             .map(client_keys)
             .unwrap_or_default();
         let source = Box::new(SqlViewSource::new(shared.replica_file.clone(), keys));
+        let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+        shared.engine.send(Cmd::Register {
+            group: id.to_string(),
+            out: engine_tx,
+        });
         Ok(ViewSyncer {
             id: id.to_string(),
             shared,
@@ -164,12 +182,17 @@ impl ViewSyncer {
             custom: HashMap::new(),
             query_url: None,
             auth: None,
+            engine_rx,
+            subscribed: HashMap::new(),
+            awaiting: BTreeSet::new(),
+            fetching: false,
+            resync: false,
+            client_keys: Arc::new(BTreeMap::new()),
         })
     }
 
     /// Runs until the group has had no connection for [`KEEPALIVE`] and no command is pending.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<GroupCmd>) {
-        let mut watermarks = self.shared.watermarks.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut idle_since: Option<Instant> = Some(Instant::now());
         info!(client_group = %self.id, "view-syncer started");
@@ -180,16 +203,9 @@ impl ViewSyncer {
                     self.handle(cmd).await;
                     idle_since = if self.conns.is_empty() { Some(idle_since.unwrap_or_else(Instant::now)) } else { None };
                 }
-                r = watermarks.changed() => {
-                    if r.is_err() {
-                        // The replicator is gone; keep serving what we have.
-                        watermarks = self.shared.watermarks.clone();
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    if self.conns.values().any(|c| c.initialized) {
-                        self.sync_and_poke().await;
-                    }
+                msg = self.engine_rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_engine(msg).await;
                 }
                 _ = tick.tick() => {
                     if self.ttl_expired() {
@@ -204,6 +220,9 @@ impl ViewSyncer {
                 }
             }
         }
+        self.shared.engine.send(Cmd::Leave {
+            group: self.id.clone(),
+        });
         info!(client_group = %self.id, "view-syncer stopped");
     }
 
@@ -368,8 +387,17 @@ impl ViewSyncer {
             Ok(_) => check_client_schema(&schema, self.source.tables()),
             Err(e) => Err(ErrorBody::new(ErrorKind::Internal, e.to_string())),
         };
-        self.source.end();
         let keys = checked.map_err(OpError::Client)?;
+        // Only keys that differ from the replica's select another engine.
+        let differing: BTreeMap<String, Vec<String>> = keys
+            .iter()
+            .filter(|(t, k)| self.source.tables().get(*t).is_some_and(|rt| &rt.key != *k))
+            .map(|(t, k)| (t.clone(), k.clone()))
+            .collect();
+        self.source.end();
+        if *self.client_keys != differing {
+            self.client_keys = Arc::new(differing);
+        }
         self.source.set_client_keys(keys);
         if self.cvr.client_schema.is_none() {
             self.cvr.client_schema = Some(schema);
@@ -418,10 +446,9 @@ impl ViewSyncer {
                 client_group_ids: None,
             }));
         }
-        self.poke_all()?;
+        self.poke_all().await?;
         self.prepare_custom().await;
-        self.sync()?;
-        Ok(())
+        self.sync().await
     }
 
     async fn change_desired(
@@ -433,10 +460,10 @@ impl ViewSyncer {
         if self.apply_patch(client_id, ops, &new_version) {
             self.cvr.version = new_version;
             self.store.flush(&mut self.cvr)?;
-            self.poke_all()?;
+            self.poke_all().await?;
         }
         self.prepare_custom().await;
-        self.sync()
+        self.sync().await
     }
 
     /// Transforms wanted custom queries that have no AST yet through the API server. Per-query
@@ -541,7 +568,7 @@ impl ViewSyncer {
         if !deleted.is_empty() {
             self.cvr.version = new_version;
             self.store.flush(&mut self.cvr)?;
-            self.poke_all()?;
+            self.poke_all().await?;
         }
         if let Some(c) = self.conns.get(client_id) {
             c.send(Downstream::DeleteClients(DeletedClients {
@@ -550,7 +577,7 @@ impl ViewSyncer {
             }));
         }
         self.prepare_custom().await;
-        self.sync()
+        self.sync().await
     }
 
     /// Removes a client and inactivates its desires; true when it was known.
@@ -678,15 +705,8 @@ impl ViewSyncer {
 
     async fn sync_and_poke(&mut self) {
         self.prepare_custom().await;
-        if let Err(e) = self.sync() {
-            warn!(client_group = %self.id, error = %e, "sync failed");
-            let body = match e {
-                OpError::Client(b) => b,
-                other => ErrorBody::new(ErrorKind::Internal, other.to_string()),
-            };
-            for (_, c) in self.conns.drain() {
-                c.close(Some(body.clone()));
-            }
+        if let Err(e) = self.sync().await {
+            self.fail_all(e);
         }
     }
 
@@ -749,35 +769,30 @@ impl ViewSyncer {
         }
     }
 
-    /// Brings the CVR to the replica's current state: hydrates new queries, removes unwanted
-    /// ones, re-evaluates queries on tables that changed, then pokes every client.
-    fn sync(&mut self) -> Result<(), OpError> {
-        let r = self.sync_inner();
+    /// Brings the group's subscriptions in the engine in line with its desired queries:
+    /// unwanted queries are dropped from the CVR and the engine, new (or newly transformed)
+    /// ones are subscribed and their rows awaited; then every client is poked.
+    async fn sync(&mut self) -> Result<(), OpError> {
+        let r = self.sync_inner().await;
         self.source.end();
         self.fresh.clear();
         r
     }
 
-    fn sync_inner(&mut self) -> Result<(), OpError> {
-        let since = self.cvr.processed.clone();
-        let info = match self.source.begin(since.as_deref()) {
-            Ok(i) => i,
-            Err(SourceError::NotReady) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(rv) = &self.cvr.replica_version
-            && rv > &info.replica_version
-        {
-            return Err(OpError::Client(ErrorBody::new(
-                ErrorKind::ClientNotFound,
-                "The replica is older than the client view record",
-            )));
+    async fn sync_inner(&mut self) -> Result<(), OpError> {
+        if !self.source.active() {
+            match self.source.begin(None) {
+                Ok(_) => {}
+                Err(SourceError::NotReady) => {
+                    self.resync = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         self.load_permissions()?;
-        let rehydrate_all = self.cvr.replica_version.as_deref() != Some(&info.replica_version)
-            && self.cvr.replica_version.is_some();
+        self.source.end();
         let wanted = self.wanted();
-        let state_advanced = self.cvr.processed.as_deref() != Some(info.state_version.as_str());
 
         // Queries to add (new or with a new transformation) and to remove.
         let mut to_add: Vec<(String, Ast, String)> = Vec::new();
@@ -791,11 +806,7 @@ impl ViewSyncer {
                 continue;
             };
             let th = zero_queries::hash::h64_base36(&ast.to_json_string());
-            if rehydrate_all
-                || !self.source.has(h)
-                || q.transformation_hash.as_deref() != Some(th.as_str())
-                || !q.got
-            {
+            if self.subscribed.get(h) != Some(&th) {
                 to_add.push((h.clone(), ast, th));
             }
         }
@@ -804,109 +815,221 @@ impl ViewSyncer {
             .queries
             .iter()
             .filter(|(h, q)| {
-                (!wanted.contains(*h) || failed.contains(*h)) && (q.got || self.source.has(h))
+                (!wanted.contains(*h) || failed.contains(*h))
+                    && (q.got || self.subscribed.contains_key(*h))
             })
             .map(|(h, _)| h.clone())
             .collect();
-        if to_add.is_empty() && to_remove.is_empty() && !state_advanced {
-            return self.poke_all();
+        if !to_remove.is_empty() {
+            let new_version = self.cvr.version.next_config();
+            let mut patched = false;
+            for h in &to_remove {
+                self.unsubscribe(h);
+                let dels = self.cvr.drop_query_rows(h, &new_version);
+                patched |= !dels.is_empty();
+                if let Some(q) = self.cvr.queries.get_mut(h)
+                    && q.got
+                {
+                    q.got = false;
+                    q.patch_version = Some(new_version.clone());
+                    q.transformation_hash = None;
+                    patched = true;
+                }
+                // Forget queries nobody desires any more.
+                let desired = self.cvr.desires.keys().any(|(_, dh)| dh == h);
+                let announced = self
+                    .cvr
+                    .queries
+                    .get(h)
+                    .is_some_and(|q| q.patch_version.is_some());
+                if !desired && !announced {
+                    self.cvr.queries.remove(h);
+                }
+                self.cvr.touch_query(h);
+            }
+            if patched {
+                self.cvr.version = new_version;
+            }
+            self.store.flush(&mut self.cvr)?;
         }
+        for (h, ast, th) in to_add {
+            self.shared.engine.send(Cmd::Subscribe {
+                group: self.id.clone(),
+                hash: h.clone(),
+                ast: Box::new(ast),
+                keys: self.client_keys.clone(),
+            });
+            self.subscribed.insert(h.clone(), th);
+            self.awaiting.insert(h);
+        }
+        // Rows of new subscriptions arrive in order with the group's other engine messages.
+        while !self.awaiting.is_empty() {
+            let Some(msg) = self.engine_rx.recv().await else {
+                break;
+            };
+            self.apply_engine_msg(msg)?;
+        }
+        self.store.flush(&mut self.cvr)?;
+        self.poke_all().await
+    }
 
-        let new_version = if info.state_version > self.cvr.version.state {
+    fn unsubscribe(&mut self, hash: &str) {
+        if self.subscribed.remove(hash).is_some() {
+            self.shared.engine.send(Cmd::Unsubscribe {
+                group: self.id.clone(),
+                hash: hash.to_string(),
+            });
+        }
+        self.awaiting.remove(hash);
+    }
+
+    /// Applies every engine message that is already queued after `first`, then flushes the CVR
+    /// and pokes: each message leaves the group at one replica version, so the poke does too.
+    async fn on_engine(&mut self, first: EngineMsg) {
+        let mut r = self.apply_engine_msg(first);
+        while r.is_ok()
+            && let Ok(m) = self.engine_rx.try_recv()
+        {
+            r = self.apply_engine_msg(m);
+        }
+        if r.is_ok() && self.resync {
+            // An earlier sync found no replica; now that the engine has one, subscribe.
+            self.resync = false;
+            self.prepare_custom().await;
+            r = self.sync_inner().await;
+        }
+        // Engine messages alone never create a CVR (only a connection does).
+        let flushed = if self.cvr.stored {
+            self.store.flush(&mut self.cvr)
+        } else {
+            Ok(())
+        };
+        let r = match r {
+            Ok(()) => match flushed {
+                Ok(()) => {
+                    if self.conns.values().any(|c| c.initialized) {
+                        self.poke_all().await
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e),
+        };
+        self.source.end();
+        self.fresh.clear();
+        if let Err(e) = r {
+            self.fail_all(e);
+        }
+    }
+
+    fn fail_all(&mut self, e: OpError) {
+        warn!(client_group = %self.id, error = %e, "sync failed");
+        let body = match e {
+            OpError::Client(b) => b,
+            other => ErrorBody::new(ErrorKind::Internal, other.to_string()),
+        };
+        for (_, c) in self.conns.drain() {
+            c.close(Some(body.clone()));
+        }
+    }
+
+    /// Moves the CVR to the message's replica version: full results replace a query's rows,
+    /// patches change them, and LMID / mutation-result changes up to that version count too.
+    fn apply_engine_msg(&mut self, msg: EngineMsg) -> Result<(), OpError> {
+        if let Some(rv) = &self.cvr.replica_version
+            && rv > &msg.replica_version
+        {
+            return Err(OpError::Client(ErrorBody::new(
+                ErrorKind::ClientNotFound,
+                "The replica is older than the client view record",
+            )));
+        }
+        let new_version = if msg.state_version > self.cvr.version.state {
             CvrVersion {
-                state: info.state_version.clone(),
+                state: msg.state_version.clone(),
                 config: 0,
             }
         } else {
             self.cvr.version.next_config()
         };
         let mut patched = false;
-        for h in &to_remove {
-            self.source.remove(h);
-            let dels = self.cvr.drop_query_rows(h, &new_version);
-            patched |= !dels.is_empty();
-            if let Some(q) = self.cvr.queries.get_mut(h)
-                && q.got
-            {
-                q.got = false;
-                q.patch_version = Some(new_version.clone());
-                q.transformation_hash = None;
-                patched = true;
+        for (h, u) in msg.updates {
+            if !self.subscribed.contains_key(&h) {
+                // Unsubscribed meanwhile.
+                continue;
             }
-            // Forget queries nobody desires any more.
-            let desired = self.cvr.desires.keys().any(|(_, dh)| dh == h);
-            let announced = self
-                .cvr
-                .queries
-                .get(h)
-                .is_some_and(|q| q.patch_version.is_some());
-            if !desired && !announced {
-                self.cvr.queries.remove(h);
-            }
-            self.cvr.touch_query(h);
-        }
-        let added: BTreeSet<String> = to_add.iter().map(|(h, _, _)| h.clone()).collect();
-        for (h, ast, th) in to_add {
-            match self.source.hydrate(&h, &ast) {
-                Ok(rows) => {
-                    patched |= self.apply_rows(&h, rows, &new_version);
+            match u {
+                QueryUpdate::Full(rows) => {
+                    self.awaiting.remove(&h);
+                    patched |= self.apply_rows(&h, &rows, &new_version);
+                    let th = self.subscribed.get(&h).cloned();
                     if let Some(q) = self.cvr.queries.get_mut(&h) {
                         if !q.got {
                             q.got = true;
                             q.patch_version = Some(new_version.clone());
                             patched = true;
                         }
-                        q.transformation_hash = Some(th);
+                        q.transformation_hash = th;
                     }
                     self.cvr.touch_query(&h);
                 }
-                Err(e) => {
-                    warn!(client_group = %self.id, query = %h, error = %e, "query could not be hydrated");
-                }
-            }
-        }
-        if state_advanced && self.cvr.processed.is_some() {
-            for (h, rows) in self.source.advance(&info)? {
-                if added.contains(&h) {
-                    continue;
-                }
-                match rows {
-                    Ok(rows) => patched |= self.apply_rows(&h, rows, &new_version),
-                    Err(e) => {
-                        warn!(client_group = %self.id, query = %h, error = %e, "query could not be re-evaluated")
+                QueryUpdate::Patch(rows) => {
+                    if self.awaiting.contains(&h) {
+                        continue;
                     }
+                    let mut puts = Vec::new();
+                    let mut dels = Vec::new();
+                    for r in rows.iter() {
+                        match &r.put {
+                            Some((version, value)) => {
+                                puts.push((r.id.clone(), version.clone()));
+                                self.fresh.insert(r.id.clone(), value.clone());
+                            }
+                            None => dels.push(r.id.clone()),
+                        }
+                    }
+                    patched |= self.cvr.patch_query_rows(&h, &puts, &dels, &new_version);
+                }
+                QueryUpdate::Failed(e) => {
+                    warn!(client_group = %self.id, query = %h, error = %e, "query could not be hydrated");
+                    self.awaiting.remove(&h);
+                    self.subscribed.remove(&h);
                 }
             }
         }
-        if state_advanced && !patched {
+        let advanced = self.cvr.processed.as_deref() != Some(msg.state_version.as_str());
+        if advanced && !patched {
             // LMID and mutation-result changes of this group also need a poke.
             let from = CvrVersion {
                 state: self.cvr.processed.clone().unwrap_or_else(|| "00".into()),
                 config: 0,
             };
-            let part = self.mutation_changes(Some(&from), &new_version.to_string())?;
-            patched = !part.is_empty();
+            self.cvr.processed = Some(msg.state_version.clone());
+            // A fresh snapshot: it is at or after the engine's version.
+            if self.source.begin(None).is_ok() {
+                let part = self.mutation_changes(Some(&from), &new_version.to_string())?;
+                patched = !part.is_empty();
+            }
         }
-        self.cvr.processed = Some(info.state_version.clone());
-        self.cvr.replica_version = Some(info.replica_version.clone());
+        self.cvr.processed = Some(msg.state_version);
+        self.cvr.replica_version = Some(msg.replica_version);
         if patched {
             self.cvr.version = new_version;
         }
-        self.store.flush(&mut self.cvr)?;
-        self.poke_all()
+        if msg.fetched {
+            self.fetching = false;
+        }
+        Ok(())
     }
 
-    fn apply_rows(
-        &mut self,
-        hash: &str,
-        rows: Vec<super::source::SyncedRow>,
-        v: &CvrVersion,
-    ) -> bool {
+    fn apply_rows(&mut self, hash: &str, rows: &[SyncedRow], v: &CvrVersion) -> bool {
         let mut ids = BTreeMap::new();
         for r in rows {
             let id = r.id();
-            ids.insert(id.clone(), r.version);
-            self.fresh.insert(id, r.value);
+            ids.insert(id.clone(), r.version.clone());
+            self.fresh.insert(id, r.value.clone());
         }
         let (puts, dels) = self.cvr.set_query_rows(hash, &ids, v);
         !puts.is_empty() || !dels.is_empty()
@@ -928,9 +1051,11 @@ impl ViewSyncer {
         let mutations = zero_queries::sql::quote_ident(&format!("{shard}.mutations"));
         let g = SqlValue::Text(self.id.clone());
         let a = SqlValue::Text(after.clone());
+        // Nothing newer than the version the group's rows are at: a poke is one replica state.
+        let upto = SqlValue::Text(self.cvr.processed.clone().unwrap_or_else(|| "~".into()));
         if let Ok(rows) = self.source.query_json(
-            &format!(r#"SELECT "clientID", "lastMutationID" FROM {clients} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2"#),
-            &[g.clone(), a.clone()],
+            &format!(r#"SELECT "clientID", "lastMutationID" FROM {clients} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2 AND "_0_version" <= ?3"#),
+            &[g.clone(), a.clone(), upto.clone()],
         ) {
             for r in rows {
                 if let (Some(c), Some(n)) = (r[0].as_str(), r[1].as_i64()) {
@@ -939,8 +1064,8 @@ impl ViewSyncer {
             }
         }
         if let Ok(rows) = self.source.query_json(
-            &format!(r#"SELECT "clientID", "mutationID", "result" FROM {mutations} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2"#),
-            &[g, a.clone()],
+            &format!(r#"SELECT "clientID", "mutationID", "result" FROM {mutations} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2 AND "_0_version" <= ?3"#),
+            &[g, a.clone(), upto.clone()],
         ) {
             for r in rows {
                 let result = match &r[2] {
@@ -957,8 +1082,8 @@ impl ViewSyncer {
         }
         if from.is_some()
             && let Ok(rows) = self.source.query_json(
-                r#"SELECT "rowKey" FROM "_zero.changeLog2" WHERE "table" = ?1 AND op = 'd' AND "stateVersion" > ?2"#,
-                &[SqlValue::Text(format!("{shard}.mutations")), a],
+                r#"SELECT "rowKey" FROM "_zero.changeLog2" WHERE "table" = ?1 AND op = 'd' AND "stateVersion" > ?2 AND "stateVersion" <= ?3"#,
+                &[SqlValue::Text(format!("{shard}.mutations")), a, upto],
             )
         {
             for r in rows {
@@ -976,31 +1101,42 @@ impl ViewSyncer {
     }
 
     /// Pokes every initialized client that is behind the CVR (or not yet poked since it
-    /// connected) with the changes since its version.
-    fn poke_all(&mut self) -> Result<(), OpError> {
-        let target = self.cvr.version.clone();
-        let ids: Vec<String> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.initialized && (!c.poked || c.version.as_ref() != Some(&target)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let need_snapshot = ids
-            .iter()
-            .any(|id| self.conns[id].version.as_ref() != Some(&target));
-        let began = if need_snapshot && !self.source.active() {
-            match self.source.begin(None) {
-                Ok(_) => true,
-                Err(SourceError::NotReady) => false,
-                Err(e) => return Err(e.into()),
+    /// connected) with the changes since its version. Row contents come from the engine
+    /// messages just applied; when a client needs rows that are not among them (a reconnect
+    /// from an older cookie, a new client of the group), the group first fetches its queries'
+    /// rows from the engine, which may move the whole group to a newer replica version.
+    async fn poke_all(&mut self) -> Result<(), OpError> {
+        let mut fetched = false;
+        loop {
+            let target = self.cvr.version.clone();
+            let ids: Vec<String> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.initialized && (!c.poked || c.version.as_ref() != Some(&target)))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if ids.is_empty() {
+                return Ok(());
             }
-        } else {
-            false
-        };
-        let r = (|| {
+            let oldest = ids
+                .iter()
+                .map(|id| self.conns[id].version.clone())
+                .min()
+                .flatten();
+            let behind = ids
+                .iter()
+                .any(|id| self.conns[id].version.as_ref() != Some(&target));
+            if behind && !fetched && self.missing_contents(oldest.as_ref()) {
+                fetched = true;
+                self.fetch().await?;
+                continue;
+            }
+            if behind {
+                match self.source.begin(None) {
+                    Ok(_) | Err(SourceError::NotReady) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             for id in ids {
                 let from = self.conns[&id].version.clone();
                 let parts = if from.as_ref() == Some(&target) {
@@ -1026,12 +1162,39 @@ impl ViewSyncer {
                 conn.version = Some(target.clone());
                 conn.poked = true;
             }
-            Ok::<(), OpError>(())
-        })();
-        if began {
-            self.source.end();
+            return Ok(());
         }
-        r
+    }
+
+    /// Whether a catch-up from `from` needs row contents that were not received with the
+    /// latest engine messages.
+    fn missing_contents(&self, from: Option<&CvrVersion>) -> bool {
+        self.cvr.rows.iter().any(|(id, r)| {
+            r.refs.is_some()
+                && from.is_none_or(|f| &r.patch_version > f)
+                && !self.fresh.contains_key(id)
+        })
+    }
+
+    /// Asks the engine for every subscribed query's rows and applies the messages up to the
+    /// answer.
+    async fn fetch(&mut self) -> Result<(), OpError> {
+        if self.subscribed.is_empty() {
+            return Ok(());
+        }
+        self.fetching = true;
+        self.shared.engine.send(Cmd::Fetch {
+            group: self.id.clone(),
+        });
+        while self.fetching {
+            let Some(msg) = self.engine_rx.recv().await else {
+                self.fetching = false;
+                break;
+            };
+            self.apply_engine_msg(msg)?;
+        }
+        self.store.flush(&mut self.cvr)?;
+        Ok(())
     }
 
     /// The poke parts that bring a client from `from` to `to`.

@@ -220,3 +220,125 @@ async fn real_client_catches_up_after_a_server_restart() {
     view.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+/// `many.mjs`: N real clients (N client groups) in one Node process.
+struct ManyProcess {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    n: u64,
+}
+
+impl ManyProcess {
+    fn start(server: &str, n: u64) -> ManyProcess {
+        let mut child = Command::new(node())
+            .arg(e2e_dir().join("many.mjs"))
+            .arg(server)
+            .arg(n.to_string())
+            .current_dir(e2e_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start node");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        ManyProcess { child, lines, n }
+    }
+
+    /// Reads summaries until every view is complete and equal to `expected`; panics with the
+    /// last summary after 60 s.
+    async fn wait_all(&mut self, expected: &Json) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut last = Json::Null;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Err(_) => panic!(
+                    "the {} views did not all become {expected}; last summary: {last}",
+                    self.n
+                ),
+                Ok(Ok(Some(line))) => {
+                    let v: Json = serde_json::from_str(&line).expect("json line");
+                    if v["complete"] == self.n && v["distinct"] == json!([expected]) {
+                        return;
+                    }
+                    last = v;
+                }
+                Ok(other) => panic!("node process ended: {other:?}; last summary: {last}"),
+            }
+        }
+    }
+
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = self.child.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_real_clients_at_once() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
+         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL);
+         INSERT INTO comment VALUES ('c1', 'i1', 'hello');",
+    )
+    .await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue", "comment"]).await;
+    let mut many = ManyProcess::start(&format!("http://{}", server.addr), 100);
+    let c = |id: &str, issue: &str, body: &str| json!({"id": id, "issueID": issue, "body": body});
+    many.wait_all(&json!([issue(
+        "i1",
+        "one",
+        Some(1),
+        Json::Null,
+        json!([c("c1", "i1", "hello")])
+    )]))
+    .await;
+
+    // 100 client groups, one query in the engine.
+    let (_, _, body) = crate::sync_util::http_get(
+        server.addr,
+        "/statz",
+        Some(&format!("a:{}", crate::sync_util::ADMIN_PASSWORD)),
+    )
+    .await;
+    let stats: Json = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["sync"]["clientGroups"], 100, "{stats}");
+    assert_eq!(stats["engine"]["subscriptions"], 100, "{stats}");
+    assert_eq!(stats["engine"]["queries"], 1, "{stats}");
+
+    db.exec("UPDATE issue SET open = true WHERE id = 'i2'; INSERT INTO comment VALUES ('c2', 'i2', 'new'); UPDATE issue SET title = 'ONE' WHERE id = 'i1';")
+        .await;
+    many.wait_all(&json!([
+        issue(
+            "i1",
+            "ONE",
+            Some(1),
+            Json::Null,
+            json!([c("c1", "i1", "hello")])
+        ),
+        issue(
+            "i2",
+            "two",
+            Some(2),
+            Json::Null,
+            json!([c("c2", "i2", "new")])
+        ),
+    ]))
+    .await;
+
+    db.exec("DELETE FROM issue WHERE id = 'i1'").await;
+    many.wait_all(&json!([issue(
+        "i2",
+        "two",
+        Some(2),
+        Json::Null,
+        json!([c("c2", "i2", "new")])
+    )]))
+    .await;
+    many.stop().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

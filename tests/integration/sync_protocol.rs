@@ -521,3 +521,112 @@ async fn clients_of_a_group_share_rows_and_see_each_others_desires() {
     c1.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+async fn engine_stats(addr: std::net::SocketAddr) -> serde_json::Value {
+    let (s, _, body) = http_get(addr, "/statz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
+    assert_eq!(s, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    stats["engine"].clone()
+}
+
+/// Waits until the engine's counters are `(queries, subscriptions)`; panics with the last
+/// figures after 10 s.
+async fn wait_engine(addr: std::net::SocketAddr, queries: u64, subscriptions: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let e = engine_stats(addr).await;
+        if e["queries"] == queries && e["subscriptions"] == subscriptions {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "engine state {e}, expected {queries} queries / {subscriptions} subscriptions"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_share_engine_queries_and_removal_or_ttl_expiry_releases_them() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let open_issues = |ttl: u64| {
+        json!([{"op": "put", "hash": "open", "ttl": ttl,
+                "ast": {"table": "issue", "where": {"type": "simple", "op": "=",
+                        "left": {"type": "column", "name": "open"},
+                        "right": {"type": "literal", "value": true}},
+                        "orderBy": [["id", "asc"]]}}])
+    };
+    // Two groups with the same query: one query in the engine, two subscriptions.
+    let mut c1 = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(open_issues(1000), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    let mut c2 = connect(
+        server.addr,
+        ConnectOpts::new("c2", "g2", init(open_issues(0), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    for c in [&mut c1, &mut c2] {
+        let pokes = c
+            .pokes_until(|p| !p.all("gotQueriesPatch").is_empty())
+            .await;
+        let puts: Vec<_> = pokes.iter().flat_map(|p| p.puts()).collect();
+        assert_eq!(puts.len(), 1, "{puts:?}");
+        assert_eq!(puts[0].1["id"], "a");
+    }
+    wait_engine(server.addr, 1, 2).await;
+
+    // Both views follow one change computed once.
+    db.exec("UPDATE issue SET open = true WHERE id = 'b'").await;
+    for c in [&mut c1, &mut c2] {
+        let p = c.pokes_until(|p| !p.puts().is_empty()).await;
+        assert_eq!(p.last().expect("poke").puts()[0].1["id"], "b");
+    }
+
+    // Removal with TTL 0 releases g2's subscription at once, and its rows.
+    c2.send(
+        json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del", "hash": "open"}]}]),
+    )
+    .await;
+    let pokes = c2
+        .pokes_until(|p| {
+            p.all("gotQueriesPatch")
+                .contains(&json!({"op": "del", "hash": "open"}))
+        })
+        .await;
+    let dels: Vec<_> = pokes.iter().flat_map(|p| p.dels()).collect();
+    assert_eq!(dels.len(), 2, "{dels:?}");
+    wait_engine(server.addr, 1, 1).await;
+
+    // g1's query stays until its TTL (1 s) runs out, then the engine drops it.
+    c1.send(
+        json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del", "hash": "open"}]}]),
+    )
+    .await;
+    let pokes = c1
+        .pokes_until(|p| {
+            p.all("gotQueriesPatch")
+                .contains(&json!({"op": "del", "hash": "open"}))
+        })
+        .await;
+    assert!(
+        pokes[0].all("gotQueriesPatch").is_empty(),
+        "the desire goes first, the query only when its TTL expires"
+    );
+    wait_engine(server.addr, 0, 0).await;
+    let e = engine_stats(server.addr).await;
+    assert_eq!(e["shapes"], 0, "{e}");
+
+    // Writes after the release reach nobody and break nothing.
+    db.exec("INSERT INTO issue VALUES ('z', 'late', true, 9, NULL)")
+        .await;
+    c1.close().await;
+    c2.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

@@ -1,0 +1,888 @@
+//! The process's incremental view engine, shared by every client group.
+//!
+//! One service thread owns a [`zero_dataflow::Engine`] loaded with the replica's client tables.
+//! It tails the replica: on every watermark it reads the `_zero.changeLog2` entries after the
+//! version it has applied, looks up their new contents in one read snapshot, and applies them
+//! as one engine version, so each commit costs work in proportion to what changed. View-syncers
+//! subscribe their queries by hash; identical queries (same AST after permissions) run once, and
+//! queries of one shape share a dataflow inside the engine. Every message a group receives
+//! ([`EngineMsg`]) brings all of its queries to one committed replica version, which is what
+//! keeps a poke equal to exactly one replica state.
+//!
+//! Old row contents (needed to retract a row from the dataflow) are kept as the very `Row`s fed
+//! to the engine, so they cost a map entry per row, not a copy.
+//!
+//! Truncates, resets, schema changes and resyncs rebuild the engine from the replica and send
+//! every subscriber its query's full rows; the view-syncer diffs them against the CVR, so
+//! clients keep their state and receive only the difference.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde_json::Value as Json;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+use zero_dataflow::{Engine, EngineConfig, Op, RowPatch, TableChange};
+use zero_queries::Row;
+use zero_queries::ast::Ast;
+use zero_queries::schema::{Column, ColumnType, Schema, TableSchema};
+
+use crate::schema::PublishedSchema;
+use crate::sync::cvr::RowId;
+use crate::sync::source::{SyncedRow, VERSION_COLUMN};
+use crate::upstream::quote_ident;
+use crate::zql;
+
+/// One row change of one query, ready for the CVR and the wire.
+#[derive(Debug, Clone)]
+pub(crate) struct PatchRow {
+    /// The row's CVR identity.
+    pub id: RowId,
+    /// `(_0_version, contents)` when the row is (still) in the result; `None` when it left.
+    pub put: Option<(String, Json)>,
+}
+
+/// What happened to one subscribed query.
+#[derive(Debug, Clone)]
+pub(crate) enum QueryUpdate {
+    /// All of the query's rows (after subscribing, a fetch, or a rebuild).
+    Full(Arc<Vec<SyncedRow>>),
+    /// The rows that changed since the group's previous message.
+    Patch(Arc<Vec<PatchRow>>),
+    /// The engine cannot run the query.
+    Failed(String),
+}
+
+/// A message to one client group. After applying it, every query of the group reflects the
+/// replica at `state_version`.
+#[derive(Debug, Clone)]
+pub(crate) struct EngineMsg {
+    /// Replica watermark the group's queries are at now.
+    pub state_version: String,
+    /// Replica identity.
+    pub replica_version: String,
+    /// Per query hash.
+    pub updates: Vec<(String, QueryUpdate)>,
+    /// Answers a [`Cmd::Fetch`]: `updates` has every subscribed query in full.
+    pub fetched: bool,
+}
+
+/// Requests to the service.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// A group starts: it receives messages on `out`, first one at the current version.
+    Register {
+        group: String,
+        out: UnboundedSender<EngineMsg>,
+    },
+    /// Query `hash` of `group` is `ast`; `keys` are the client schema's primary keys. Replaces
+    /// an earlier subscription of the same hash.
+    Subscribe {
+        group: String,
+        hash: String,
+        ast: Box<Ast>,
+        keys: Arc<BTreeMap<String, Vec<String>>>,
+    },
+    /// The group no longer needs query `hash`.
+    Unsubscribe { group: String, hash: String },
+    /// Send the group every subscribed query in full.
+    Fetch { group: String },
+    /// The group stopped: drop all of its subscriptions.
+    Leave { group: String },
+    /// The replica has a new watermark.
+    Watermark,
+    /// Stop the thread.
+    Stop,
+}
+
+/// Counters of the service, for `/statz` and tests.
+#[derive(Debug, Default)]
+pub(crate) struct EngineStats {
+    /// Distinct queries running in the engine.
+    pub queries: AtomicUsize,
+    /// Subscriptions (group, hash).
+    pub subscriptions: AtomicUsize,
+    /// Dataflows (query shapes) running.
+    pub shapes: AtomicUsize,
+}
+
+/// The handle view-syncers use.
+#[derive(Debug, Clone)]
+pub(crate) struct EngineHandle {
+    tx: Sender<Cmd>,
+    pub(crate) stats: Arc<EngineStats>,
+}
+
+impl EngineHandle {
+    /// Starts the service thread over the replica at `replica_file`. Tables of the app and
+    /// shard schemas (`app_id.*`, `shard_schema.*`) are internal and stay out of the engine,
+    /// but changes to `{shard}.clients` / `{shard}.mutations` are reported to their groups.
+    pub(crate) fn start(
+        replica_file: PathBuf,
+        app_id: String,
+        shard_schema: String,
+        workers: usize,
+    ) -> std::io::Result<EngineHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let svc = Service {
+            replica_file,
+            internal: vec![format!("{app_id}."), format!("{shard_schema}.")],
+            lmid_tables: [
+                format!("{shard_schema}.clients"),
+                format!("{shard_schema}.mutations"),
+            ],
+            workers: workers.max(1),
+            ready: None,
+            queries: HashMap::new(),
+            subs: HashMap::new(),
+            groups: HashMap::new(),
+            pending: Vec::new(),
+            seq: 0,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("view-engine".into())
+            .spawn(move || svc.run(rx))?;
+        Ok(EngineHandle { tx, stats })
+    }
+
+    /// Sends a command; false when the service is gone.
+    pub(crate) fn send(&self, cmd: Cmd) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+}
+
+/// Why loading from or advancing over the replica failed.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("replica: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
+    #[error("engine: {0}")]
+    Engine(#[from] zero_dataflow::EngineError),
+}
+
+struct TableInfo {
+    schema: TableSchema,
+    /// Column indexes of the replica key (which the change log uses).
+    key_cols: Vec<usize>,
+    /// `SELECT ... WHERE key IS ?` by replica key.
+    lookup_sql: String,
+}
+
+/// One engine per distinct set of client primary keys (normally exactly one).
+struct Slot {
+    keys: Arc<BTreeMap<String, Vec<String>>>,
+    schema: Schema,
+    engine: Engine,
+}
+
+struct Ready {
+    replica_version: String,
+    state_version: String,
+    published: PublishedSchema,
+    tables: BTreeMap<String, TableInfo>,
+    /// Current rows per table by canonical replica key: exactly the `Row`s fed to the engine.
+    rows: HashMap<String, HashMap<String, Row>>,
+    slots: Vec<Slot>,
+}
+
+struct SvcQuery {
+    keys: Arc<BTreeMap<String, Vec<String>>>,
+    ast: Ast,
+    subscribers: BTreeSet<(String, String)>,
+    /// Set while the engine runs it; `None` when it failed or is waiting for the replica.
+    running: bool,
+}
+
+struct Service {
+    replica_file: PathBuf,
+    internal: Vec<String>,
+    lmid_tables: [String; 2],
+    workers: usize,
+    ready: Option<Ready>,
+    /// Engine query id → query.
+    queries: HashMap<String, SvcQuery>,
+    /// (group, hash) → engine query id.
+    subs: HashMap<(String, String), String>,
+    groups: HashMap<String, UnboundedSender<EngineMsg>>,
+    /// Subscriptions that need their full rows at the next step.
+    pending: Vec<(String, String)>,
+    seq: u64,
+    stats: Arc<EngineStats>,
+}
+
+/// Output of one step for the groups.
+#[derive(Default)]
+struct Outbox {
+    msgs: HashMap<String, Vec<(String, QueryUpdate)>>,
+    /// Groups that must get a message even without query updates (LMIDs, first message).
+    touched: HashSet<String>,
+    fetched: HashSet<String>,
+}
+
+impl Outbox {
+    fn push(&mut self, group: &str, hash: &str, u: QueryUpdate) {
+        self.msgs
+            .entry(group.to_string())
+            .or_default()
+            .push((hash.to_string(), u));
+    }
+}
+
+fn query_id(keys: &BTreeMap<String, Vec<String>>, ast: &Ast) -> String {
+    let k = serde_json::to_string(keys).unwrap_or_default();
+    format!(
+        "{}:{}",
+        zero_queries::hash::h64_base36(&k),
+        zero_queries::hash::h64_base36(&ast.to_json_string())
+    )
+}
+
+impl Service {
+    fn run(mut self, rx: Receiver<Cmd>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(c) = rx.try_recv() {
+                batch.push(c);
+            }
+            let mut out = Outbox::default();
+            let mut watermark = false;
+            for cmd in batch {
+                match cmd {
+                    Cmd::Stop => return,
+                    Cmd::Watermark => watermark = true,
+                    Cmd::Register { group, out: tx } => {
+                        self.groups.insert(group.clone(), tx);
+                        out.touched.insert(group);
+                    }
+                    Cmd::Subscribe {
+                        group,
+                        hash,
+                        ast,
+                        keys,
+                    } => self.subscribe(group, hash, *ast, keys, &mut out),
+                    Cmd::Unsubscribe { group, hash } => self.unsubscribe(&group, &hash),
+                    Cmd::Fetch { group } => {
+                        out.fetched.insert(group);
+                    }
+                    Cmd::Leave { group } => {
+                        let hashes: Vec<String> = self
+                            .subs
+                            .keys()
+                            .filter(|(g, _)| *g == group)
+                            .map(|(_, h)| h.clone())
+                            .collect();
+                        for h in hashes {
+                            self.unsubscribe(&group, &h);
+                        }
+                        self.groups.remove(&group);
+                    }
+                }
+            }
+            if let Err(e) = self.step(watermark, &mut out) {
+                warn!(error = %e, "view engine could not advance; rebuilding at the next watermark");
+                self.ready = None;
+            }
+            self.send(out);
+            self.stats.queries.store(
+                self.queries.values().filter(|q| q.running).count(),
+                Ordering::Relaxed,
+            );
+            self.stats
+                .subscriptions
+                .store(self.subs.len(), Ordering::Relaxed);
+            self.stats.shapes.store(
+                self.ready.as_ref().map_or(0, |r| {
+                    r.slots.iter().map(|s| s.engine.template_count()).sum()
+                }),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        group: String,
+        hash: String,
+        ast: Ast,
+        keys: Arc<BTreeMap<String, Vec<String>>>,
+        out: &mut Outbox,
+    ) {
+        self.unsubscribe(&group, &hash);
+        let qid = query_id(&keys, &ast);
+        let key = (group, hash);
+        self.subs.insert(key.clone(), qid.clone());
+        let q = self.queries.entry(qid.clone()).or_insert_with(|| SvcQuery {
+            keys,
+            ast,
+            subscribers: BTreeSet::new(),
+            running: false,
+        });
+        q.subscribers.insert(key.clone());
+        if !q.running
+            && let Some(ready) = self.ready.as_mut()
+        {
+            match start_query(ready, self.workers, self.seq, &qid, q) {
+                Ok(()) => q.running = true,
+                Err(e) => {
+                    debug!(query = %key.1, error = %e, "the engine cannot run this query");
+                    out.push(&key.0, &key.1, QueryUpdate::Failed(e));
+                    return;
+                }
+            }
+        }
+        self.pending.push(key);
+    }
+
+    fn unsubscribe(&mut self, group: &str, hash: &str) {
+        let key = (group.to_string(), hash.to_string());
+        self.pending.retain(|k| *k != key);
+        let Some(qid) = self.subs.remove(&key) else {
+            return;
+        };
+        let Some(q) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        q.subscribers.remove(&key);
+        if q.subscribers.is_empty() {
+            let q = self.queries.remove(&qid).expect("present");
+            if q.running
+                && let Some(ready) = self.ready.as_mut()
+                && let Some(slot) = ready.slots.iter_mut().find(|s| s.keys == q.keys)
+                && let Err(e) = slot.engine.remove_query(&qid)
+            {
+                warn!(error = %e, "removing a query from the engine failed");
+            }
+            debug!(query = %hash, "query released from the engine");
+        }
+    }
+
+    /// Applies what the replica committed since the last step (when `watermark`), hydrates
+    /// pending subscriptions, and fills `out`.
+    fn step(&mut self, watermark: bool, out: &mut Outbox) -> Result<(), LoadError> {
+        let mut changes: Vec<TableChange> = Vec::new();
+        if self.ready.is_none() {
+            if !(watermark || !self.pending.is_empty() || !out.touched.is_empty()) {
+                return Ok(());
+            }
+            if !self.load()? {
+                // Not ready: registered groups get their first message once it is.
+                return Ok(());
+            }
+            out.touched.extend(self.groups.keys().cloned());
+        } else if watermark {
+            match self.read_changes(out)? {
+                Some(c) => changes = c,
+                None => {
+                    // Reset: rebuild everything and resend every subscription in full.
+                    info!("replica reset or schema change: rebuilding the view engine");
+                    self.ready = None;
+                    if !self.load()? {
+                        return Ok(());
+                    }
+                    out.touched.extend(self.groups.keys().cloned());
+                }
+            }
+        }
+        let ready = self.ready.as_mut().expect("loaded above");
+        let needs_step = !changes.is_empty() || !self.pending.is_empty();
+        let mut diffs = Vec::new();
+        if needs_step {
+            self.seq += 1;
+            let n = ready.slots.len();
+            for (i, slot) in ready.slots.iter_mut().enumerate() {
+                let batch = if i + 1 == n {
+                    std::mem::take(&mut changes)
+                } else {
+                    changes.clone()
+                };
+                slot.engine.apply(self.seq, batch)?;
+            }
+            for slot in ready.slots.iter_mut() {
+                diffs.push(slot.engine.step_until(self.seq)?);
+            }
+        }
+        let pending: HashSet<(String, String)> =
+            std::mem::take(&mut self.pending).into_iter().collect();
+        for (slot, slot_diffs) in ready.slots.iter().zip(&diffs) {
+            for d in slot_diffs {
+                if d.initial || d.patches.is_empty() {
+                    continue;
+                }
+                let Some(q) = self.queries.get(&d.query) else {
+                    continue;
+                };
+                let rows: Arc<Vec<PatchRow>> = Arc::new(
+                    d.patches
+                        .iter()
+                        .filter_map(|p| patch_row(&slot.schema, p))
+                        .collect(),
+                );
+                for key in &q.subscribers {
+                    if !pending.contains(key) {
+                        out.push(&key.0, &key.1, QueryUpdate::Patch(rows.clone()));
+                    }
+                }
+            }
+        }
+        // Full rows: new subscriptions, and everything of groups that asked.
+        let mut full: BTreeSet<(String, String)> = pending.into_iter().collect();
+        for (g, h) in self.subs.keys() {
+            if out.fetched.contains(g) {
+                full.insert((g.clone(), h.clone()));
+            }
+        }
+        let mut cache: HashMap<String, Arc<Vec<SyncedRow>>> = HashMap::new();
+        for key in full {
+            let Some(qid) = self.subs.get(&key) else {
+                continue;
+            };
+            let Some(q) = self.queries.get(qid) else {
+                continue;
+            };
+            if !q.running {
+                out.push(
+                    &key.0,
+                    &key.1,
+                    QueryUpdate::Failed("the query could not be started".into()),
+                );
+                continue;
+            }
+            let rows = match cache.get(qid) {
+                Some(r) => r.clone(),
+                None => {
+                    let slot = ready
+                        .slots
+                        .iter()
+                        .find(|s| s.keys == q.keys)
+                        .expect("running queries have a slot");
+                    let rows = Arc::new(full_rows(slot, qid));
+                    cache.insert(qid.clone(), rows.clone());
+                    rows
+                }
+            };
+            out.push(&key.0, &key.1, QueryUpdate::Full(rows));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, out: Outbox) {
+        let Some(ready) = self.ready.as_ref() else {
+            return;
+        };
+        let Outbox {
+            mut msgs,
+            touched,
+            fetched,
+        } = out;
+        let mut groups: BTreeSet<String> = msgs.keys().cloned().collect();
+        groups.extend(touched);
+        groups.extend(fetched.iter().cloned());
+        for g in groups {
+            let Some(tx) = self.groups.get(&g) else {
+                continue;
+            };
+            let msg = EngineMsg {
+                state_version: ready.state_version.clone(),
+                replica_version: ready.replica_version.clone(),
+                updates: msgs.remove(&g).unwrap_or_default(),
+                fetched: fetched.contains(&g),
+            };
+            if tx.send(msg).is_err() {
+                debug!(client_group = %g, "view-syncer gone");
+            }
+        }
+    }
+
+    fn open(&self) -> Result<Option<Connection>, LoadError> {
+        if !self.replica_file.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            &self.replica_file,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.pragma_update(None, "busy_timeout", 30_000)?;
+        Ok(Some(conn))
+    }
+
+    /// Loads every client table at one snapshot into new engines and restarts every query.
+    /// False when the replica is not ready yet.
+    fn load(&mut self) -> Result<bool, LoadError> {
+        let Some(conn) = self.open()? else {
+            return Ok(false);
+        };
+        conn.execute_batch("BEGIN")?;
+        let Some(state) = crate::replica::read_state(&conn)? else {
+            return Ok(false);
+        };
+        let started = std::time::Instant::now();
+        let mut schema = zql::replica_schema(&state.schema);
+        schema
+            .tables
+            .retain(|name, _| !self.internal.iter().any(|p| name.starts_with(p.as_str())));
+        let mut tables = BTreeMap::new();
+        let mut rows: HashMap<String, HashMap<String, Row>> = HashMap::new();
+        let mut total = 0usize;
+        for (name, t) in schema.tables.iter_mut() {
+            t.columns.push(Column {
+                name: VERSION_COLUMN.into(),
+                ty: ColumnType::String,
+                optional: false,
+            });
+            let key_cols: Vec<usize> = t
+                .primary_key
+                .iter()
+                .filter_map(|k| t.column_index(k))
+                .collect();
+            let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(&c.name)).collect();
+            let conds: Vec<String> = t
+                .primary_key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("{} IS ?{}", quote_ident(k), i + 1))
+                .collect();
+            let lookup_sql = format!(
+                "SELECT {} FROM {} WHERE {}",
+                cols.join(", "),
+                quote_ident(name),
+                conds.join(" AND ")
+            );
+            let table_rows = zql::read_table(&conn, t)?;
+            total += table_rows.len();
+            let mut map = HashMap::with_capacity(table_rows.len());
+            for r in table_rows {
+                map.insert(canon_key(&key_cols, &r), r);
+            }
+            rows.insert(name.clone(), map);
+            tables.insert(
+                name.clone(),
+                TableInfo {
+                    schema: t.clone(),
+                    key_cols,
+                    lookup_sql,
+                },
+            );
+        }
+        conn.execute_batch("COMMIT")?;
+        let mut ready = Ready {
+            replica_version: state.replica_version.clone(),
+            state_version: state.watermark.clone(),
+            published: state.schema.clone(),
+            tables,
+            rows,
+            slots: Vec::new(),
+        };
+        self.seq += 1;
+        let default_keys: Arc<BTreeMap<String, Vec<String>>> = Arc::new(BTreeMap::new());
+        let mut key_sets: Vec<Arc<BTreeMap<String, Vec<String>>>> = vec![default_keys];
+        for q in self.queries.values() {
+            if !key_sets.contains(&q.keys) {
+                key_sets.push(q.keys.clone());
+            }
+        }
+        for keys in key_sets {
+            ready
+                .slots
+                .push(new_slot(&ready, &schema, keys, self.workers, self.seq)?);
+        }
+        let qids: Vec<String> = self.queries.keys().cloned().collect();
+        self.pending.clear();
+        for qid in qids {
+            let q = self.queries.get_mut(&qid).expect("listed");
+            q.running = false;
+            match start_query(&mut ready, self.workers, self.seq, &qid, q) {
+                Ok(()) => q.running = true,
+                Err(e) => debug!(error = %e, "the engine cannot run a query"),
+            }
+            self.pending.extend(q.subscribers.iter().cloned());
+        }
+        info!(
+            rows = total,
+            tables = ready.tables.len(),
+            queries = self.queries.len(),
+            ms = started.elapsed().as_millis() as u64,
+            state_version = %ready.state_version,
+            "view engine loaded the replica"
+        );
+        self.ready = Some(ready);
+        Ok(true)
+    }
+
+    /// The changes since the applied version, as engine changes; `None` when the replica was
+    /// reset, truncated, resynced or changed schema (the engine must be rebuilt).
+    fn read_changes(&mut self, out: &mut Outbox) -> Result<Option<Vec<TableChange>>, LoadError> {
+        let Some(conn) = self.open()? else {
+            return Ok(Some(Vec::new()));
+        };
+        conn.execute_batch("BEGIN")?;
+        let r = self.read_changes_in(&conn, out);
+        let _ = conn.execute_batch("COMMIT");
+        r
+    }
+
+    fn read_changes_in(
+        &mut self,
+        conn: &Connection,
+        out: &mut Outbox,
+    ) -> Result<Option<Vec<TableChange>>, LoadError> {
+        let Some(state) = crate::replica::read_state(conn)? else {
+            return Ok(Some(Vec::new()));
+        };
+        let ready = self.ready.as_mut().expect("ready");
+        if state.replica_version != ready.replica_version || state.schema != ready.published {
+            return Ok(None);
+        }
+        if state.watermark <= ready.state_version {
+            return Ok(Some(Vec::new()));
+        }
+        let mut entries: Vec<(String, String, String)> = Vec::new();
+        {
+            let mut st = conn.prepare_cached(
+                r#"SELECT "table", "rowKey", op FROM "_zero.changeLog2" WHERE "stateVersion" > ?1 ORDER BY "stateVersion", "pos""#,
+            )?;
+            let rows = st.query_map([&ready.state_version], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            for r in rows {
+                entries.push(r?);
+            }
+        }
+        let mut changes = Vec::new();
+        for (table, key, op) in entries {
+            if op == "t" || op == "r" {
+                if ready.tables.contains_key(&table) {
+                    return Ok(None);
+                }
+                if self.lmid_tables.contains(&table) {
+                    out.touched.extend(self.groups.keys().cloned());
+                }
+                continue;
+            }
+            if self.lmid_tables.contains(&table) {
+                if let Ok(k) = serde_json::from_str::<Json>(&key)
+                    && let Some(g) = k["clientGroupID"].as_str()
+                {
+                    out.touched.insert(g.to_string());
+                }
+                continue;
+            }
+            let Some(info) = ready.tables.get(&table) else {
+                continue;
+            };
+            let Ok(Json::Object(key_obj)) = serde_json::from_str::<Json>(&key) else {
+                warn!(%table, %key, "unreadable change-log key");
+                continue;
+            };
+            let params: Vec<SqlValue> = info
+                .schema
+                .primary_key
+                .iter()
+                .map(|k| json_to_sql(key_obj.get(k).unwrap_or(&Json::Null)))
+                .collect();
+            let canon = {
+                let vals: Vec<Json> = info
+                    .key_cols
+                    .iter()
+                    .zip(&params)
+                    .map(|(&i, p)| {
+                        zql::value_from_sqlite(info.schema.columns[i].ty, p.clone()).to_json()
+                    })
+                    .collect();
+                Json::Array(vals).to_string()
+            };
+            let table_rows = ready.rows.entry(table.clone()).or_default();
+            if let Some(old) = table_rows.remove(&canon) {
+                changes.push(TableChange {
+                    table: table.clone(),
+                    op: Op::Delete,
+                    row: old,
+                });
+            }
+            if op == "d" {
+                continue;
+            }
+            let types: Vec<ColumnType> = info.schema.columns.iter().map(|c| c.ty).collect();
+            let new: Option<Row> = conn
+                .prepare_cached(&info.lookup_sql)?
+                .query_row(rusqlite::params_from_iter(params), |r| {
+                    let mut row = Vec::with_capacity(types.len());
+                    for (i, ty) in types.iter().enumerate() {
+                        row.push(zql::value_from_sqlite(*ty, r.get::<_, SqlValue>(i)?));
+                    }
+                    Ok(Row::from(row))
+                })
+                .optional()?;
+            if let Some(new) = new {
+                // The row's key may be written differently in the change log (e.g. 1 vs 1.0).
+                let canon = canon_key(&info.key_cols, &new);
+                table_rows.insert(canon, new.clone());
+                changes.push(TableChange {
+                    table,
+                    op: Op::Insert,
+                    row: new,
+                });
+            }
+        }
+        ready.state_version = state.watermark;
+        debug!(changes = changes.len(), state_version = %ready.state_version, "replica changes for the view engine");
+        Ok(Some(changes))
+    }
+}
+
+fn json_to_sql(v: &Json) -> SqlValue {
+    match v {
+        Json::Null => SqlValue::Null,
+        Json::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => SqlValue::Integer(i),
+            None => SqlValue::Real(n.as_f64().unwrap_or_default()),
+        },
+        Json::String(s) => SqlValue::Text(s.clone()),
+        other => SqlValue::Text(other.to_string()),
+    }
+}
+
+fn canon_key(key_cols: &[usize], row: &Row) -> String {
+    Json::Array(key_cols.iter().map(|&i| row[i].to_json()).collect()).to_string()
+}
+
+/// A new engine for client primary keys `keys`, loaded with every current row at `version`.
+fn new_slot(
+    ready: &Ready,
+    schema: &Schema,
+    keys: Arc<BTreeMap<String, Vec<String>>>,
+    workers: usize,
+    version: u64,
+) -> Result<Slot, LoadError> {
+    let mut schema = schema.clone();
+    for (t, k) in keys.iter() {
+        if let Some(ts) = schema.tables.get_mut(t)
+            && k.iter().all(|c| ts.column_index(c).is_some())
+        {
+            ts.primary_key = k.clone();
+        }
+    }
+    let mut engine = Engine::new(EngineConfig { workers }, &schema)?;
+    let mut changes = Vec::new();
+    for (table, rows) in &ready.rows {
+        for r in rows.values() {
+            changes.push(TableChange {
+                table: table.clone(),
+                op: Op::Insert,
+                row: r.clone(),
+            });
+        }
+    }
+    engine.apply(version, changes)?;
+    engine.step_until(version)?;
+    Ok(Slot {
+        keys,
+        schema,
+        engine,
+    })
+}
+
+/// Adds `q` to the engine of its keys (creating that engine when it is the first).
+fn start_query(
+    ready: &mut Ready,
+    workers: usize,
+    version: u64,
+    qid: &str,
+    q: &SvcQuery,
+) -> Result<(), String> {
+    if !ready.slots.iter().any(|s| s.keys == q.keys) {
+        let base = ready
+            .slots
+            .first()
+            .map(|s| s.schema.clone())
+            .ok_or("no engine")?;
+        // The base schema may carry other keys; start from the replica keys.
+        let mut schema = base;
+        for (name, t) in schema.tables.iter_mut() {
+            if let Some(info) = ready.tables.get(name) {
+                t.primary_key = info.schema.primary_key.clone();
+            }
+        }
+        let slot = new_slot(ready, &schema, q.keys.clone(), workers, version)
+            .map_err(|e| e.to_string())?;
+        ready.slots.push(slot);
+    }
+    let slot = ready
+        .slots
+        .iter_mut()
+        .find(|s| s.keys == q.keys)
+        .expect("created above");
+    slot.engine
+        .add_query(qid, &q.ast)
+        .map_err(|e| e.to_string())
+}
+
+fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, Json) {
+    let mut obj = serde_json::Map::new();
+    let mut version = String::new();
+    for (c, v) in t.columns.iter().zip(row.iter()) {
+        if c.name == VERSION_COLUMN {
+            if let zero_queries::Value::String(s) = v {
+                version = s.clone();
+            }
+        } else {
+            obj.insert(c.name.clone(), v.to_json());
+        }
+    }
+    let mut key = serde_json::Map::new();
+    for k in &t.primary_key {
+        key.insert(k.clone(), obj.get(k).cloned().unwrap_or(Json::Null));
+    }
+    (Json::Object(key).to_string(), version, Json::Object(obj))
+}
+
+fn patch_row(schema: &Schema, p: &RowPatch) -> Option<PatchRow> {
+    match p {
+        RowPatch::Put { table, row, .. } => {
+            let t = schema.table(table)?;
+            let (key, version, value) = row_parts(t, row);
+            Some(PatchRow {
+                id: (table.to_string(), key),
+                put: Some((version, value)),
+            })
+        }
+        RowPatch::Del { table, pk } => {
+            let t = schema.table(table)?;
+            let mut key = serde_json::Map::new();
+            for (k, v) in t.primary_key.iter().zip(pk) {
+                key.insert(k.clone(), v.to_json());
+            }
+            Some(PatchRow {
+                id: (table.to_string(), Json::Object(key).to_string()),
+                put: None,
+            })
+        }
+    }
+}
+
+fn full_rows(slot: &Slot, qid: &str) -> Vec<SyncedRow> {
+    let Some(rows) = slot.engine.rows(qid) else {
+        return Vec::new();
+    };
+    rows.into_iter()
+        .filter_map(|(table, row)| {
+            let t = slot.schema.table(&table)?;
+            let (key, version, value) = row_parts(t, &row);
+            Some(SyncedRow {
+                table: table.to_string(),
+                key,
+                version,
+                value,
+            })
+        })
+        .collect()
+}
