@@ -318,7 +318,15 @@ impl SyncServer {
             shutdown.await;
             shared.closing.send_replace(true);
         };
-        let r = axum::serve(self.listener, app)
+        // Pokes are several small frames: without TCP_NODELAY, Nagle's algorithm holds the
+        // next one until the client's delayed ACK (about 40 ms).
+        use axum::serve::ListenerExt;
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY could not be set");
+            }
+        });
+        let r = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         for s in self.stops {

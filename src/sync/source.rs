@@ -113,6 +113,9 @@ pub struct SqlViewSource {
     client_keys: BTreeMap<String, Vec<String>>,
     schema: Schema,
     queries: HashMap<String, (Ast, BTreeSet<String>)>,
+    /// A connection kept open for reads outside a snapshot, with the replica file's inode (a
+    /// resync replaces the file).
+    reader: Option<(Connection, u64)>,
 }
 
 impl SqlViewSource {
@@ -126,11 +129,34 @@ impl SqlViewSource {
             client_keys,
             schema: Schema::default(),
             queries: HashMap::new(),
+            reader: None,
         }
     }
 
     fn conn(&self) -> Result<&Connection, SourceError> {
         self.conn.as_ref().ok_or(SourceError::NotReady)
+    }
+
+    /// The snapshot when one is pinned, else the long-lived reader (latest committed state).
+    fn any_conn(&mut self) -> Result<&Connection, SourceError> {
+        if self.conn.is_some() {
+            return self.conn();
+        }
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(&self.path)
+            .map_err(|_| SourceError::NotReady)?
+            .ino();
+        if self.reader.as_ref().is_none_or(|(_, i)| *i != ino) {
+            let conn = Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.pragma_update(None, "busy_timeout", 30_000)?;
+            // Many groups each hold one: keep their page caches small.
+            conn.pragma_update(None, "cache_size", -256)?;
+            self.reader = Some((conn, ino));
+        }
+        Ok(&self.reader.as_ref().expect("opened above").0)
     }
 
     fn rebuild_schema(&mut self) {
@@ -348,10 +374,11 @@ impl ViewSource for SqlViewSource {
         };
         let key: serde_json::Map<String, Json> =
             serde_json::from_str(key).map_err(|e| SourceError::Query(e.to_string()))?;
-        let cols: Vec<&zero_queries::schema::Column> = t
+        let cols: Vec<zero_queries::schema::Column> = t
             .columns
             .iter()
             .filter(|c| c.name != VERSION_COLUMN)
+            .cloned()
             .collect();
         let names: Vec<String> = cols.iter().map(|c| sql::quote_ident(&c.name)).collect();
         let mut conds = Vec::new();
@@ -370,7 +397,7 @@ impl ViewSource for SqlViewSource {
             sql::quote_ident(table),
             conds.join(" AND ")
         );
-        let conn = self.conn()?;
+        let conn = self.any_conn()?;
         let mut st = conn.prepare_cached(&q)?;
         let row = st
             .query_row(rusqlite::params_from_iter(params), |r| {
@@ -386,7 +413,7 @@ impl ViewSource for SqlViewSource {
     }
 
     fn query_json(&mut self, q: &str, params: &[SqlValue]) -> Result<Vec<Vec<Json>>, SourceError> {
-        let conn = self.conn()?;
+        let conn = self.any_conn()?;
         let mut st = conn.prepare_cached(q)?;
         let n = st.column_count();
         let rows = st.query_map(

