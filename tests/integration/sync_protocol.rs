@@ -630,3 +630,53 @@ async fn groups_share_engine_queries_and_removal_or_ttl_expiry_releases_them() {
     c2.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_schema_change_rebuild_the_engine_without_losing_clients() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    let pokes = c.pokes_until(|p| !p.puts().is_empty()).await;
+    let cookie = pokes.last().expect("poke").cookie();
+
+    // A truncate empties the view with an ordinary poke from the client's cookie.
+    db.exec("TRUNCATE issue").await;
+    let pokes = c.pokes_until(|p| !p.dels().is_empty()).await;
+    assert_eq!(pokes[0].base(), json!(cookie));
+    let mut dels: Vec<_> = pokes.iter().flat_map(|p| p.dels()).collect();
+    dels.sort_by_key(|(_, id)| id.to_string());
+    assert_eq!(
+        dels,
+        vec![
+            ("issue".to_string(), json!({"id": "a"})),
+            ("issue".to_string(), json!({"id": "b"}))
+        ]
+    );
+    db.exec("INSERT INTO issue VALUES ('c', 'third', true, 3, NULL)")
+        .await;
+    let p = c.pokes_until(|p| !p.puts().is_empty()).await;
+    assert_eq!(p.last().expect("poke").puts()[0].1["id"], "c");
+
+    // A schema change rebuilds the engine; the client keeps its state and later changes flow.
+    db.exec("ALTER TABLE issue ADD COLUMN extra text; UPDATE issue SET title = 'changed' WHERE id = 'c'; INSERT INTO issue VALUES ('d', 'fourth', false, 4, NULL, 'x')")
+        .await;
+    let pokes = c
+        .pokes_until(|p| p.puts().iter().any(|(_, v)| v["id"] == "d"))
+        .await;
+    let puts: Vec<_> = pokes.iter().flat_map(|p| p.puts()).collect();
+    assert!(
+        puts.iter()
+            .any(|(_, v)| v["id"] == "c" && v["title"] == "changed"),
+        "{puts:?}"
+    );
+    assert!(pokes.iter().all(|p| p.base().is_string()), "no reset");
+    c.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
