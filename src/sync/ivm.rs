@@ -395,6 +395,8 @@ impl Service {
         let ready = self.ready.as_mut().expect("loaded above");
         let needs_step = !changes.is_empty() || !self.pending.is_empty();
         let mut diffs = Vec::new();
+        let started = std::time::Instant::now();
+        let n_changes = changes.len();
         if needs_step {
             self.seq += 1;
             let n = ready.slots.len();
@@ -432,6 +434,14 @@ impl Service {
                     }
                 }
             }
+        }
+        if needs_step {
+            debug!(
+                changes = n_changes,
+                hydrating = pending.len(),
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                "engine step"
+            );
         }
         // Full rows: new subscriptions, and everything of groups that asked.
         let mut full: BTreeSet<(String, String)> = pending.into_iter().collect();

@@ -858,14 +858,29 @@ impl ViewSyncer {
             self.awaiting.insert(h);
         }
         // Rows of new subscriptions arrive in order with the group's other engine messages.
+        let started = Instant::now();
+        let hydrating = self.awaiting.len();
         while !self.awaiting.is_empty() {
             let Some(msg) = self.engine_rx.recv().await else {
                 break;
             };
             self.apply_engine_msg(msg)?;
         }
+        let engine_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.store.flush(&mut self.cvr)?;
-        self.poke_all().await
+        let flushed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let r = self.poke_all().await;
+        if hydrating > 0 {
+            debug!(
+                client_group = %self.id,
+                queries = hydrating,
+                engine_ms,
+                flushed_ms,
+                poked_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "hydrated"
+            );
+        }
+        r
     }
 
     fn unsubscribe(&mut self, hash: &str) {
