@@ -70,6 +70,8 @@ pub(crate) struct EngineMsg {
     pub updates: Vec<(String, QueryUpdate)>,
     /// Answers a [`Cmd::Fetch`]: `updates` has every subscribed query in full.
     pub fetched: bool,
+    /// `{app}.permissions` changed in this version: legacy queries must be transformed again.
+    pub permissions: bool,
 }
 
 /// Requests to the service.
@@ -133,6 +135,7 @@ impl EngineHandle {
         let svc = Service {
             replica_file,
             internal: vec![format!("{app_id}."), format!("{shard_schema}.")],
+            permissions_table: format!("{app_id}.permissions"),
             lmid_tables: [
                 format!("{shard_schema}.clients"),
                 format!("{shard_schema}.mutations"),
@@ -205,6 +208,7 @@ struct SvcQuery {
 struct Service {
     replica_file: PathBuf,
     internal: Vec<String>,
+    permissions_table: String,
     lmid_tables: [String; 2],
     workers: usize,
     ready: Option<Ready>,
@@ -226,6 +230,7 @@ struct Outbox {
     /// Groups that must get a message even without query updates (LMIDs, first message).
     touched: HashSet<String>,
     fetched: HashSet<String>,
+    permissions: bool,
 }
 
 impl Outbox {
@@ -492,6 +497,7 @@ impl Service {
             mut msgs,
             touched,
             fetched,
+            permissions,
         } = out;
         let mut groups: BTreeSet<String> = msgs.keys().cloned().collect();
         groups.extend(touched);
@@ -505,6 +511,7 @@ impl Service {
                 replica_version: ready.replica_version.clone(),
                 updates: msgs.remove(&g).unwrap_or_default(),
                 fetched: fetched.contains(&g),
+                permissions,
             };
             if tx.send(msg).is_err() {
                 debug!(client_group = %g, "view-syncer gone");
@@ -668,6 +675,11 @@ impl Service {
         }
         let mut changes = Vec::new();
         for (table, key, op) in entries {
+            if table == self.permissions_table {
+                out.permissions = true;
+                out.touched.extend(self.groups.keys().cloned());
+                continue;
+            }
             if op == "t" || op == "r" {
                 if ready.tables.contains_key(&table) {
                     return Ok(None);

@@ -1031,6 +1031,10 @@ impl ViewSyncer {
         if msg.fetched {
             self.fetching = false;
         }
+        if msg.permissions {
+            // Transform legacy queries again once this batch is applied.
+            self.resync = true;
+        }
         Ok(())
     }
 

@@ -291,6 +291,13 @@ async fn legacy_queries_without_permissions_sync_no_rows() {
         vec![json!({"op": "put", "hash": "q1"})]
     );
     assert!(p.puts().is_empty(), "no permissions deployed: no rows");
+
+    // Deploying permissions while the client is connected re-transforms its queries.
+    let mut server = server;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let pokes = c.pokes_until(|p| !p.puts().is_empty()).await;
+    let puts: Vec<_> = pokes.iter().flat_map(|p| p.puts()).collect();
+    assert_eq!(puts.len(), 2, "{puts:?}");
     c.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
