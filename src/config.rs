@@ -180,6 +180,138 @@ pub struct Config {
     #[arg(long, env = "ZERO_QUERY_API_KEY", hide_env_values = true)]
     pub query_api_key: Option<String>,
 
+    /// Forward the client's `Cookie` header to the mutate endpoint.
+    #[arg(long, env = "ZERO_MUTATE_FORWARD_COOKIES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub mutate_forward_cookies: Option<bool>,
+
+    /// `userPushHeaders` the client may send to the mutate endpoint (comma separated).
+    #[arg(
+        long,
+        env = "ZERO_MUTATE_ALLOWED_CLIENT_HEADERS",
+        value_delimiter = ','
+    )]
+    pub mutate_allowed_client_headers: Option<Vec<String>>,
+
+    /// Headers of the client's connect request forwarded to the mutate endpoint.
+    #[arg(
+        long,
+        env = "ZERO_MUTATE_ALLOWED_REQUEST_HEADERS",
+        value_delimiter = ','
+    )]
+    pub mutate_allowed_request_headers: Option<Vec<String>>,
+
+    /// Deprecated alias of ZERO_MUTATE_URL (takes precedence when both are set).
+    #[arg(long, env = "ZERO_PUSH_URL", value_delimiter = ',')]
+    pub push_url: Vec<String>,
+
+    /// Deprecated alias of ZERO_MUTATE_API_KEY.
+    #[arg(long, env = "ZERO_PUSH_API_KEY", hide_env_values = true)]
+    pub push_api_key: Option<String>,
+
+    /// Deprecated alias of ZERO_MUTATE_FORWARD_COOKIES.
+    #[arg(long, env = "ZERO_PUSH_FORWARD_COOKIES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub push_forward_cookies: Option<bool>,
+
+    /// Deprecated alias of ZERO_MUTATE_ALLOWED_CLIENT_HEADERS.
+    #[arg(long, env = "ZERO_PUSH_ALLOWED_CLIENT_HEADERS", value_delimiter = ',')]
+    pub push_allowed_client_headers: Option<Vec<String>>,
+
+    /// Deprecated alias of ZERO_MUTATE_ALLOWED_REQUEST_HEADERS.
+    #[arg(long, env = "ZERO_PUSH_ALLOWED_REQUEST_HEADERS", value_delimiter = ',')]
+    pub push_allowed_request_headers: Option<Vec<String>>,
+
+    /// Forward the client's `Cookie` header to the query endpoint.
+    #[arg(long, env = "ZERO_QUERY_FORWARD_COOKIES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub query_forward_cookies: Option<bool>,
+
+    /// `userQueryHeaders` the client may send to the query endpoint (comma separated).
+    #[arg(long, env = "ZERO_QUERY_ALLOWED_CLIENT_HEADERS", value_delimiter = ',')]
+    pub query_allowed_client_headers: Option<Vec<String>>,
+
+    /// Headers of the client's connect request forwarded to the query endpoint.
+    #[arg(
+        long,
+        env = "ZERO_QUERY_ALLOWED_REQUEST_HEADERS",
+        value_delimiter = ','
+    )]
+    pub query_allowed_request_headers: Option<Vec<String>>,
+
+    /// Deprecated alias of ZERO_QUERY_URL (used when that is not set).
+    #[arg(long, env = "ZERO_GET_QUERIES_URL", value_delimiter = ',')]
+    pub get_queries_url: Vec<String>,
+
+    /// Deprecated alias of ZERO_QUERY_API_KEY.
+    #[arg(long, env = "ZERO_GET_QUERIES_API_KEY", hide_env_values = true)]
+    pub get_queries_api_key: Option<String>,
+
+    /// Deprecated alias of ZERO_QUERY_FORWARD_COOKIES.
+    #[arg(long, env = "ZERO_GET_QUERIES_FORWARD_COOKIES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub get_queries_forward_cookies: Option<bool>,
+
+    /// Deprecated alias of ZERO_QUERY_ALLOWED_CLIENT_HEADERS.
+    #[arg(
+        long,
+        env = "ZERO_GET_QUERIES_ALLOWED_CLIENT_HEADERS",
+        value_delimiter = ','
+    )]
+    pub get_queries_allowed_client_headers: Option<Vec<String>>,
+
+    /// Deprecated alias of ZERO_QUERY_ALLOWED_REQUEST_HEADERS.
+    #[arg(
+        long,
+        env = "ZERO_GET_QUERIES_ALLOWED_REQUEST_HEADERS",
+        value_delimiter = ','
+    )]
+    pub get_queries_allowed_request_headers: Option<Vec<String>>,
+
+    /// Deprecated: JWK (JSON) that verifies legacy JWT auth tokens.
+    #[arg(long, env = "ZERO_AUTH_JWK", hide_env_values = true)]
+    pub auth_jwk: Option<String>,
+
+    /// Deprecated: URL of a JWKS that verifies legacy JWT auth tokens.
+    #[arg(long, env = "ZERO_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+
+    /// Deprecated: symmetric secret that verifies legacy JWT auth tokens (HS256/384/512).
+    #[arg(long, env = "ZERO_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+
+    /// Deprecated: required `iss` of legacy JWTs.
+    #[arg(long, env = "ZERO_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// Deprecated: required `aud` of legacy JWTs.
+    #[arg(long, env = "ZERO_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// How often connections' tokens are revalidated (seconds).
+    #[arg(
+        long,
+        env = "ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub auth_revalidate_interval_seconds: u64,
+
+    /// How often custom queries are transformed again (seconds).
+    #[arg(
+        long,
+        env = "ZERO_AUTH_RETRANSFORM_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub auth_retransform_interval_seconds: u64,
+
+    /// CRUD mutations a user may make per window; unset: no limit.
+    #[arg(long, env = "ZERO_PER_USER_MUTATION_LIMIT_MAX")]
+    pub per_user_mutation_limit_max: Option<u32>,
+
+    /// The rate limit's sliding window (ms).
+    #[arg(
+        long,
+        env = "ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS",
+        default_value_t = 60000
+    )]
+    pub per_user_mutation_limit_window_ms: u64,
+
     /// Allow legacy CRUD mutations.
     #[arg(long, env = "ZERO_ENABLE_CRUD_MUTATIONS", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_crud_mutations: bool,
@@ -228,13 +360,6 @@ pub struct CompatOptions {
     /// Slow row threshold (ms).
     #[arg(long, env = "ZERO_LOG_SLOW_ROW_THRESHOLD", default_value_t = 2.0)]
     pub log_slow_row_threshold: f64,
-    /// Authentication revalidation interval (s).
-    #[arg(
-        long,
-        env = "ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS",
-        default_value_t = 300
-    )]
-    pub auth_revalidate_interval_seconds: u64,
     /// Keepalive drain timeout (ms).
     #[arg(long, env = "ZERO_KEEPALIVE_TIMEOUT_MS")]
     pub keepalive_timeout_ms: Option<u64>,

@@ -17,12 +17,17 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::SyncShared;
+use super::auth::{self, Auth};
 use super::connect::{self, ConnectParams, HandshakeError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::crud::CrudError;
+use super::fetch::{CallContext, RequestInfo};
 use super::protocol::{ConnectedBody, Downstream, ErrorBody, ErrorKind, Upstream};
 use super::view_syncer::{Connect, GroupCmd, Outbound};
 
 /// Close code for handshake errors (`PROTOCOL_ERROR`).
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close code for connections whose auth is rejected.
+pub const CLOSE_AUTH: u16 = 3000;
 /// A pong is sent when nothing else went downstream for this long.
 const IDLE_PONG: Duration = Duration::from_secs(6);
 
@@ -119,6 +124,7 @@ async fn websocket(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let params = connect::parse(uri.path(), &parse_query(uri.query()), protocol.as_deref());
+    let request = RequestInfo::from_headers(&headers);
     let mut ws = ws
         // Oversize messages are answered with InvalidMessage by the loop; the transport limit
         // is a backstop for frames far beyond that.
@@ -128,7 +134,7 @@ async fn websocket(
         // Echo the client's single subprotocol, as the `ws` library does.
         ws = ws.protocols([p]);
     }
-    ws.on_upgrade(move |socket| connection(shared, socket, params))
+    ws.on_upgrade(move |socket| connection(shared, socket, params, request))
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
@@ -154,6 +160,7 @@ async fn connection(
     shared: Arc<SyncShared>,
     mut socket: WebSocket,
     params: Result<ConnectParams, HandshakeError>,
+    request: RequestInfo,
 ) {
     let params = match params {
         Ok(p) => p,
@@ -175,15 +182,22 @@ async fn connection(
         let _ = socket.send(Message::Close(None)).await;
         return;
     }
-    if params.auth_token.is_some() && params.user_id.is_none() {
-        let e = ErrorBody::new(
-            ErrorKind::Unauthorized,
-            "Authenticated connections require a userID",
-        );
-        let _ = socket.send(text(&Downstream::Error(e))).await;
-        let _ = socket.send(close_frame(3000, "Unauthorized")).await;
-        return;
-    }
+    let auth = match auth::resolve(
+        shared.jwt.as_deref(),
+        None,
+        params.user_id.as_deref(),
+        params.auth_token.as_deref(),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(client = %params.client_id, error = %e.message, "connection auth rejected");
+            let _ = socket.send(text(&Downstream::Error(e))).await;
+            let _ = socket.send(close_frame(CLOSE_AUTH, "Unauthorized")).await;
+            return;
+        }
+    };
     let connected = Downstream::Connected(ConnectedBody {
         wsid: params.wsid.clone(),
         timestamp: crate::replica::now_ms(),
@@ -205,15 +219,29 @@ async fn connection(
             wsid: wsid.clone(),
             conn_id,
             base_cookie: params.base_cookie.clone(),
-            auth: params.auth_token.clone(),
+            auth: auth.clone(),
+            user_id: params.user_id.clone(),
+            request: request.clone(),
             out: out_tx.clone(),
         }),
     );
-    let push_url = params
-        .init_connection
-        .as_ref()
-        .and_then(|i| i.user_push_url.clone());
+    let mut pusher = Pusher {
+        shared: shared.clone(),
+        group: group.clone(),
+        client_id: client_id.clone(),
+        user_id: params.user_id.clone(),
+        auth,
+        ctx: std::sync::Arc::new(CallContext {
+            request,
+            auth: None,
+            ..Default::default()
+        }),
+        queue: None,
+        out: out_tx.clone(),
+    };
+    pusher.set_auth(pusher.auth.clone());
     if let Some(init) = params.init_connection {
+        pusher.init(&init);
         shared.dispatch(
             &group,
             GroupCmd::Message {
@@ -225,15 +253,6 @@ async fn connection(
     }
     let (sink, stream) = socket.split();
     let writer = write_loop(sink, out_rx);
-    let pusher = Pusher {
-        shared: shared.clone(),
-        group: group.clone(),
-        client_id: client_id.clone(),
-        url: push_url,
-        auth: params.auth_token.clone(),
-        queue: None,
-        out: out_tx.clone(),
-    };
     let reader = read_loop(&shared, stream, &out_tx, pusher, conn_id);
     let mut closing = shared.closing.subscribe();
     tokio::pin!(writer);
@@ -287,15 +306,53 @@ async fn write_loop(
     }
 }
 
-/// Forwards a connection's pushes, in order, to the API server (protocol §8).
+/// A queued push with the call context it was received under.
+struct Queued {
+    push: serde_json::Value,
+    ctx: std::sync::Arc<CallContext>,
+    crud: bool,
+    auth_data: Option<serde_json::Value>,
+}
+
+/// Forwards a connection's pushes, in order, to the API server (protocol §8), or runs its CRUD
+/// mutations (§8.5).
 struct Pusher {
     shared: Arc<SyncShared>,
     group: String,
     client_id: String,
-    url: Option<String>,
-    auth: Option<String>,
-    queue: Option<mpsc::UnboundedSender<serde_json::Value>>,
+    user_id: Option<String>,
+    auth: Option<Auth>,
+    /// URL, headers and token of this connection's calls; replaced (not mutated) when they
+    /// change, so that pushes queued under one context are merged only with each other.
+    ctx: std::sync::Arc<CallContext>,
+    queue: Option<mpsc::UnboundedSender<Queued>>,
     out: mpsc::UnboundedSender<Outbound>,
+}
+
+/// Merges consecutive custom pushes received under the same context (one request instead of
+/// many when the API server is slower than the client).
+fn merge(batch: Vec<Queued>) -> Vec<Queued> {
+    let mut out: Vec<Queued> = Vec::new();
+    for q in batch {
+        if let Some(last) = out.last_mut()
+            && !q.crud
+            && !last.crud
+            && std::sync::Arc::ptr_eq(&last.ctx, &q.ctx)
+            && last.push["pushVersion"] == q.push["pushVersion"]
+            && last.push["schemaVersion"] == q.push["schemaVersion"]
+            && let (Some(into), Some(more)) = (
+                last.push["mutations"].as_array_mut().map(std::mem::take),
+                q.push["mutations"].as_array().cloned(),
+            )
+        {
+            let mut all = into;
+            all.extend(more);
+            last.push["mutations"] = serde_json::Value::Array(all);
+            continue;
+        }
+        out.push(q);
+    }
+    out
 }
 
 impl Pusher {
@@ -305,6 +362,25 @@ impl Pusher {
             .send(Outbound::Close(Some(Downstream::Error(ErrorBody::new(
                 kind, message,
             )))));
+    }
+
+    /// Takes `userPushURL` / `userPushHeaders` from an initConnection.
+    fn init(&mut self, init: &super::protocol::InitConnectionBody) {
+        let mut ctx = (*self.ctx).clone();
+        if let Some(u) = &init.user_push_url {
+            ctx.url = Some(u.clone());
+        }
+        if let Some(h) = &init.user_push_headers {
+            ctx.client_headers = h.clone();
+        }
+        self.ctx = std::sync::Arc::new(ctx);
+    }
+
+    fn set_auth(&mut self, auth: Option<Auth>) {
+        let mut ctx = (*self.ctx).clone();
+        ctx.auth = auth.as_ref().map(|a| a.raw().to_string());
+        self.ctx = std::sync::Arc::new(ctx);
+        self.auth = auth;
     }
 
     /// Queues one push (the body as received); `false` when the connection must close.
@@ -319,62 +395,103 @@ impl Pusher {
         let crud = body["mutations"]
             .as_array()
             .is_some_and(|ms| ms.iter().any(|m| m["type"] == "crud"));
-        if crud {
-            self.fail(ErrorKind::InvalidPush, "CRUD mutations are not supported");
+        if crud && self.shared.crud.is_none() {
+            self.fail(
+                ErrorKind::InvalidPush,
+                "CRUD mutations are not enabled (ZERO_ENABLE_CRUD_MUTATIONS)",
+            );
             return false;
         }
-        let Some(endpoint) = self.shared.mutate_endpoint.clone() else {
+        if !crud && self.shared.mutate_endpoint.is_none() {
             self.fail(
                 ErrorKind::InvalidPush,
                 "A ZERO_MUTATE_URL must be set in order to process custom mutations.",
             );
             return false;
-        };
+        }
         let queue = self.queue.get_or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<serde_json::Value>();
-            let url = self.url.clone();
-            let auth = self.auth.clone();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
+            let shared = self.shared.clone();
             let out = self.out.clone();
             let client = self.client_id.clone();
+            let group = self.group.clone();
+            let user = self
+                .user_id
+                .clone()
+                .unwrap_or_else(|| format!("cg:{group}"));
             tokio::spawn(async move {
-                while let Some(push) = rx.recv().await {
-                    if let Err(e) = endpoint.push(url.as_deref(), auth.as_deref(), &push).await {
-                        warn!(%client, error = %e, "push failed");
-                        let _ = out.send(Outbound::Close(Some(Downstream::ErrorJson(e))));
-                        return;
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    for q in merge(batch) {
+                        if q.crud {
+                            let Some(crud) = shared.crud.clone() else {
+                                return;
+                            };
+                            match crud
+                                .push(&group, &user, q.auth_data.as_ref(), &q.push)
+                                .await
+                            {
+                                Ok(()) => {}
+                                Err(CrudError::NonFatal(e)) => {
+                                    warn!(%client, error = %e.message, "CRUD mutation failed");
+                                    let _ = out.send(Outbound::Msg(Downstream::Error(e)));
+                                }
+                                Err(CrudError::Fatal(e)) => {
+                                    warn!(%client, error = %e.message, "CRUD push rejected");
+                                    let _ = out.send(Outbound::Close(Some(Downstream::Error(e))));
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                        let Some(endpoint) = shared.mutate_endpoint.clone() else {
+                            return;
+                        };
+                        if let Err(e) = endpoint.push(&q.ctx, &q.push).await {
+                            warn!(%client, error = %e.body, "push failed");
+                            let _ = out.send(Outbound::Close(Some(Downstream::ErrorJson(e.body))));
+                            return;
+                        }
                     }
                 }
             });
             tx
         });
-        let _ = queue.send(body);
+        let _ = queue.send(Queued {
+            push: body,
+            ctx: self.ctx.clone(),
+            crud,
+            auth_data: self.auth.as_ref().and_then(|a| a.claims().cloned()),
+        });
         true
     }
 
-    /// Asks the API server to delete mutation results the client has processed.
-    fn cleanup(&self, client_id: &str, up_to: f64) {
+    /// Deletes the mutation results of deleted clients.
+    fn bulk_cleanup(&self, d: &super::protocol::DeletedClients) {
+        let ids: Vec<&String> = d
+            .client_ids
+            .iter()
+            .flatten()
+            .filter(|c| **c != self.client_id)
+            .collect();
+        if let Some(first) = ids.first() {
+            self.cleanup(
+                first,
+                serde_json::json!({"type": "bulk", "clientGroupID": self.group, "clientIDs": ids}),
+            );
+        }
+    }
+
+    /// Asks the API server to delete mutation results (fire and forget).
+    fn cleanup(&self, client_id: &str, args: serde_json::Value) {
         let Some(endpoint) = self.shared.mutate_endpoint.clone() else {
             return;
         };
-        let now = crate::replica::now_ms();
-        let body = serde_json::json!({
-            "clientGroupID": self.group,
-            "mutations": [{
-                "type": "custom", "id": 0, "clientID": client_id, "name": "_zero_cleanupResults",
-                "args": [{"type": "single", "clientGroupID": self.group, "clientID": client_id,
-                          "upToMutationID": up_to}],
-                "timestamp": now,
-            }],
-            "pushVersion": 1,
-            "timestamp": now,
-            "requestID": format!("cleanup-{}-{client_id}-{up_to}", self.group),
-        });
-        let (url, auth) = (self.url.clone(), self.auth.clone());
-        tokio::spawn(async move {
-            if let Err(e) = endpoint.push(url.as_deref(), auth.as_deref(), &body).await {
-                debug!(error = %e, "mutation result cleanup failed");
-            }
-        });
+        let (ctx, group, client_id) = (self.ctx.clone(), self.group.clone(), client_id.to_string());
+        tokio::spawn(async move { endpoint.cleanup(&ctx, &group, &client_id, args).await });
     }
 }
 
@@ -435,12 +552,50 @@ async fn read_loop(
                     break;
                 }
             }
-            Ok(Upstream::AckMutationResponses(m)) => pusher.cleanup(&m.client_id, m.id),
-            Ok(msg) => {
-                if let Upstream::InitConnection(i) = &msg
-                    && i.user_push_url.is_some()
+            Ok(Upstream::AckMutationResponses(m)) => pusher.cleanup(
+                &m.client_id,
+                serde_json::json!({"type": "single", "clientGroupID": group,
+                    "clientID": m.client_id, "upToMutationID": m.id}),
+            ),
+            Ok(Upstream::UpdateAuth(a)) => {
+                match auth::resolve(
+                    shared.jwt.as_deref(),
+                    pusher.auth.as_ref(),
+                    pusher.user_id.as_deref(),
+                    Some(&a.auth),
+                )
+                .await
                 {
-                    pusher.url = i.user_push_url.clone();
+                    Ok(next) => {
+                        if next != pusher.auth {
+                            pusher.set_auth(next.clone());
+                            shared.dispatch(
+                                group,
+                                GroupCmd::Auth {
+                                    client_id: client_id.to_string(),
+                                    conn_id,
+                                    auth: next,
+                                },
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        debug!(client = %client_id, error = %e.message, "updateAuth rejected");
+                        let _ = out.send(Outbound::Close(Some(Downstream::Error(e))));
+                        closing = true;
+                        break;
+                    }
+                }
+            }
+            Ok(msg) => {
+                if let Upstream::InitConnection(i) = &msg {
+                    pusher.init(i);
+                    if let Some(d) = &i.deleted {
+                        pusher.bulk_cleanup(d);
+                    }
+                }
+                if let Upstream::DeleteClients(d) = &msg {
+                    pusher.bulk_cleanup(d);
                 }
                 shared.dispatch(
                     group,

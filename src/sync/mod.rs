@@ -15,14 +15,20 @@
 //! - [`schema_check`]: the client-schema check against the replica.
 //! - [`custom`]: custom (named) queries, transformed by the API server at `ZERO_QUERY_URL`.
 //! - [`mutate`]: pushes forwarded to the API server at `ZERO_MUTATE_URL`.
+//! - [`fetch`]: the API-server HTTP client (URL patterns, forwarded headers, retries).
+//! - [`auth`]: tokens (opaque, or verified legacy JWTs) and their rules.
+//! - [`crud`]: legacy CRUD mutations run upstream by this server, with write permissions.
 //!
 //! Client groups are spread over `ZERO_NUM_SYNC_WORKERS` threads (each a single-threaded
 //! runtime) by a hash of the group id, so one slow group only delays the groups sharing its
 //! worker, and the HTTP server stays responsive on the main runtime.
 
+pub mod auth;
 pub mod connect;
+pub mod crud;
 pub mod custom;
 pub mod cvr;
+pub mod fetch;
 pub mod http;
 pub(crate) mod ivm;
 pub mod mutate;
@@ -50,6 +56,9 @@ pub enum SyncError {
     /// The port could not be bound or the server failed.
     #[error("sync server I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A setting cannot be used.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Settings of the sync server (derived from [`Config`]).
@@ -81,6 +90,71 @@ pub struct SyncOptions {
     pub mutate_urls: Vec<String>,
     /// `ZERO_MUTATE_API_KEY`.
     pub mutate_api_key: Option<String>,
+    /// Header forwarding, auth and CRUD settings.
+    pub writes: WriteAuthOptions,
+}
+
+/// The settings of API calls beyond URL and key, of auth, and of CRUD mutations.
+#[derive(Debug, Clone)]
+pub struct WriteAuthOptions {
+    /// `ZERO_MUTATE_FORWARD_COOKIES`.
+    pub mutate_forward_cookies: bool,
+    /// `ZERO_MUTATE_ALLOWED_CLIENT_HEADERS`.
+    pub mutate_allowed_client_headers: Vec<String>,
+    /// `ZERO_MUTATE_ALLOWED_REQUEST_HEADERS`.
+    pub mutate_allowed_request_headers: Vec<String>,
+    /// `ZERO_QUERY_FORWARD_COOKIES`.
+    pub query_forward_cookies: bool,
+    /// `ZERO_QUERY_ALLOWED_CLIENT_HEADERS`.
+    pub query_allowed_client_headers: Vec<String>,
+    /// `ZERO_QUERY_ALLOWED_REQUEST_HEADERS`.
+    pub query_allowed_request_headers: Vec<String>,
+    /// `ZERO_AUTH_SECRET`.
+    pub auth_secret: Option<String>,
+    /// `ZERO_AUTH_JWK`.
+    pub auth_jwk: Option<String>,
+    /// `ZERO_AUTH_JWKS_URL`.
+    pub auth_jwks_url: Option<String>,
+    /// `ZERO_AUTH_ISSUER`.
+    pub auth_issuer: Option<String>,
+    /// `ZERO_AUTH_AUDIENCE`.
+    pub auth_audience: Option<String>,
+    /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`.
+    pub auth_revalidate_interval: std::time::Duration,
+    /// Upstream URI for CRUD mutations; `None` disables them.
+    pub upstream_db: Option<String>,
+    /// `ZERO_ENABLE_CRUD_MUTATIONS`.
+    pub enable_crud_mutations: bool,
+    /// `ZERO_UPSTREAM_MAX_CONNS`: connections for CRUD mutations.
+    pub upstream_max_conns: usize,
+    /// `ZERO_PER_USER_MUTATION_LIMIT_MAX`.
+    pub mutation_limit_max: Option<u32>,
+    /// `ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS`.
+    pub mutation_limit_window: std::time::Duration,
+}
+
+impl Default for WriteAuthOptions {
+    fn default() -> WriteAuthOptions {
+        WriteAuthOptions {
+            mutate_forward_cookies: false,
+            mutate_allowed_client_headers: Vec::new(),
+            mutate_allowed_request_headers: Vec::new(),
+            query_forward_cookies: false,
+            query_allowed_client_headers: Vec::new(),
+            query_allowed_request_headers: Vec::new(),
+            auth_secret: None,
+            auth_jwk: None,
+            auth_jwks_url: None,
+            auth_issuer: None,
+            auth_audience: None,
+            auth_revalidate_interval: std::time::Duration::from_secs(300),
+            upstream_db: None,
+            enable_crud_mutations: true,
+            upstream_max_conns: 20,
+            mutation_limit_max: None,
+            mutation_limit_window: std::time::Duration::from_secs(60),
+        }
+    }
 }
 
 impl SyncOptions {
@@ -109,10 +183,69 @@ impl SyncOptions {
             admin_password: config.admin_password.clone(),
             development: std::env::var("NODE_ENV").is_ok_and(|v| v == "development"),
             max_payload_bytes: config.websocket_max_payload_bytes,
-            query_urls: config.query_url.clone(),
-            query_api_key: config.query_api_key.clone(),
-            mutate_urls: config.mutate_url.clone(),
-            mutate_api_key: config.mutate_api_key.clone(),
+            query_urls: if config.query_url.is_empty() {
+                config.get_queries_url.clone()
+            } else {
+                config.query_url.clone()
+            },
+            query_api_key: config
+                .query_api_key
+                .clone()
+                .or_else(|| config.get_queries_api_key.clone()),
+            mutate_urls: if config.push_url.is_empty() {
+                config.mutate_url.clone()
+            } else {
+                config.push_url.clone()
+            },
+            mutate_api_key: config
+                .mutate_api_key
+                .clone()
+                .or_else(|| config.push_api_key.clone()),
+            writes: WriteAuthOptions {
+                mutate_forward_cookies: config
+                    .mutate_forward_cookies
+                    .or(config.push_forward_cookies)
+                    .unwrap_or(false),
+                mutate_allowed_client_headers: config
+                    .mutate_allowed_client_headers
+                    .clone()
+                    .or_else(|| config.push_allowed_client_headers.clone())
+                    .unwrap_or_default(),
+                mutate_allowed_request_headers: config
+                    .mutate_allowed_request_headers
+                    .clone()
+                    .or_else(|| config.push_allowed_request_headers.clone())
+                    .unwrap_or_default(),
+                query_forward_cookies: config
+                    .query_forward_cookies
+                    .or(config.get_queries_forward_cookies)
+                    .unwrap_or(false),
+                query_allowed_client_headers: config
+                    .query_allowed_client_headers
+                    .clone()
+                    .or_else(|| config.get_queries_allowed_client_headers.clone())
+                    .unwrap_or_default(),
+                query_allowed_request_headers: config
+                    .query_allowed_request_headers
+                    .clone()
+                    .or_else(|| config.get_queries_allowed_request_headers.clone())
+                    .unwrap_or_default(),
+                auth_secret: config.auth_secret.clone(),
+                auth_jwk: config.auth_jwk.clone(),
+                auth_jwks_url: config.auth_jwks_url.clone(),
+                auth_issuer: config.auth_issuer.clone(),
+                auth_audience: config.auth_audience.clone(),
+                auth_revalidate_interval: std::time::Duration::from_secs(
+                    config.auth_revalidate_interval_seconds,
+                ),
+                upstream_db: config.upstream_db.clone(),
+                enable_crud_mutations: config.enable_crud_mutations,
+                upstream_max_conns: config.upstream_max_conns.max(1) as usize,
+                mutation_limit_max: config.per_user_mutation_limit_max,
+                mutation_limit_window: std::time::Duration::from_millis(
+                    config.per_user_mutation_limit_window_ms,
+                ),
+            },
         }
     }
 }
@@ -131,6 +264,12 @@ pub(crate) struct SyncShared {
     pub(crate) mutate_endpoint: Option<mutate::MutateEndpoint>,
     /// The view engine every group's queries run in.
     pub(crate) engine: ivm::EngineHandle,
+    /// Legacy JWT verification, when configured.
+    pub(crate) jwt: Option<Arc<auth::JwtConfig>>,
+    /// CRUD mutations, when enabled.
+    pub(crate) crud: Option<Arc<crud::CrudExecutor>>,
+    /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`.
+    pub(crate) revalidate_interval: std::time::Duration,
     pub(crate) connections: AtomicUsize,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,
@@ -244,18 +383,70 @@ pub async fn bind(
                 });
             })?;
     }
-    let query_endpoint = (!opts.query_urls.is_empty()).then(|| custom::QueryEndpoint {
-        urls: opts.query_urls.clone(),
-        api_key: opts.query_api_key.clone(),
-        schema: opts.shard_schema.clone(),
-        app_id: opts.app_id.clone(),
-    });
-    let mutate_endpoint = (!opts.mutate_urls.is_empty()).then(|| mutate::MutateEndpoint {
-        urls: opts.mutate_urls.clone(),
-        api_key: opts.mutate_api_key.clone(),
-        schema: opts.shard_schema.clone(),
-        app_id: opts.app_id.clone(),
-    });
+    let w = &opts.writes;
+    let cfg_err = |e: fetch::PatternError| SyncError::Config(e.to_string());
+    let query_endpoint = if opts.query_urls.is_empty() {
+        None
+    } else {
+        Some(custom::QueryEndpoint {
+            config: Arc::new(
+                fetch::ApiConfig::new(
+                    "ZERO_QUERY_URL",
+                    opts.query_urls.clone(),
+                    opts.query_api_key.clone(),
+                    w.query_forward_cookies,
+                    &w.query_allowed_client_headers,
+                    &w.query_allowed_request_headers,
+                )
+                .map_err(cfg_err)?,
+            ),
+            schema: opts.shard_schema.clone(),
+            app_id: opts.app_id.clone(),
+        })
+    };
+    let mutate_endpoint = if opts.mutate_urls.is_empty() {
+        None
+    } else {
+        Some(mutate::MutateEndpoint {
+            config: Arc::new(
+                fetch::ApiConfig::new(
+                    "ZERO_MUTATE_URL",
+                    opts.mutate_urls.clone(),
+                    opts.mutate_api_key.clone(),
+                    w.mutate_forward_cookies,
+                    &w.mutate_allowed_client_headers,
+                    &w.mutate_allowed_request_headers,
+                )
+                .map_err(cfg_err)?,
+            ),
+            schema: opts.shard_schema.clone(),
+            app_id: opts.app_id.clone(),
+        })
+    };
+    let jwt = auth::JwtConfig::from_options(
+        w.auth_secret.as_deref(),
+        w.auth_jwk.as_deref(),
+        w.auth_jwks_url.as_deref(),
+        w.auth_issuer.as_deref(),
+        w.auth_audience.as_deref(),
+    )
+    .map_err(|e| SyncError::Config(e.to_string()))?
+    .map(Arc::new);
+    let crud = match (&w.upstream_db, w.enable_crud_mutations) {
+        (Some(uri), true) => Some(Arc::new(
+            crud::CrudExecutor::new(
+                uri,
+                &opts.shard_schema,
+                &opts.app_id,
+                opts.replica_file.clone(),
+                w.upstream_max_conns,
+                w.mutation_limit_max.map(|m| (m, w.mutation_limit_window)),
+            )
+            .map_err(SyncError::Config)?,
+        )),
+        _ => None,
+    };
+    let revalidate_interval = w.auth_revalidate_interval;
     let engine = ivm::EngineHandle::start(
         opts.replica_file.clone(),
         opts.app_id.clone(),
@@ -289,6 +480,9 @@ pub async fn bind(
         query_endpoint,
         mutate_endpoint,
         engine,
+        jwt,
+        crud,
+        revalidate_interval,
         connections: AtomicUsize::new(0),
         closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),

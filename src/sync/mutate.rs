@@ -5,19 +5,17 @@
 //! the socket; a failed one sends `PushFailed` and closes the connection so that the client
 //! reconnects and pushes again.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use serde_json::{Value as Json, json};
 
-use super::custom::{choose_url, post};
+use super::fetch::{ApiConfig, ApiFailure, CallContext};
 
 /// Where and how to call the API server's mutate endpoint.
 #[derive(Debug, Clone)]
 pub struct MutateEndpoint {
-    /// Configured URLs (the first is the default).
-    pub urls: Vec<String>,
-    /// `X-Api-Key`.
-    pub api_key: Option<String>,
+    /// `ZERO_MUTATE_*`.
+    pub config: Arc<ApiConfig>,
     /// `{app}_{shard}`.
     pub schema: String,
     /// `ZERO_APP_ID`.
@@ -35,7 +33,7 @@ fn push_failed(reason: &str, origin: &str, message: String, ids: &Json) -> Json 
 }
 
 /// `[{id, clientID}]` of a push's mutations.
-fn mutation_ids(push: &Json) -> Json {
+pub fn mutation_ids(push: &Json) -> Json {
     Json::Array(
         push["mutations"]
             .as_array()
@@ -48,78 +46,85 @@ fn mutation_ids(push: &Json) -> Json {
     )
 }
 
+/// The outcome of a push that the API server handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pushed {
+    /// `userID` of a `MutateResponse`: the user the API server validated.
+    pub user_id: Option<Option<String>>,
+}
+
+/// A push that failed as a whole: the `PushFailed` body and whether the token was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushError {
+    /// The body sent to the client before its connection closes.
+    pub body: Json,
+    /// HTTP 401/403 or an auth error kind: the connection's auth is invalid.
+    pub auth: bool,
+}
+
 impl MutateEndpoint {
-    /// Forwards one push; `Err` carries the `PushFailed` body to send before closing.
-    pub async fn push(
-        &self,
-        client_url: Option<&str>,
-        auth: Option<&str>,
-        push: &Json,
-    ) -> Result<(), Json> {
+    /// Forwards one (possibly merged) push.
+    pub async fn push(&self, ctx: &CallContext, push: &Json) -> Result<Pushed, PushError> {
         let ids = mutation_ids(push);
-        let url = choose_url(
-            &self.urls,
-            client_url,
-            "ZERO_MUTATE_URL",
-            &self.schema,
-            &self.app_id,
-        )
-        .map_err(|m| push_failed("internal", "zeroCache", m, &ids))?;
-        let mut headers = vec![("Content-Type".to_string(), "application/json".to_string())];
-        if let Some(k) = &self.api_key {
-            headers.push(("X-Api-Key".into(), k.clone()));
-        }
-        if let Some(t) = auth {
-            headers.push(("Authorization".into(), format!("Bearer {t}")));
-        }
-        let (status, text) = match tokio::time::timeout(
-            Duration::from_secs(60),
-            post(&url, &headers, push.to_string().as_bytes()),
-        )
-        .await
+        let v = match super::fetch::post_json(&self.config, ctx, &self.schema, &self.app_id, push)
+            .await
         {
-            Err(_) => {
-                return Err(push_failed(
-                    "timeout",
-                    "zeroCache",
-                    format!("POST {url} timed out"),
-                    &ids,
-                ));
+            Ok(v) => v,
+            Err(f) => {
+                return Err(PushError {
+                    auth: f.is_auth_error(),
+                    body: f.body("PushFailed", "mutationIDs", ids),
+                });
             }
-            Ok(Err(e)) => {
-                return Err(push_failed(e.reason, "zeroCache", e.message, &ids));
-            }
-            Ok(Ok(r)) => r,
         };
-        if !(200..300).contains(&status) {
-            let mut preview = text.clone();
-            if preview.len() > 512 {
-                let mut cut = 512;
-                while !preview.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                preview.truncate(cut);
-                preview.push_str("...");
-            }
-            let mut b = push_failed(
-                "http",
-                "zeroCache",
-                format!("Fetch from API server returned non-OK status {status}"),
-                &ids,
-            );
-            b["status"] = json!(status);
-            b["bodyPreview"] = json!(preview);
-            return Err(b);
-        }
-        let v: Json = serde_json::from_str(&text).map_err(|e| {
-            push_failed(
-                "parse",
-                "zeroCache",
-                format!("invalid push response: {e}"),
-                &ids,
-            )
+        check_response(&v, &ids).map_err(|body| PushError {
+            auth: matches!(
+                body["kind"].as_str(),
+                Some("Unauthorized" | "AuthInvalidated")
+            ) || (body["reason"] == "http"
+                && matches!(body["status"].as_u64(), Some(401 | 403))),
+            body,
         })?;
-        check_response(&v, &ids)
+        Ok(Pushed {
+            user_id: (v["kind"] == "MutateResponse")
+                .then(|| v.get("userID").map(|u| u.as_str().map(str::to_string)))
+                .flatten(),
+        })
+    }
+
+    /// Asks the API server to delete mutation results (`_zero_cleanupResults`): `single` up to a
+    /// mutation id of one client, or `bulk` for deleted clients. Failures are only logged.
+    pub async fn cleanup(&self, ctx: &CallContext, group: &str, client_id: &str, args: Json) {
+        let now = crate::replica::now_ms();
+        let request_id = if args["type"] == "bulk" {
+            format!("cleanup-bulk-{group}-{now}")
+        } else {
+            format!("cleanup-{group}-{client_id}-{}", args["upToMutationID"])
+        };
+        let body = json!({
+            "clientGroupID": group,
+            "mutations": [{
+                "type": "custom", "id": 0, "clientID": client_id, "name": "_zero_cleanupResults",
+                "args": [args], "timestamp": now,
+            }],
+            "pushVersion": 1,
+            "timestamp": now,
+            "requestID": request_id,
+        });
+        if let Err(e) =
+            super::fetch::post_json(&self.config, ctx, &self.schema, &self.app_id, &body).await
+        {
+            tracing::warn!(client_group = %group, error = %e, "mutation result cleanup failed");
+        }
+    }
+}
+
+impl From<ApiFailure> for PushError {
+    fn from(f: ApiFailure) -> PushError {
+        PushError {
+            auth: f.is_auth_error(),
+            body: f.body("PushFailed", "mutationIDs", json!([])),
+        }
     }
 }
 
@@ -129,22 +134,52 @@ pub fn check_response(v: &Json, ids: &Json) -> Result<(), Json> {
         return Err(v.clone());
     }
     if let Some(e) = v.get("error").and_then(Json::as_str) {
-        let reason = match e {
-            "unsupportedPushVersion" => "unsupportedPushVersion",
-            "http" => "http",
-            _ => "internal",
+        let mut b = match e {
+            "http" => {
+                let mut b = push_failed(
+                    "http",
+                    "zeroCache",
+                    format!(
+                        "Fetch from API server returned non-OK status {}",
+                        v["status"]
+                    ),
+                    ids,
+                );
+                b["status"] = v["status"].clone();
+                if let Some(d) = v.get("details") {
+                    b["bodyPreview"] = d.clone();
+                }
+                b
+            }
+            "unsupportedPushVersion" => push_failed(
+                "unsupportedPushVersion",
+                "server",
+                "Unsupported push version".into(),
+                ids,
+            ),
+            "unsupportedSchemaVersion" => push_failed(
+                "internal",
+                "server",
+                "Unsupported schema version".into(),
+                ids,
+            ),
+            "zeroPusher" => push_failed(
+                "internal",
+                "server",
+                v["details"].as_str().unwrap_or("zeroPusher").to_string(),
+                ids,
+            ),
+            _ => push_failed(
+                "internal",
+                "server",
+                "An unknown error occurred while pushing to the API server".into(),
+                ids,
+            ),
         };
-        let origin = if reason == "http" {
-            "zeroCache"
-        } else {
-            "server"
-        };
-        return Err(push_failed(
-            reason,
-            origin,
-            format!("push failed: {e}"),
-            ids,
-        ));
+        if let Some(m) = v.get("mutationIDs") {
+            b["mutationIDs"] = m.clone();
+        }
+        return Err(b);
     }
     let Some(ms) = v["mutations"].as_array() else {
         return Err(push_failed(
@@ -154,18 +189,23 @@ pub fn check_response(v: &Json, ids: &Json) -> Result<(), Json> {
             ids,
         ));
     };
-    let ooo: Vec<Json> = ms
-        .iter()
-        .filter(|m| m["result"]["error"] == "oooMutation")
-        .map(|m| m["id"].clone())
-        .collect();
-    if !ooo.is_empty() {
-        return Err(push_failed(
+    if let Some(m) = ms.iter().find(|m| m["result"]["error"] == "oooMutation") {
+        let client = &m["id"]["clientID"];
+        let of_client: Vec<Json> = ms
+            .iter()
+            .filter(|x| &x["id"]["clientID"] == client)
+            .map(|x| json!({"clientID": x["id"]["clientID"], "id": x["id"]["id"]}))
+            .collect();
+        let mut b = push_failed(
             "oooMutation",
             "server",
             "mutation was out of order".into(),
-            &Json::Array(ooo),
-        ));
+            &Json::Array(of_client),
+        );
+        if let Some(d) = m["result"].get("details") {
+            b["details"] = d.clone();
+        }
+        return Err(b);
     }
     Ok(())
 }

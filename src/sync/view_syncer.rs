@@ -20,7 +20,9 @@ use zero_queries::permissions::{self, Permissions};
 use zero_queries::sql::SqlValue;
 
 use super::SyncShared;
+use super::auth::{Auth, TokenType, token_type};
 use super::cvr::{Cvr, CvrError, CvrStore, CvrVersion, DesireRecord, QueryRecord, RowId};
+use super::fetch::{CallContext, RequestInfo};
 use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
     DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind, InitConnectionBody,
@@ -53,8 +55,12 @@ pub struct Connect {
     pub conn_id: u64,
     /// The client's cookie at connect time.
     pub base_cookie: Option<String>,
-    /// The connection's auth token (forwarded to the API server).
-    pub auth: Option<String>,
+    /// The connection's resolved token.
+    pub auth: Option<Auth>,
+    /// The connection's `userID`.
+    pub user_id: Option<String>,
+    /// The upgrade request (headers forwarded to the API server).
+    pub request: RequestInfo,
     /// Messages to the socket.
     pub out: mpsc::UnboundedSender<Outbound>,
 }
@@ -72,6 +78,15 @@ pub enum GroupCmd {
         conn_id: u64,
         /// The message.
         msg: Box<Upstream>,
+    },
+    /// A connection's token changed (`updateAuth`).
+    Auth {
+        /// The client.
+        client_id: String,
+        /// Its connection.
+        conn_id: u64,
+        /// The new token.
+        auth: Option<Auth>,
     },
     /// A connection closed.
     Disconnect {
@@ -103,6 +118,8 @@ struct Conn {
     version: Option<CvrVersion>,
     initialized: bool,
     poked: bool,
+    auth: Option<Auth>,
+    request: RequestInfo,
 }
 
 impl Conn {
@@ -128,10 +145,17 @@ pub(crate) struct ViewSyncer {
     permissions: Permissions,
     /// Transformed custom queries: the AST, or the error the API server returned.
     custom: HashMap<String, Result<Json, Json>>,
-    /// `userQueryURL` from the latest initConnection.
+    /// `userQueryURL` / `userQueryHeaders` from the latest initConnection.
     query_url: Option<String>,
-    /// The latest connection's auth token.
-    auth: Option<String>,
+    query_headers: BTreeMap<String, String>,
+    /// The latest token: custom queries are transformed with it, and legacy queries' permission
+    /// rules read its claims (`authData`).
+    auth: Option<Auth>,
+    /// The connection whose request and token custom-query transforms use.
+    auth_conn: Option<String>,
+    /// The user and token type this group is pinned to (protocol §10).
+    pinned: Option<(Option<String>, TokenType)>,
+    last_revalidation: Instant,
     /// Messages from the view engine (in order: they move the group from version to version).
     engine_rx: mpsc::UnboundedReceiver<EngineMsg>,
     /// Queries subscribed in the engine, with the hash of the AST they run.
@@ -181,7 +205,11 @@ impl ViewSyncer {
             permissions: Permissions::default(),
             custom: HashMap::new(),
             query_url: None,
+            query_headers: BTreeMap::new(),
             auth: None,
+            auth_conn: None,
+            pinned: None,
+            last_revalidation: Instant::now(),
             engine_rx,
             subscribed: HashMap::new(),
             awaiting: BTreeSet::new(),
@@ -208,6 +236,10 @@ impl ViewSyncer {
                     self.on_engine(msg).await;
                 }
                 _ = tick.tick() => {
+                    if self.last_revalidation.elapsed() >= self.shared.revalidate_interval {
+                        self.last_revalidation = Instant::now();
+                        self.revalidate().await;
+                    }
                     if self.ttl_expired() {
                         self.sync_and_poke().await;
                     }
@@ -234,9 +266,12 @@ impl ViewSyncer {
                     old.close(None);
                 }
                 let base = c.base_cookie.as_deref().map(CvrVersion::parse);
-                if c.auth.is_some() {
-                    self.auth = c.auth.clone();
+                if let Err(e) = self.pin(c.user_id.as_deref(), c.auth.as_ref()) {
+                    let _ = c.out.send(Outbound::Close(Some(Downstream::Error(e))));
+                    return;
                 }
+                self.auth = c.auth.clone();
+                self.auth_conn = Some(c.client_id.clone());
                 let conn = Conn {
                     wsid: c.wsid,
                     conn_id: c.conn_id,
@@ -245,6 +280,8 @@ impl ViewSyncer {
                     version: base.clone().flatten(),
                     initialized: false,
                     poked: false,
+                    auth: c.auth,
+                    request: c.request,
                 };
                 if let Some(None) = base {
                     conn.close(Some(ErrorBody::new(
@@ -254,6 +291,40 @@ impl ViewSyncer {
                     return;
                 }
                 self.conns.insert(c.client_id, conn);
+            }
+            GroupCmd::Auth {
+                client_id,
+                conn_id,
+                auth,
+            } => {
+                if self
+                    .conns
+                    .get(&client_id)
+                    .is_none_or(|c| c.conn_id != conn_id)
+                {
+                    return;
+                }
+                let user = self.pinned.clone().and_then(|p| p.0);
+                if let Err(e) = self.pin(user.as_deref(), auth.as_ref()) {
+                    if let Some(c) = self.conns.remove(&client_id) {
+                        c.close(Some(e));
+                    }
+                    return;
+                }
+                if let Some(c) = self.conns.get_mut(&client_id) {
+                    c.auth = auth.clone();
+                }
+                if self.auth != auth {
+                    info!(client_group = %self.id, client = %client_id, "auth changed; queries are transformed again");
+                    self.auth = auth;
+                    self.auth_conn = Some(client_id);
+                    // Custom queries are transformed with the new token, and legacy queries'
+                    // permission rules are bound to its claims on the next sync.
+                    self.custom.clear();
+                    if self.conns.values().any(|c| c.initialized) {
+                        self.sync_and_poke().await;
+                    }
+                }
             }
             GroupCmd::Disconnect { client_id, conn_id } => {
                 if self
@@ -408,6 +479,9 @@ impl ViewSyncer {
         if body.user_query_url.is_some() {
             self.query_url = body.user_query_url.clone();
         }
+        if let Some(h) = &body.user_query_headers {
+            self.query_headers = h.clone();
+        }
         // Custom queries are transformed again for every new connection (auth may differ).
         self.custom.clear();
         let mut changed = self.cvr.add_client(client_id);
@@ -503,14 +577,8 @@ impl ViewSyncer {
                 .collect()
         };
         let ids: Vec<String> = pending.iter().map(|(h, _, _)| h.clone()).collect();
-        let result = match endpoint.url_for(self.query_url.as_deref()) {
-            Ok(url) => {
-                endpoint
-                    .transform(&url, self.auth.as_deref(), &pending)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let ctx = self.query_context(None);
+        let result = endpoint.transform(&ctx, &pending).await;
         match result {
             Ok(results) => {
                 let mut errors: Vec<Json> = Vec::new();
@@ -538,11 +606,101 @@ impl ViewSyncer {
                 warn!(client_group = %self.id, error = %f, "transforming custom queries failed");
                 for c in desiring(self, &ids) {
                     if let Some(conn) = self.conns.remove(&c) {
-                        let _ = conn
-                            .out
-                            .send(Outbound::Close(Some(Downstream::ErrorJson(f.body(&ids)))));
+                        let _ = conn.out.send(Outbound::Close(Some(Downstream::ErrorJson(
+                            f.transform_body(&ids),
+                        ))));
                     }
                 }
+            }
+        }
+    }
+
+    /// The context of custom-query calls: the latest `userQueryURL` and headers, with the
+    /// request and token of `client` (default: the connection that set the group's token).
+    fn query_context(&self, client: Option<&str>) -> CallContext {
+        let conn = client
+            .or(self.auth_conn.as_deref())
+            .and_then(|c| self.conns.get(c))
+            .or_else(|| self.conns.values().next());
+        let auth = match client {
+            Some(_) => conn.and_then(|c| c.auth.as_ref()),
+            None => self.auth.as_ref(),
+        };
+        CallContext {
+            url: self.query_url.clone(),
+            client_headers: self.query_headers.clone(),
+            request: conn.map(|c| c.request.clone()).unwrap_or_default(),
+            auth: auth.map(|a| a.raw().to_string()),
+        }
+    }
+
+    /// Pins the group to the first user and token type it sees (protocol §10): another user,
+    /// another token type, or no token in a group that had one is `Unauthorized`.
+    fn pin(&mut self, user: Option<&str>, auth: Option<&Auth>) -> Result<(), ErrorBody> {
+        let kind = token_type(auth);
+        let Some((pinned_user, pinned_kind)) = &self.pinned else {
+            self.pinned = Some((user.map(str::to_string), kind));
+            return Ok(());
+        };
+        if pinned_user.as_deref() != user {
+            return Err(ErrorBody::new(
+                ErrorKind::Unauthorized,
+                "Client groups are pinned to a single userID. Connection userID does not match existing client group userID.",
+            ));
+        }
+        match (*pinned_kind, kind) {
+            (a, b) if a == b => Ok(()),
+            (TokenType::None, _) => {
+                self.pinned = Some((pinned_user.clone(), kind));
+                Ok(())
+            }
+            (_, TokenType::None) => Err(ErrorBody::new(
+                ErrorKind::Unauthorized,
+                "No token provided. An unauthenticated client cannot connect to an authenticated client group.",
+            )),
+            _ => Err(ErrorBody::new(
+                ErrorKind::Unauthorized,
+                "Token type cannot change. Client groups are pinned to a single token type.",
+            )),
+        }
+    }
+
+    /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`: closes connections whose JWT has expired, and
+    /// asks the query endpoint (an empty transform) whether opaque tokens are still valid.
+    async fn revalidate(&mut self) {
+        let now_s = now_ms() / 1000.0;
+        let mut failed: Vec<(String, Downstream)> = Vec::new();
+        let mut opaque: Vec<String> = Vec::new();
+        for (id, c) in &self.conns {
+            match &c.auth {
+                Some(a @ Auth::Jwt { .. }) if a.expires_at().is_some_and(|exp| exp <= now_s) => {
+                    failed.push((
+                        id.clone(),
+                        Downstream::Error(ErrorBody::new(
+                            ErrorKind::AuthInvalidated,
+                            "Failed to decode auth token: \"exp\" claim timestamp check failed",
+                        )),
+                    ));
+                }
+                Some(Auth::Jwt { .. }) => {}
+                Some(Auth::Opaque { .. }) => opaque.push(id.clone()),
+                None => {}
+            }
+        }
+        if let Some(endpoint) = self.shared.query_endpoint.clone() {
+            for id in opaque {
+                let ctx = self.query_context(Some(&id));
+                if let Err(f) = endpoint.transform(&ctx, &[]).await
+                    && f.is_auth_error()
+                {
+                    failed.push((id, Downstream::ErrorJson(f.transform_body(&[]))));
+                }
+            }
+        }
+        for (id, e) in failed {
+            if let Some(c) = self.conns.remove(&id) {
+                warn!(client_group = %self.id, client = %id, "auth no longer valid; closing the connection");
+                let _ = c.out.send(Outbound::Close(Some(e)));
             }
         }
     }
@@ -760,7 +918,12 @@ impl ViewSyncer {
                 if !unreadable.is_empty() {
                     debug!(query = %hash, tables = ?unreadable, "no select permission; no rows will be returned");
                 }
-                Some(permissions::transform_query(&ast, &self.permissions, None))
+                let auth_data = self.auth.as_ref().and_then(Auth::claims);
+                Some(permissions::transform_query(
+                    &ast,
+                    &self.permissions,
+                    auth_data,
+                ))
             }
             Err(e) => {
                 warn!(client_group = %self.id, query = %hash, error = %e, "invalid query AST");

@@ -45,3 +45,9 @@ mod sync_api;
 
 /// `server::run` with the sync server on `ZERO_PORT`.
 mod sync_server;
+
+/// Writes with the real client and a real API server (`@rocicorp/zero/server`).
+mod writes_e2e;
+
+/// JWT auth, pinning, expiry, CRUD mutations with write permissions and rate limits.
+mod sync_auth;

