@@ -121,6 +121,8 @@ pub struct WriteAuthOptions {
     pub auth_audience: Option<String>,
     /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`.
     pub auth_revalidate_interval: std::time::Duration,
+    /// `ZERO_AUTH_RETRANSFORM_INTERVAL_SECONDS`: custom queries are transformed again this often.
+    pub auth_retransform_interval: std::time::Duration,
     /// Upstream URI for CRUD mutations; `None` disables them.
     pub upstream_db: Option<String>,
     /// `ZERO_ENABLE_CRUD_MUTATIONS`.
@@ -148,6 +150,7 @@ impl Default for WriteAuthOptions {
             auth_issuer: None,
             auth_audience: None,
             auth_revalidate_interval: std::time::Duration::from_secs(300),
+            auth_retransform_interval: std::time::Duration::from_secs(300),
             upstream_db: None,
             enable_crud_mutations: true,
             upstream_max_conns: 20,
@@ -238,6 +241,9 @@ impl SyncOptions {
                 auth_revalidate_interval: std::time::Duration::from_secs(
                     config.auth_revalidate_interval_seconds,
                 ),
+                auth_retransform_interval: std::time::Duration::from_secs(
+                    config.auth_retransform_interval_seconds,
+                ),
                 upstream_db: config.upstream_db.clone(),
                 enable_crud_mutations: config.enable_crud_mutations,
                 upstream_max_conns: config.upstream_max_conns.max(1) as usize,
@@ -270,6 +276,8 @@ pub(crate) struct SyncShared {
     pub(crate) crud: Option<Arc<crud::CrudExecutor>>,
     /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`.
     pub(crate) revalidate_interval: std::time::Duration,
+    /// `ZERO_AUTH_RETRANSFORM_INTERVAL_SECONDS`.
+    pub(crate) retransform_interval: std::time::Duration,
     pub(crate) connections: AtomicUsize,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,
@@ -447,6 +455,7 @@ pub async fn bind(
         _ => None,
     };
     let revalidate_interval = w.auth_revalidate_interval;
+    let retransform_interval = w.auth_retransform_interval;
     let engine = ivm::EngineHandle::start(
         opts.replica_file.clone(),
         opts.app_id.clone(),
@@ -483,6 +492,7 @@ pub async fn bind(
         jwt,
         crud,
         revalidate_interval,
+        retransform_interval,
         connections: AtomicUsize::new(0),
         closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),

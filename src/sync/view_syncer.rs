@@ -156,6 +156,7 @@ pub(crate) struct ViewSyncer {
     /// The user and token type this group is pinned to (protocol §10).
     pinned: Option<(Option<String>, TokenType)>,
     last_revalidation: Instant,
+    last_retransform: Instant,
     /// Messages from the view engine (in order: they move the group from version to version).
     engine_rx: mpsc::UnboundedReceiver<EngineMsg>,
     /// Queries subscribed in the engine, with the hash of the AST they run.
@@ -210,6 +211,7 @@ impl ViewSyncer {
             auth_conn: None,
             pinned: None,
             last_revalidation: Instant::now(),
+            last_retransform: Instant::now(),
             engine_rx,
             subscribed: HashMap::new(),
             awaiting: BTreeSet::new(),
@@ -239,6 +241,15 @@ impl ViewSyncer {
                     if self.last_revalidation.elapsed() >= self.shared.revalidate_interval {
                         self.last_revalidation = Instant::now();
                         self.revalidate().await;
+                    }
+                    if self.last_retransform.elapsed() >= self.shared.retransform_interval {
+                        self.last_retransform = Instant::now();
+                        // The API server's answer may depend on time or on data: transform the
+                        // custom queries again (changed ASTs are re-subscribed by the sync).
+                        if !self.custom.is_empty() {
+                            self.custom.clear();
+                            self.sync_and_poke().await;
+                        }
                     }
                     if self.ttl_expired() {
                         self.sync_and_poke().await;
@@ -521,8 +532,39 @@ impl ViewSyncer {
             }));
         }
         self.poke_all().await?;
+        if !self.validate_connection(client_id).await {
+            return Ok(());
+        }
         self.prepare_custom().await;
         self.sync().await
+    }
+
+    /// Asks the query endpoint whether a new connection's opaque token is valid (an empty
+    /// transform, as zero-cache does); a 401/403 closes the connection with that
+    /// `TransformFailed`, which the client treats as "needs auth". False when it was closed.
+    async fn validate_connection(&mut self, client_id: &str) -> bool {
+        let Some(endpoint) = self.shared.query_endpoint.clone() else {
+            return true;
+        };
+        if !matches!(
+            self.conns.get(client_id).and_then(|c| c.auth.as_ref()),
+            Some(Auth::Opaque { .. })
+        ) {
+            return true;
+        }
+        let ctx = self.query_context(Some(client_id));
+        match endpoint.transform(&ctx, &[]).await {
+            Err(f) if f.is_auth_error() => {
+                warn!(client_group = %self.id, client = %client_id, "the API server refused the token");
+                if let Some(c) = self.conns.remove(client_id) {
+                    let _ = c.out.send(Outbound::Close(Some(Downstream::ErrorJson(
+                        f.transform_body(&[]),
+                    ))));
+                }
+                false
+            }
+            _ => true,
+        }
     }
 
     async fn change_desired(

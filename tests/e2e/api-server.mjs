@@ -35,7 +35,7 @@ const server = http.createServer(async (req, res) => {
     process.stdout.write(
       JSON.stringify({path: url.pathname, search: url.search, headers: req.headers, body}) + '\n',
     );
-    if (url.pathname !== '/mutate') {
+    if (!url.pathname.endsWith('/mutate')) {
       res.statusCode = 404;
       res.end('not found');
       return;

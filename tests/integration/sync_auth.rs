@@ -439,3 +439,83 @@ async fn crud_mutations_permissions_and_rate_limit() {
     w.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tokens_are_validated_by_the_query_endpoint() {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let db = test_db().await;
+    db.exec(ITEMS).await;
+    // An API server that accepts only the token "good" (and counts validation requests).
+    let checks = Arc::new(AtomicUsize::new(0));
+    let checks2 = checks.clone();
+    let api = crate::sync_util::serve_api(axum::Router::new().route(
+        "/query",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let checks = checks2.clone();
+            async move {
+                let body: Json = serde_json::from_str(&body).unwrap_or_default();
+                if body == json!(["transform", []]) {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                }
+                if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer good")
+                {
+                    return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+                }
+                axum::Json(json!({"kind": "QueryResponse", "queries": []})).into_response()
+            }
+        }),
+    ))
+    .await;
+    let server = start_server_with(&db, |o| {
+        o.query_urls = vec![format!("http://{api}/query")];
+        o.writes.auth_revalidate_interval = Duration::from_secs(1);
+    })
+    .await;
+    let addr = server.addr;
+    let bad = connect_as(
+        addr,
+        "b1",
+        "gb",
+        Some("u1"),
+        Some("bad"),
+        init(json!([]), Some(item_schema())),
+    )
+    .await;
+    let Connected::Ok(mut bad) = bad else {
+        panic!("rejected before connected")
+    };
+    // The config poke may come first; then the refusal.
+    let e = loop {
+        let m = bad.recv().await;
+        if m[0].as_str().is_some_and(|k| k.starts_with("poke")) {
+            continue;
+        }
+        break m;
+    };
+    assert_eq!(e[0], "error", "{e}");
+    assert_eq!(e[1]["kind"], "TransformFailed", "{e}");
+    assert_eq!(e[1]["status"], 401, "{e}");
+
+    let mut good = connect_as(
+        addr,
+        "g1",
+        "gg",
+        Some("u1"),
+        Some("good"),
+        init(json!([]), Some(item_schema())),
+    )
+    .await
+    .ok();
+    good.poke().await;
+    // Revalidated periodically while connected.
+    let before = checks.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(checks.load(Ordering::SeqCst) > before, "no revalidation");
+    good.send(json!(["ping", {}])).await;
+    good.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

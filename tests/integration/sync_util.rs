@@ -279,9 +279,22 @@ pub fn init(puts: Json, client_schema: Option<Json>) -> Json {
 
 /// Connects with a raw URL and optional subprotocol header.
 pub async fn connect_raw(addr: SocketAddr, url_path: &str, protocol: Option<&str>) -> Connected {
+    connect_with_headers(addr, url_path, protocol, &[]).await
+}
+
+/// Connects with a raw URL, optional subprotocol and extra upgrade-request headers.
+pub async fn connect_with_headers(
+    addr: SocketAddr,
+    url_path: &str,
+    protocol: Option<&str>,
+    headers: &[(&'static str, &str)],
+) -> Connected {
     let mut req = format!("ws://{addr}{url_path}")
         .into_client_request()
         .expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().expect("header"));
+    }
     if let Some(p) = protocol {
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", p.parse().expect("header"));

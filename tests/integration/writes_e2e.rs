@@ -175,7 +175,7 @@ impl ApiServer {
             .lock()
             .unwrap()
             .iter()
-            .filter(|v| v["path"] == "/mutate")
+            .filter(|v| v["path"].as_str().is_some_and(|p| p.ends_with("/mutate")))
             .cloned()
             .collect()
     }
@@ -215,7 +215,10 @@ fn view_has(v: &Json, id: &str, title: &str) -> bool {
 async fn start(db: &TestDb, api: &ApiServer) -> Server {
     let url = api.url();
     let mut server = start_server_with(db, |o| {
-        o.mutate_urls = vec![url];
+        // The first entry is the default URL; the second, a URLPattern, allows per-tenant
+        // paths on any port of 127.0.0.1 (for clients that name their push URL).
+        o.mutate_urls = vec![url, "http://127.0.0.1:*/:tenant/mutate".into()];
+        o.writes.mutate_forward_cookies = true;
         o.writes.mutate_allowed_client_headers = vec!["X-User-ID".into()];
         o.writes.mutate_allowed_request_headers = vec!["user-agent".into()];
     })
@@ -255,10 +258,11 @@ async fn custom_mutations_are_confirmed_rejected_and_retried() {
         })
         .await;
     assert_eq!(r["server"]["type"], "success", "{r}");
+    let items = upstream_items(&db).await;
     assert!(
-        upstream_items(&db)
-            .await
-            .contains(&("a1".into(), "first".into()))
+        items.contains(&("a1".into(), "first".into())),
+        "{items:?} {:?}",
+        api.requests()
     );
     let req = api
         .requests()
@@ -386,14 +390,22 @@ fn item_schema() -> Json {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_out_of_order_pushes() {
-    use crate::sync_util::{ConnectOpts, connect, init};
+    use crate::sync_util::{ConnectOpts, connect, connect_with_headers, init};
     let db = test_db().await;
     db.exec(ITEMS).await;
     let api = ApiServer::start(&db).await;
     let server = start(&db, &api).await;
-    let mut c = connect(
+    // The client names its push URL (allowed by the pattern), and its upgrade request carries
+    // a cookie and an origin: with ZERO_MUTATE_FORWARD_COOKIES both reach the API server.
+    let mut init_msg = init(json!([]), Some(item_schema()));
+    init_msg[1]["userPushURL"] =
+        json!(format!("http://127.0.0.1:{}/t1/mutate?region=eu", api.port));
+    let proto = zero_cache::sync::connect::encode_sec_protocol(Some(&init_msg), None);
+    let mut c = connect_with_headers(
         server.addr,
-        ConnectOpts::new("x1", "gx", init(json!([]), Some(item_schema()))),
+        "/sync/v51/connect?clientID=x1&clientGroupID=gx&userID=anon&baseCookie=&ts=1&lmid=0&wsid=w1",
+        Some(&proto),
+        &[("Cookie", "session=abc"), ("Origin", "https://app.example")],
     )
     .await
     .ok();
@@ -406,6 +418,31 @@ async fn duplicate_and_out_of_order_pushes() {
     };
     let pokes = c.pokes_until(|p| lmid(p) == Some(1)).await;
     assert!(!pokes.is_empty());
+    let req = api
+        .requests()
+        .into_iter()
+        .find(|r| r["body"]["mutations"][0]["args"][0]["id"] == "p1")
+        .expect("push forwarded");
+    assert_eq!(req["path"], "/t1/mutate");
+    assert_eq!(req["search"], "?region=eu&schema=zero_0&appID=zero");
+    assert_eq!(req["headers"]["cookie"], "session=abc");
+    assert_eq!(req["headers"]["origin"], "https://app.example");
+
+    // A push URL outside the configured patterns is refused before any request is made.
+    let mut bad_init = init(json!([]), Some(item_schema()));
+    bad_init[1]["userPushURL"] = json!("http://127.0.0.1:9/elsewhere");
+    let mut bad = connect(server.addr, ConnectOpts::new("y1", "gy", bad_init))
+        .await
+        .ok();
+    bad.poke().await;
+    bad.send(create_push("gy", "y1", 1, "never")).await;
+    let e = bad.recv().await;
+    assert_eq!(e[1]["kind"], "PushFailed", "{e}");
+    assert_eq!(
+        e[1]["message"],
+        "URL \"http://127.0.0.1:9/elsewhere\" is not allowed by the ZERO_MUTATE_URL configuration"
+    );
+    assert_eq!(api.attempts_for("never"), 0);
     // The same mutation again: already processed, nothing happens, the connection stays.
     c.send(create_push("gx", "x1", 1, "p1-again")).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
