@@ -415,6 +415,7 @@ impl Pusher {
             let out = self.out.clone();
             let client = self.client_id.clone();
             let group = self.group.clone();
+            let user_id = self.user_id.clone();
             let user = self
                 .user_id
                 .clone()
@@ -450,10 +451,28 @@ impl Pusher {
                         let Some(endpoint) = shared.mutate_endpoint.clone() else {
                             return;
                         };
-                        if let Err(e) = endpoint.push(&q.ctx, &q.push).await {
-                            warn!(%client, error = %e.body, "push failed");
-                            let _ = out.send(Outbound::Close(Some(Downstream::ErrorJson(e.body))));
-                            return;
+                        match endpoint.push(&q.ctx, &q.push).await {
+                            Err(e) => {
+                                warn!(%client, error = %e.body, "push failed");
+                                let _ = out.send(Outbound::Close(Some(Downstream::ErrorJson(e.body))));
+                                return;
+                            }
+                            // The API server names the user it validated: it must be the
+                            // connection's.
+                            Ok(p) => {
+                                if let Some(validated) = p.user_id
+                                    && validated.as_deref() != user_id.as_deref()
+                                {
+                                    warn!(%client, ?validated, "API server validated another user");
+                                    let _ = out.send(Outbound::Close(Some(Downstream::Error(
+                                        ErrorBody::new(
+                                            ErrorKind::Unauthorized,
+                                            "Connection userID does not match validated server userID.",
+                                        ),
+                                    ))));
+                                    return;
+                                }
+                            }
                         }
                     }
                 }

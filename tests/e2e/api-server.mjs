@@ -57,15 +57,23 @@ const server = http.createServer(async (req, res) => {
     if (mode === 'slow') {
       await new Promise(r => setTimeout(r, 1500));
     }
-    const userID = req.headers['x-user-id'] ?? null;
-    const result = await handleMutateRequest(
-      db,
-      (transact, _mutation) =>
-        transact((tx, name, args) => getMutation(mutators, name)(tx, args, {userID})),
-      url.searchParams,
-      body,
-      'error',
-    );
+    // The user this API server authenticated (here: named by a forwarded header) is echoed in
+    // the response's userID, which zero-cache checks against the connection's. Without the
+    // header the response names no user.
+    const userID = req.headers['x-user-id'];
+    const handler = (transact, _mutation) =>
+      transact((tx, name, args) => getMutation(mutators, name)(tx, args, {userID}));
+    const result =
+      userID === undefined
+        ? await handleMutateRequest(db, handler, url.searchParams, body, 'error')
+        : await handleMutateRequest({
+            dbProvider: db,
+            handler,
+            userID,
+            query: url.searchParams,
+            body,
+            logLevel: 'error',
+          });
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify(result));
   } catch (e) {

@@ -258,12 +258,19 @@ async fn custom_mutations_are_confirmed_rejected_and_retried() {
         })
         .await;
     assert_eq!(r["server"]["type"], "success", "{r}");
-    let items = upstream_items(&db).await;
-    assert!(
-        items.contains(&("a1".into(), "first".into())),
-        "{items:?} {:?}",
-        api.requests()
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let items = upstream_items(&db).await;
+        if items.contains(&("a1".into(), "first".into())) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{items:?} {:?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let req = api
         .requests()
         .into_iter()
@@ -468,6 +475,17 @@ async fn duplicate_and_out_of_order_pushes() {
         vec![("p1".to_string(), "p".to_string())],
         "only the first push wrote"
     );
+
+    // The API server validates another user than the connection's: Unauthorized.
+    let mut init_msg = init(json!([]), Some(item_schema()));
+    init_msg[1]["userPushHeaders"] = json!({"X-User-ID": "mallory"});
+    let mut m = connect(server.addr, ConnectOpts::new("z1", "gz", init_msg))
+        .await
+        .ok();
+    m.poke().await;
+    m.send(create_push("gz", "z1", 1, "z-item")).await;
+    let e = m.recv().await;
+    assert_eq!(e[1]["kind"], "Unauthorized", "{e}");
     api.proc.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
