@@ -398,4 +398,27 @@ mod tests {
         );
         assert!(JwtConfig::from_options(Some("k"), None, Some("http://x"), None, None).is_err());
     }
+
+    #[tokio::test]
+    async fn jwk_option() {
+        use base64::Engine as _;
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("jwk-secret");
+        let jwk = json!({"kty": "oct", "k": k, "alg": "HS256"}).to_string();
+        let cfg = JwtConfig::from_options(None, Some(&jwk), None, None, None)
+            .unwrap()
+            .unwrap();
+        let t = token("jwk-secret", json!({"sub": "u1", "aud": "anything"}));
+        let a = resolve(Some(&cfg), None, Some("u1"), Some(&t))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.claims().unwrap()["sub"], "u1");
+        let bad = token("other", json!({"sub": "u1"}));
+        assert!(
+            resolve(Some(&cfg), None, Some("u1"), Some(&bad))
+                .await
+                .is_err()
+        );
+        assert!(JwtConfig::from_options(None, Some("{not json"), None, None, None).is_err());
+    }
 }

@@ -519,3 +519,78 @@ async fn opaque_tokens_are_validated_by_the_query_endpoint() {
     good.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_keys_are_fetched_by_kid() {
+    use base64::Engine as _;
+    use zero_cache::sync::auth::{Auth, JwtConfig, resolve};
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let jwks = json!({"keys": [
+        {"kty": "oct", "kid": "old", "k": b64("old-secret"), "alg": "HS256"},
+        {"kty": "oct", "kid": "new", "k": b64("new-secret"), "alg": "HS256"},
+    ]});
+    let api = crate::sync_util::serve_api(axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let j = jwks.clone();
+            async move { axum::Json(j) }
+        }),
+    ))
+    .await;
+    let cfg = JwtConfig::from_options(
+        None,
+        None,
+        Some(&format!("http://{api}/jwks.json")),
+        None,
+        None,
+    )
+    .unwrap()
+    .unwrap();
+    let signed = |kid: &str, secret: &str| {
+        let h = Header {
+            kid: Some(kid.into()),
+            ..Default::default()
+        };
+        encode(
+            &h,
+            &json!({"sub": "u1", "exp": now() + 60}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let a = resolve(
+        Some(&cfg),
+        None,
+        Some("u1"),
+        Some(&signed("new", "new-secret")),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(a, Some(Auth::Jwt { .. })));
+    assert!(
+        resolve(
+            Some(&cfg),
+            None,
+            Some("u1"),
+            Some(&signed("old", "old-secret"))
+        )
+        .await
+        .is_ok()
+    );
+    let e = resolve(
+        Some(&cfg),
+        None,
+        Some("u1"),
+        Some(&signed("new", "old-secret")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.kind,
+        zero_cache::sync::protocol::ErrorKind::AuthInvalidated
+    );
+    let e = resolve(Some(&cfg), None, Some("u1"), Some(&signed("gone", "x")))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("no matching key"), "{}", e.message);
+}

@@ -377,6 +377,42 @@ async fn custom_mutations_are_confirmed_rejected_and_retried() {
         w.wait_view(20, "row confirmed in the view", |v| view_has(v, id, mode))
             .await;
     }
+
+    // A slow API server: pushes that arrive while one is in flight are merged into one request,
+    // in order, and every mutation is confirmed.
+    api.mode("slow").await;
+    let ids: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        w.send(json!({"cmd": "create", "tag": id, "args": {"id": id, "title": "slow", "n": 3}}))
+            .await;
+    }
+    for id in &ids {
+        let r = w
+            .wait(30, "slow confirmation", |v| {
+                v["tag"] == id.as_str() && v.get("server").is_some()
+            })
+            .await;
+        assert_eq!(r["server"]["type"], "success", "{r}");
+    }
+    let batches: Vec<Vec<String>> = api
+        .requests()
+        .iter()
+        .map(|r| {
+            r["body"]["mutations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["args"][0]["id"].as_str().map(str::to_string))
+                .filter(|id| id.starts_with('s'))
+                .collect::<Vec<String>>()
+        })
+        .filter(|b| !b.is_empty())
+        .collect();
+    assert!(
+        batches.iter().any(|b| b.len() > 1),
+        "no merged push: {batches:?}"
+    );
+    assert_eq!(batches.concat(), ids, "each mutation sent once, in order");
     w.stop().await;
     api.proc.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
