@@ -240,6 +240,31 @@ async fn main() {
         percentile(&lat, 0.95)
     );
 
+    // The API server alone, driven the same way (50 senders), for comparison.
+    let mut alone = Vec::new();
+    for _ in 0..3 {
+        let lines = run_node(
+            "api-probe.mjs",
+            &[
+                format!("http://127.0.0.1:{port}/mutate"),
+                "50".into(),
+                "60".into(),
+            ],
+        )
+        .await;
+        alone.push(
+            lines.last().expect("probe result")["rate"]
+                .as_f64()
+                .expect("rate"),
+        );
+    }
+    alone.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    println!(
+        "the API server alone (50 senders x 60 pushes, no zero-cache)  median {:>7.0}/s  worst {:>7.0}/s  (the ceiling of the figure above)",
+        percentile(&alone, 0.5),
+        alone[0]
+    );
+
     stop_sync.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
     stop_tx.send_replace(true);
