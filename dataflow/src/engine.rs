@@ -227,6 +227,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Builds the shared indexes that queries shaped like `ast` read (literals do not matter),
+    /// without adding a query. A host that knows its app's common queries calls this while it
+    /// loads the replica, so the first client query of such a shape hydrates in milliseconds
+    /// instead of paying for arranging a whole table. Indexes the schema's relationships need
+    /// are built by [`Engine::new`] already.
+    pub fn prepare(&mut self, ast: &Ast) -> Result<(), EngineError> {
+        validate(ast, &self.catalog.schema)?;
+        let ast = complete_ordering(ast, &self.catalog.schema)?;
+        let (shape, _) = compile(&ast, &self.catalog)?;
+        let shape = Arc::new(shape);
+        self.send(&|| Cmd::Prepare {
+            shape: Arc::clone(&shape),
+        })
+    }
+
     /// Registers query `id`. Its first result arrives with the next applied version (use an
     /// empty [`Engine::apply`] when nothing changed). Identical queries share one instance;
     /// queries that differ only in literals share one dataflow.

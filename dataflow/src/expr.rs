@@ -144,18 +144,27 @@ fn part(v: Value, desc: bool) -> SortPart {
     }
 }
 
-/// Whether `row` is at or after (or strictly after, if exclusive) a `start` cursor.
-pub fn after_start(order: &[(usize, bool)], row: &[Value], start: &Param) -> bool {
+/// The sort key of a `start` cursor and whether it is exclusive (`None` for other parameters),
+/// so a walk over rows in ORDER BY order can seek straight to the cursor.
+pub fn start_bound(order: &[(usize, bool)], start: &Param) -> Option<(SortKey, bool)> {
     let Param::Start { key, exclusive } = start else {
-        return true;
+        return None;
     };
     let bound: SortKey = order
         .iter()
         .zip(key.iter())
         .map(|(&(_, desc), v)| part(v.clone(), desc))
         .collect();
+    Some((bound, *exclusive))
+}
+
+/// Whether `row` is at or after (or strictly after, if exclusive) a `start` cursor.
+pub fn after_start(order: &[(usize, bool)], row: &[Value], start: &Param) -> bool {
+    let Some((bound, exclusive)) = start_bound(order, start) else {
+        return true;
+    };
     let o = sort_key(order, row).cmp(&bound);
-    if *exclusive {
+    if exclusive {
         o == Ordering::Greater
     } else {
         o != Ordering::Less

@@ -30,7 +30,7 @@ use timely::progress::frontier::AntichainRef;
 use zero_queries::ast::SimpleOp;
 use zero_queries::{Row, Value};
 
-use crate::expr::{LikeCache, SortKey, after_start, eval_pred, sort_key};
+use crate::expr::{LikeCache, SortKey, after_start, eval_pred, sort_key, start_bound};
 use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 
 /// Dataflow time: the engine's version counter.
@@ -227,8 +227,17 @@ pub(crate) fn needed_indexes(shape: &QueryShape, peers: usize) -> (Vec<IndexId>,
     }
     let mut out = Vec::new();
     let mut sorted = Vec::new();
+    fn seeks(shape: &QueryShape, out: &mut Vec<IndexId>) {
+        for e in &shape.exists {
+            if let Some((col, _)) = driving_value(&e.child) {
+                out.push((e.child.table, vec![col]));
+            }
+            seeks(&e.child, out);
+        }
+    }
     if uses_lookup_topk(shape, peers) {
         sorted.push(sorted_id(shape));
+        seeks(shape, &mut out);
     } else {
         scan_indexes(shape, &mut out);
     }
@@ -283,6 +292,10 @@ impl<'s, 'a> Ctx<'s, 'a> {
             buttons: Vec::new(),
             imported: HashMap::new(),
         }
+    }
+
+    fn as_of_time(&self) -> Time {
+        self.as_of.elements().first().copied().unwrap_or(0)
     }
 
     fn import(&mut self, id: &IndexId) -> Imported<'s> {
@@ -362,41 +375,38 @@ impl<'s, 'a> Ctx<'s, 'a> {
             let plan = Arc::new(plan);
             let p = Arc::clone(&plan);
             // Parameter rows must meet the partition of the index that holds their key.
-            let pact = Exchange::new(move |x: &(Option<Q>, Time, Diff)| {
-                x.0.as_ref()
-                    .and_then(|q| p.key(q))
-                    .map_or(0, |k| k.hashed())
+            let pact = Exchange::new(move |x: &(Left, Time, Diff)| match &x.0 {
+                Left::Param(q) => p.key(q).map_or(0, |k| k.hashed()),
+                Left::Touch(..) => 0,
             });
-            lookup_topk(params.map(Some), pact, index, plan, traces)
+            let as_of = self.as_of_time();
+            lookup_topk(params.map(Left::Param), pact, index, plan, traces, as_of)
         } else {
-            let mut inputs = vec![params.map(Some)];
-            inputs.extend(touches.into_iter().map(|t| t.map(|()| None)));
+            let mut inputs = vec![params.map(Left::Param)];
+            inputs.extend(touches);
             let left = differential_dataflow::collection::concatenate(self.scope, inputs);
-            lookup_topk(left, Pipeline, index, Arc::new(plan), traces)
+            let as_of = self.as_of_time();
+            lookup_topk(left, Pipeline, index, Arc::new(plan), traces, as_of)
         }
     }
 
-    /// The EXISTS tree of `shape` for probing: imports each child index once and collects
-    /// the times at which any of them changes.
+    /// The EXISTS tree of `shape` for probing: imports each child index once (and the index
+    /// on a child's driving column, to tell an unsatisfiable EXISTS without walking) and
+    /// collects the rows at which any of them changes.
     fn probe_level(
         &mut self,
         shape: &QueryShape,
         traces: &mut Vec<(IndexId, TraceFrontier<IndexTrace>)>,
-        touches: &mut Vec<Coll<'s, ()>>,
+        touches: &mut Vec<Coll<'s, Left>>,
     ) -> ProbeLevel {
         let mut exists = Vec::new();
         for e in &shape.exists {
-            let id = (e.child.table, e.child_cols.clone());
-            let trace = match traces.iter().position(|(i, _)| *i == id) {
-                Some(i) => i,
-                None => {
-                    let arr = self.import(&id);
-                    traces.push((id, arr.trace.clone()));
-                    touches.push(touch_times(arr));
-                    traces.len() - 1
-                }
-            };
-            let child = self.probe_level(&e.child, traces, touches);
+            let trace = self.probe_trace((e.child.table, e.child_cols.clone()), traces, touches);
+            let mut child = self.probe_level(&e.child, traces, touches);
+            if let Some((col, slot)) = driving_value(&e.child) {
+                let t = self.probe_trace((e.child.table, vec![col]), traces, touches);
+                child.seek = Some((t, slot));
+            }
             exists.push(ProbeExists {
                 parent_cols: e.parent_cols.clone(),
                 trace,
@@ -406,7 +416,25 @@ impl<'s, 'a> Ctx<'s, 'a> {
         ProbeLevel {
             filter: shape.filter.clone(),
             exists,
+            seek: None,
         }
+    }
+
+    /// Position of index `id` among the probe traces, importing it on first use.
+    fn probe_trace(
+        &mut self,
+        id: IndexId,
+        traces: &mut Vec<(IndexId, TraceFrontier<IndexTrace>)>,
+        touches: &mut Vec<Coll<'s, Left>>,
+    ) -> usize {
+        if let Some(i) = traces.iter().position(|(i, _)| *i == id) {
+            return i;
+        }
+        let arr = self.import(&id);
+        traces.push((id, arr.trace.clone()));
+        let as_of = self.as_of_time();
+        touches.push(touch_rows(arr, traces.len() - 1, as_of));
+        traces.len() - 1
     }
 
     /// Root candidates: the rows matching the driving equality, or the whole table.
@@ -687,6 +715,102 @@ struct TopKPlan {
 struct ProbeLevel {
     filter: Option<Pred>,
     exists: Vec<ProbeExists>,
+    /// For an EXISTS child with a driving `col = $slot`: the probe trace of its index on `col`
+    /// and the slot, to find out cheaply that no child row can pass.
+    seek: Option<(usize, usize)>,
+}
+
+/// The left input of [`lookup_topk`]: parameter rows, and rows that changed in a probed child
+/// index (by probe trace), which may change the EXISTS conditions of some instances.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Left {
+    Param(Q),
+    Touch(usize, Row),
+}
+
+/// Touched rows beyond which every instance re-walks instead of checking each row.
+const TOUCH_CHECK_LIMIT: usize = 1024;
+
+/// Whether `row` passes `filter` ignoring its EXISTS conditions (taken as satisfiable): a
+/// child row that fails this, before and after a change, cannot change the EXISTS above it.
+fn could_pass(
+    filter: Option<&Pred>,
+    row: &[Value],
+    params: &[Param],
+    likes: &mut LikeCache,
+) -> bool {
+    fn go(p: &Pred, row: &[Value], params: &[Param], likes: &mut LikeCache) -> bool {
+        if !p.has_exists() {
+            return eval_pred(p, row, params, likes);
+        }
+        match p {
+            Pred::And(v) => v.iter().all(|p| go(p, row, params, likes)),
+            Pred::Or(v) => v.iter().any(|p| go(p, row, params, likes)),
+            _ => true,
+        }
+    }
+    filter.is_none_or(|p| go(p, row, params, likes))
+}
+
+/// Whether a changed row of probe trace `trace` can change what `level`'s filter decides for
+/// an instance with `params`.
+fn touch_matters(
+    level: &ProbeLevel,
+    trace: usize,
+    row: &[Value],
+    params: &[Param],
+    likes: &mut LikeCache,
+) -> bool {
+    level.exists.iter().any(|e| {
+        let c = &e.child;
+        (e.trace == trace && could_pass(c.filter.as_ref(), row, params, likes))
+            || (c.seek.is_some_and(|(t, _)| t == trace)
+                && could_pass(c.filter.as_ref(), row, params, likes))
+            || touch_matters(c, trace, row, params, likes)
+    })
+}
+
+/// False when some top-level EXISTS conjunct of `level` cannot hold for any parent: its child
+/// seeks a value that no child row with the level's pure conditions has (recursively). Lets
+/// an instance whose EXISTS names a missing value skip walking the whole table.
+fn satisfiable(
+    level: &ProbeLevel,
+    params: &[Param],
+    likes: &mut LikeCache,
+    fetch: &mut Fetch<'_>,
+) -> bool {
+    let conjuncts: Vec<&Pred> = match &level.filter {
+        Some(Pred::And(v)) => v.iter().collect(),
+        Some(p) => vec![p],
+        None => return true,
+    };
+    for p in conjuncts {
+        let Pred::Exists {
+            index,
+            negated: false,
+        } = p
+        else {
+            continue;
+        };
+        let child = &level.exists[*index].child;
+        if let Some((t, slot)) = child.seek {
+            let key: Key = match &params[slot] {
+                Param::Value(v) if !v.is_null() => Arc::from(vec![v.clone()]),
+                _ => return false,
+            };
+            let rows = fetch(t, &key);
+            if !rows
+                .iter()
+                .any(|r| could_pass(child.filter.as_ref(), r, params, likes))
+            {
+                return false;
+            }
+        }
+        if !satisfiable(child, params, likes, fetch) {
+            return false;
+        }
+    }
+    true
 }
 
 struct ProbeExists {
@@ -741,37 +865,51 @@ fn eval_probe(
     }
 }
 
-/// One `()` per time at which an index changes: lets [`lookup_topk`] notice child changes
-/// without copying any rows.
-fn touch_times<'s>(arr: Imported<'s>) -> Coll<'s, ()> {
+/// The rows that change in a probed index, tagged with the probe trace: lets [`lookup_topk`]
+/// notice child changes and re-walk only the instances they can affect.
+fn touch_rows<'s>(arr: Imported<'s>, trace: usize, as_of: Time) -> Coll<'s, Left> {
     arr.stream
-        .unary(Pipeline, "TouchTimes", |_cap, _info| {
+        .unary(Pipeline, "TouchRows", move |_cap, _info| {
             move |input, output| {
                 input.for_each(|cap, spans| {
-                    let mut times = BTreeSet::new();
+                    let mut rows: BTreeMap<Time, Vec<Row>> = BTreeMap::new();
                     for span in spans.iter() {
                         let Some(b) = span.inner.as_ref() else {
                             continue;
                         };
+                        if snapshot_only(span.desc.upper().borrow(), as_of) {
+                            continue;
+                        }
                         let mut c = b.cursor();
                         while c.get_key(b).is_some() {
-                            while c.get_val(b).is_some() {
+                            while let Some(v) = c.get_val(b) {
                                 c.map_times(b, |t, _| {
-                                    times.insert(*t);
+                                    if *t > as_of {
+                                        rows.entry(*t).or_default().push(Arc::clone(v));
+                                    }
                                 });
                                 c.step_val(b);
                             }
                             c.step_key(b);
                         }
                     }
-                    for t in times {
+                    for (t, rows) in rows {
                         let cap = cap.delayed(&t, 0);
-                        output.session(&cap).give(((), t, 1 as Diff));
+                        let mut session = output.session(&cap);
+                        for r in rows {
+                            session.give((Left::Touch(trace, r), t, 1 as Diff));
+                        }
                     }
                 });
             }
         })
         .as_collection()
+}
+
+/// Whether a batch with this upper holds only updates at or before `as_of` (an import's
+/// replayed snapshot, whose times are advanced to `as_of`).
+fn snapshot_only(upper: AntichainRef<'_, Time>, as_of: Time) -> bool {
+    !upper.is_empty() && upper.iter().all(|u| *u <= as_of + 1)
 }
 
 impl TopKPlan {
@@ -807,17 +945,15 @@ impl TopKPlan {
 /// at which a probed child index changed; `pact` routes parameter rows to the worker holding
 /// their key (probing shapes run on a single worker, so they use `Pipeline`).
 fn lookup_topk<'s, P>(
-    left: Coll<'s, Option<Q>>,
+    left: Coll<'s, Left>,
     pact: P,
     index: ImportedSorted<'s>,
     plan: Arc<TopKPlan>,
     mut probe_traces: Vec<TraceFrontier<IndexTrace>>,
+    as_of: Time,
 ) -> Coll<'s, (Q, Row)>
 where
-    P: timely::dataflow::channels::pact::ParallelizationContract<
-            Time,
-            Vec<(Option<Q>, Time, Diff)>,
-        >,
+    P: timely::dataflow::channels::pact::ParallelizationContract<Time, Vec<(Left, Time, Diff)>>,
 {
     let mut trace = index.trace.clone();
     left.inner
@@ -829,7 +965,7 @@ where
             move |cap, _info| {
                 let mut caps = CapabilitySet::from_elem(cap);
                 // Parameter changes (`Some`) and child-index changes (`None`).
-                let mut pending: Vec<(Option<Q>, Time, Diff)> = Vec::new();
+                let mut pending: Vec<(Left, Time, Diff)> = Vec::new();
                 // Sort keys of the rows that changed, by time and index key.
                 let mut changed: BTreeMap<Time, HashMap<Key, Vec<SortedUpdate>>> = BTreeMap::new();
                 let mut live: HashMap<u64, (Q, Option<Key>, Diff)> = HashMap::new();
@@ -843,10 +979,18 @@ where
                             let Some(b) = span.inner.as_ref() else {
                                 continue;
                             };
+                            // The snapshot replayed at `as_of` is read through the trace;
+                            // only later updates are changes.
+                            if snapshot_only(span.desc.upper().borrow(), as_of) {
+                                continue;
+                            }
                             let mut c = b.cursor();
                             while let Some(key) = c.get_key(b) {
                                 while let Some(val) = c.get_val(b) {
                                     c.map_times(b, |t, d| {
+                                        if *t <= as_of {
+                                            return;
+                                        }
                                         changed
                                             .entry(*t)
                                             .or_default()
@@ -883,7 +1027,7 @@ where
                             })
                             .collect();
                         for t in times {
-                            let mut touched = false;
+                            let mut touched: Vec<(usize, Row)> = Vec::new();
                             let mut dirty: BTreeSet<u64> = BTreeSet::new();
                             // Instances retracted at `t`, kept to retract what they emitted.
                             let mut gone: HashMap<u64, Q> = HashMap::new();
@@ -891,9 +1035,14 @@ where
                                 if *pt != t {
                                     return true;
                                 }
-                                let Some(q) = q else {
-                                    touched = true;
-                                    return false;
+                                let q = match q {
+                                    Left::Param(q) => q,
+                                    Left::Touch(i, row) => {
+                                        if touched.len() <= TOUCH_CHECK_LIMIT {
+                                            touched.push((*i, Arc::clone(row)));
+                                        }
+                                        return false;
+                                    }
                                 };
                                 let e = live
                                     .entry(q.id)
@@ -918,8 +1067,24 @@ where
                                 dirty.insert(q.id);
                                 false
                             });
-                            if touched {
+                            if touched.len() > TOUCH_CHECK_LIMIT {
                                 dirty.extend(live.keys().copied());
+                            } else if !touched.is_empty() {
+                                for (qid, (q, _, _)) in &live {
+                                    if !dirty.contains(qid)
+                                        && touched.iter().any(|(i, row)| {
+                                            touch_matters(
+                                                &plan.level,
+                                                *i,
+                                                row,
+                                                &q.params,
+                                                &mut likes,
+                                            )
+                                        })
+                                    {
+                                        dirty.insert(*qid);
+                                    }
+                                }
                             }
                             // Child rows by (trace, key) as of `t`, shared by the walks below.
                             let mut fetched: HashMap<(usize, Key), Arc<Vec<Row>>> = HashMap::new();
@@ -1040,7 +1205,28 @@ where
                                     let k = plan.limit(q);
                                     cursor.rewind_keys(&storage);
                                     cursor.seek_key(&storage, key);
-                                    if k > 0 && cursor.get_key(&storage) == Some(key) {
+                                    // Rows before a start cursor are skipped without
+                                    // evaluating them: values under a key are in ORDER BY order.
+                                    let bound = plan
+                                        .start
+                                        .and_then(|s| start_bound(&plan.order, &q.params[s]));
+                                    let possible = plan.level.exists.is_empty()
+                                        || satisfiable(
+                                            &plan.level,
+                                            &q.params,
+                                            &mut likes,
+                                            &mut fetch,
+                                        );
+                                    if k > 0 && possible && cursor.get_key(&storage) == Some(key) {
+                                        if let Some((b, _)) = &bound {
+                                            // `seek_val` on a cursor list trips over empty
+                                            // batches, so step: comparing stored sort keys
+                                            // costs no allocation.
+                                            while cursor.get_val(&storage).is_some_and(|v| v.0 < *b)
+                                            {
+                                                cursor.step_val(&storage);
+                                            }
+                                        }
                                         while let Some(val) = cursor.get_val(&storage) {
                                             let mut sum: Diff = 0;
                                             cursor.map_times(&storage, |tm, d| {
@@ -1050,9 +1236,9 @@ where
                                             });
                                             let row = &val.1;
                                             if sum > 0
-                                                && plan.start.is_none_or(|s| {
-                                                    after_start(&plan.order, row, &q.params[s])
-                                                })
+                                                && bound
+                                                    .as_ref()
+                                                    .is_none_or(|(b, excl)| !*excl || val.0 != *b)
                                                 && plan.level.filter.as_ref().is_none_or(|p| {
                                                     eval_probe(
                                                         &plan.level,

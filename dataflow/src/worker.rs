@@ -39,6 +39,8 @@ pub(crate) enum Cmd {
     CreateTemplate { tid: u64, shape: Arc<QueryShape> },
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
+    /// Build the shared indexes a shape reads, ahead of its first query.
+    Prepare { shape: Arc<QueryShape> },
 }
 
 /// The pseudo template id under which workers report the table arrangements' frontier, so
@@ -182,14 +184,9 @@ impl State {
                 self.sealed = version;
                 self.compact();
             }
+            Cmd::Prepare { shape } => self.ensure_indexes(worker, &shape),
             Cmd::CreateTemplate { tid, shape } => {
-                let (by_key, sorted) = needed_indexes(&shape, self.peers);
-                for id in by_key {
-                    self.ensure_index(worker, &id);
-                }
-                for id in sorted {
-                    self.ensure_sorted(worker, &id);
-                }
+                self.ensure_indexes(worker, &shape);
                 let dataflow = worker.next_dataflow_index();
                 let mut input: InputSession<Time, Q, Diff> = InputSession::new();
                 let sealed = self.sealed;
@@ -266,6 +263,16 @@ impl State {
                 None => self.sealed,
             };
             tr.set_physical_compaction(AntichainRef::new(&[physical]));
+        }
+    }
+
+    fn ensure_indexes(&mut self, worker: &mut Worker, shape: &QueryShape) {
+        let (by_key, sorted) = needed_indexes(shape, self.peers);
+        for id in by_key {
+            self.ensure_index(worker, &id);
+        }
+        for id in sorted {
+            self.ensure_sorted(worker, &id);
         }
     }
 
