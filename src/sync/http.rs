@@ -242,6 +242,9 @@ async fn connection(
     pusher.set_auth(pusher.auth.clone());
     if let Some(init) = params.init_connection {
         pusher.init(&init);
+        if let Some(d) = &init.deleted {
+            pusher.bulk_cleanup(d);
+        }
         shared.dispatch(
             &group,
             GroupCmd::Message {

@@ -486,6 +486,27 @@ async fn duplicate_and_out_of_order_pushes() {
         "URL \"http://127.0.0.1:9/elsewhere\" is not allowed by the ZERO_MUTATE_URL configuration"
     );
     assert_eq!(api.attempts_for("never"), 0);
+    // Deleting other clients of the group deletes their mutation results (bulk cleanup).
+    c.send(json!(["deleteClients", {"clientIDs": ["old1", "old2"]}]))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let bulk = api.requests().into_iter().find(|r| {
+            r["body"]["mutations"][0]["name"] == "_zero_cleanupResults"
+                && r["body"]["mutations"][0]["args"][0]["type"] == "bulk"
+        });
+        if let Some(b) = bulk {
+            let args = &b["body"]["mutations"][0]["args"][0];
+            assert_eq!(args["clientGroupID"], "gx", "{b}");
+            assert_eq!(args["clientIDs"], json!(["old1", "old2"]), "{b}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no bulk cleanup");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = c.recv().await;
+    assert_eq!(m[0], "deleteClients", "{m}");
+
     // The same mutation again: already processed, nothing happens, the connection stays.
     c.send(create_push("gx", "x1", 1, "p1-again")).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
