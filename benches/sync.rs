@@ -191,6 +191,22 @@ async fn main() {
     .await
     .expect("permissions");
     wait_watermark_after(port, &before).await;
+    // The engine loads the replica in the background; hydrations are measured after that.
+    let t = Instant::now();
+    loop {
+        let rows = statz(port).await.and_then(|s| s["engine"]["rows"].as_u64());
+        if rows.is_some_and(|n| n > 0) {
+            println!(
+                "(engine loaded {} rows; waited {:.1} s; server RSS {:.0} MB before any client)",
+                rows.unwrap_or_default(),
+                t.elapsed().as_secs_f64(),
+                rss_mb(pid)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "engine did not load");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut child = Command::new(&node)
         .arg(e2e_dir().join("bench.mjs"))

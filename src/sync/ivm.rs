@@ -111,6 +111,8 @@ pub(crate) struct EngineStats {
     pub subscriptions: AtomicUsize,
     /// Dataflows (query shapes) running.
     pub shapes: AtomicUsize,
+    /// Rows loaded in the engine (0 until the replica is loaded).
+    pub rows: AtomicUsize,
 }
 
 /// The handle view-syncers use.
@@ -304,6 +306,12 @@ impl Service {
             self.stats
                 .subscriptions
                 .store(self.subs.len(), Ordering::Relaxed);
+            self.stats.rows.store(
+                self.ready
+                    .as_ref()
+                    .map_or(0, |r| r.rows.values().map(HashMap::len).sum()),
+                Ordering::Relaxed,
+            );
             self.stats.shapes.store(
                 self.ready.as_ref().map_or(0, |r| {
                     r.slots.iter().map(|s| s.engine.template_count()).sum()
