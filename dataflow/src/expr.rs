@@ -136,6 +136,32 @@ pub fn sort_key(order: &[(usize, bool)], row: &[Value]) -> SortKey {
         .collect()
 }
 
+/// `sort_key(order, a).cmp(&sort_key(order, b))` without building the keys.
+pub fn compare_rows(order: &[(usize, bool)], a: &[Value], b: &[Value]) -> Ordering {
+    for &(c, desc) in order {
+        let o = a[c].cmp(&b[c]);
+        let o = if desc { o.reverse() } else { o };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    Ordering::Equal
+}
+
+/// `key.cmp(&sort_key(order, row))` without building the row's key.
+pub fn compare_key_row(key: &[SortPart], order: &[(usize, bool)], row: &[Value]) -> Ordering {
+    for (part, &(c, _)) in key.iter().zip(order) {
+        let o = match part {
+            SortPart::Asc(v) => v.cmp(&row[c]),
+            SortPart::Desc(Reverse(v)) => row[c].cmp(v),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    key.len().cmp(&order.len())
+}
+
 fn part(v: Value, desc: bool) -> SortPart {
     if desc {
         SortPart::Desc(Reverse(v))
@@ -299,6 +325,18 @@ mod tests {
         assert!(!after_start(&order, &r(0.0, Some(5.0)), &start));
         assert!(after_start(&order, &r(1.0, Some(5.0)), &start));
         assert!(!after_start(&order, &r(3.0, Some(7.0)), &start));
+        for a in &rows {
+            for b in &rows {
+                assert_eq!(
+                    compare_rows(&order, a, b),
+                    sort_key(&order, a).cmp(&sort_key(&order, b))
+                );
+                assert_eq!(
+                    compare_key_row(&sort_key(&order, a), &order, b),
+                    sort_key(&order, a).cmp(&sort_key(&order, b))
+                );
+            }
+        }
         let incl = Param::Start {
             key: vec![Value::Number(5.0), Value::Number(0.0)],
             exclusive: false,

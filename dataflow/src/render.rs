@@ -30,7 +30,10 @@ use timely::progress::frontier::AntichainRef;
 use zero_queries::ast::SimpleOp;
 use zero_queries::{Row, Value};
 
-use crate::expr::{LikeCache, SortKey, after_start, eval_pred, sort_key, start_bound};
+use crate::expr::{
+    LikeCache, SortKey, after_start, compare_key_row, compare_rows, eval_pred, sort_key,
+    start_bound,
+};
 use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 
 /// Dataflow time: the engine's version counter.
@@ -906,6 +909,27 @@ fn touch_rows<'s>(arr: Imported<'s>, trace: usize, as_of: Time) -> Coll<'s, Left
         .as_collection()
 }
 
+/// The updates from window `old` to window `new`. Rows are compared by allocation: a row
+/// kept in a window is the same `Arc`, and equal rows in two allocations (a row deleted and
+/// inserted unchanged) give a `-1` and a `+1` that cancel downstream.
+fn window_diff(old: &[Row], new: &[Row]) -> Vec<(Row, Diff)> {
+    let addr = |r: &Row| Arc::as_ptr(r).cast::<Value>() as usize;
+    let olds: std::collections::HashSet<usize> = old.iter().map(addr).collect();
+    let news: std::collections::HashSet<usize> = new.iter().map(addr).collect();
+    let mut out = Vec::new();
+    for r in old {
+        if !news.contains(&addr(r)) {
+            out.push((Arc::clone(r), -1));
+        }
+    }
+    for r in new {
+        if !olds.contains(&addr(r)) {
+            out.push((Arc::clone(r), 1));
+        }
+    }
+    out
+}
+
 /// Whether a batch with this upper holds only updates at or before `as_of` (an import's
 /// replayed snapshot, whose times are advanced to `as_of`).
 fn snapshot_only(upper: AntichainRef<'_, Time>, as_of: Time) -> bool {
@@ -1140,20 +1164,18 @@ where
                                             continue;
                                         };
                                         let limit = plan.limit(q);
-                                        let old = emitted.get(qid).cloned().unwrap_or_default();
+                                        let old: &[Row] =
+                                            emitted.get(qid).map_or(&[], |v| v.as_slice());
                                         let full = limit > 0 && old.len() >= limit;
-                                        let last = if full {
-                                            old.last().map(|r| sort_key(&plan.order, r))
-                                        } else {
-                                            None
-                                        };
-                                        let mut window: Vec<(SortKey, Row)> = old
-                                            .iter()
-                                            .map(|r| (sort_key(&plan.order, r), Arc::clone(r)))
-                                            .collect();
-                                        let mut touched_window = false;
+                                        let last = if full { old.last() } else { None };
+                                        // Changed rows that pass and sort inside the window.
+                                        let mut ins: Vec<Row> = Vec::new();
+                                        let mut dels: Vec<&Row> = Vec::new();
                                         for ((sk, row), d) in &merged {
-                                            if last.as_ref().is_some_and(|l| sk > l) {
+                                            if last.is_some_and(|l| {
+                                                compare_key_row(sk, &plan.order, l)
+                                                    == std::cmp::Ordering::Greater
+                                            }) {
                                                 continue;
                                             }
                                             let passes =
@@ -1172,26 +1194,28 @@ where
                                             if !passes {
                                                 continue;
                                             }
-                                            touched_window = true;
                                             if *d < 0 {
-                                                window.retain(|(ws, wr)| !(ws == sk && wr == row));
+                                                dels.push(row);
                                             } else {
-                                                window.push((sk.clone(), Arc::clone(row)));
+                                                ins.push(Arc::clone(row));
                                             }
                                         }
-                                        if !touched_window {
+                                        if ins.is_empty() && dels.is_empty() {
                                             continue;
                                         }
+                                        let mut window: Vec<Row> = old
+                                            .iter()
+                                            .filter(|r| !dels.contains(r))
+                                            .cloned()
+                                            .collect();
+                                        window.extend(ins);
                                         if full && window.len() < limit {
                                             dirty.insert(*qid);
                                             continue;
                                         }
-                                        window.sort();
+                                        window.sort_by(|a, b| compare_rows(&plan.order, a, b));
                                         window.truncate(limit);
-                                        updated.insert(
-                                            *qid,
-                                            window.into_iter().map(|(_, r)| r).collect(),
-                                        );
+                                        updated.insert(*qid, window);
                                     }
                                 }
                             }
@@ -1265,11 +1289,8 @@ where
                                 let Some(q) = q_out.or_else(|| gone.remove(&qid)) else {
                                     continue;
                                 };
-                                for r in old.iter().filter(|r| !new.contains(r)) {
-                                    session.give(((Arc::clone(&q), Arc::clone(r)), t, -1));
-                                }
-                                for r in new.iter().filter(|r| !old.contains(r)) {
-                                    session.give(((Arc::clone(&q), Arc::clone(r)), t, 1));
+                                for (r, d) in window_diff(&old, &new) {
+                                    session.give(((Arc::clone(&q), r), t, d));
                                 }
                                 if !new.is_empty() {
                                     emitted.insert(qid, new);
@@ -1280,11 +1301,8 @@ where
                                     continue;
                                 };
                                 let old = emitted.remove(&qid).unwrap_or_default();
-                                for r in old.iter().filter(|r| !new.contains(r)) {
-                                    session.give(((Arc::clone(q), Arc::clone(r)), t, -1));
-                                }
-                                for r in new.iter().filter(|r| !old.contains(r)) {
-                                    session.give(((Arc::clone(q), Arc::clone(r)), t, 1));
+                                for (r, d) in window_diff(&old, &new) {
+                                    session.give(((Arc::clone(q), r), t, d));
                                 }
                                 if !new.is_empty() {
                                     emitted.insert(qid, new);
