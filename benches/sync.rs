@@ -386,5 +386,118 @@ async fn main() {
     }
     d.send(json!({"cmd": "exit"})).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), d.child.wait()).await;
+
+    // Many connected clients (protocol-level, each its own group, one shared query): update
+    // latency from the Postgres UPDATE to each client's poke. BENCH_CLIENTS sets how many.
+    let n: usize = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    raw_clients(port, &pgc, n).await;
     let _ = server.kill().await;
+}
+
+async fn raw_clients(port: u16, pgc: &tokio_postgres::Client, n: usize) {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let schema = json!({"tables": {"issue": {"columns": {
+        "id": {"type": "string"}, "title": {"type": "string"}}, "primaryKey": ["id"]}}});
+    let query = json!([{"op": "put", "hash": "one", "ttl": 300000, "ast": {"table": "issue",
+        "where": {"type": "simple", "op": "=", "left": {"type": "column", "name": "id"},
+                  "right": {"type": "literal", "value": "i7"}},
+        "orderBy": [["id", "asc"]]}}]);
+    let init = json!(["initConnection", {"desiredQueriesPatch": query, "clientSchema": schema}]);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let proto = zero_cache::sync::connect::encode_sec_protocol(Some(&init), None);
+        let url = format!(
+            "ws://127.0.0.1:{port}/sync/v51/connect?clientID=c{i}&clientGroupID=raw{i}&userID=anon&baseCookie=&ts=1&lmid=0&wsid=w{i}"
+        );
+        let seen = seen_tx.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = url.into_client_request().expect("request");
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", proto.parse().expect("header"));
+            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else {
+                return false;
+            };
+            loop {
+                tokio::select! {
+                    m = ws.next() => {
+                        let Some(Ok(m)) = m else { return false };
+                        let Ok(text) = m.into_text() else { continue };
+                        let Ok(v) = serde_json::from_str::<Json>(&text) else { continue };
+                        if v[0] == "pokePart" {
+                            for p in v[1]["rowsPatch"].as_array().into_iter().flatten() {
+                                if let Some(title) = p["value"]["title"].as_str() {
+                                    let _ = seen.send((title.to_string(), Instant::now()));
+                                }
+                            }
+                        }
+                    }
+                    _ = stop.changed() => {
+                        let _ = ws.close(None).await;
+                        return true;
+                    }
+                }
+            }
+        }));
+        if i % 100 == 99 {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(seen_tx);
+    // Hydration: every client gets the row once.
+    let mut hydrated = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while hydrated < n {
+        match tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await {
+            Ok(Some(_)) => hydrated += 1,
+            _ => break,
+        }
+    }
+    println!(
+        "({hydrated} of {n} protocol-level clients connected and hydrated in {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let mut lat = Vec::new();
+    for k in 0..10 {
+        let title = format!("many clients {k}");
+        let t0 = Instant::now();
+        pgc.execute("UPDATE issue SET title = $1 WHERE id = 'i7'", &[&title])
+            .await
+            .expect("update");
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got < hydrated {
+            match tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await {
+                Ok(Some((t, at))) if t == title => {
+                    got += 1;
+                    lat.push((at - t0).as_secs_f64() * 1000.0);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    let mut sorted = lat.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    if !sorted.is_empty() {
+        let p99 = sorted[((sorted.len() - 1) as f64 * 0.99).round() as usize];
+        report(
+            &format!("update latency with {hydrated} connected clients"),
+            lat,
+            "ms",
+            "10,000 clients, p99 <= 100 ms",
+        );
+        println!("(p99 {p99:.1} ms)");
+    }
+    stop_tx.send_replace(true);
+    for t in tasks {
+        let _ = t.await;
+    }
 }

@@ -1113,25 +1113,21 @@ impl ViewSyncer {
             self.prepare_custom().await;
             r = self.sync_inner().await;
         }
-        // Engine messages alone never create a CVR (only a connection does).
-        let flushed = if self.cvr.stored {
-            self.store.flush(&mut self.cvr)
-        } else {
-            Ok(())
+        // Pokes first: the CVR write must not hold them up. Yielding lets the other groups on
+        // this worker poke for the same version before any of them writes its CVR.
+        let mut r = match r {
+            Ok(()) if self.conns.values().any(|c| c.initialized) => self.poke_all().await,
+            other => other,
         };
-        let r = match r {
-            Ok(()) => match flushed {
-                Ok(()) => {
-                    if self.conns.values().any(|c| c.initialized) {
-                        self.poke_all().await
-                    } else {
-                        Ok(())
-                    }
-                }
-                Err(e) => Err(e.into()),
-            },
-            Err(e) => Err(e),
-        };
+        if self.cvr.stored {
+            tokio::task::yield_now().await;
+            // Engine messages alone never create a CVR (only a connection does).
+            if let Err(e) = self.store.flush(&mut self.cvr)
+                && r.is_ok()
+            {
+                r = Err(e.into());
+            }
+        }
         self.source.end();
         self.fresh.clear();
         if let Err(e) = r {
