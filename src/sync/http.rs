@@ -298,10 +298,21 @@ async fn write_loop(
                 }
             }
             Outbound::Close(e) => {
+                // Auth rejections close with 3000, like the handshake's (protocol §18).
+                let auth = matches!(
+                    &e,
+                    Some(Downstream::Error(b))
+                        if matches!(b.kind, ErrorKind::Unauthorized | ErrorKind::AuthInvalidated)
+                );
                 if let Some(e) = e {
                     let _ = sink.send(text(&e)).await;
                 }
-                let _ = sink.send(Message::Close(None)).await;
+                let close = if auth {
+                    close_frame(CLOSE_AUTH, "Unauthorized")
+                } else {
+                    Message::Close(None)
+                };
+                let _ = sink.send(close).await;
                 // Give the client a moment to answer the close handshake.
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
                 return;

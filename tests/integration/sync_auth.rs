@@ -90,6 +90,10 @@ async fn expect_unauthorized(c: Connected) {
             let m = c.recv().await;
             assert_eq!(m[0], "error", "{m}");
             assert_eq!(m[1]["kind"], "Unauthorized", "{m}");
+            match c.next_event().await {
+                Event::Close(close) => assert_eq!(close.map(|c| c.0), Some(3000)),
+                Event::Msg(m) => panic!("expected close, got {m}"),
+            }
         }
         Connected::Rejected(None, c) => panic!("closed without error: {c:?}"),
     }
