@@ -12,26 +12,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use zero_cache::demo::{self, Scale};
-use zero_cache::devpg::{DevPgOptions, DevPostgres};
-use zero_cache::initial_sync::SyncOptions;
-use zero_cache::pgconn::UpstreamConfig;
 use zero_cache::replica;
-use zero_cache::replicator::{self, ReplicatorConfig};
-use zero_cache::upstream::Shard;
+use zero_cache::replicator;
 use zero_cache::zql;
 use zero_dataflow::{Engine, EngineConfig, Op, TableChange};
 use zero_queries::ast::Ast;
 use zero_queries::schema::Schema;
 use zero_queries::{Row, Value};
 
-fn report(name: &str, mut xs: Vec<f64>, target: &str) {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let at = |p: f64| xs[(((xs.len() - 1) as f64) * p).round() as usize];
+mod common;
+use common::percentile;
+
+fn report(name: &str, xs: Vec<f64>, target: &str) {
+    let xs = common::sorted(xs);
     println!(
         "{name:<52} median {:>9.3} ms  p95 {:>9.3} ms  (n={:>3})  target: {target}",
-        at(0.5),
-        at(0.95),
+        percentile(&xs, 0.5),
+        percentile(&xs, 0.95),
         xs.len()
     );
 }
@@ -102,7 +99,6 @@ fn update(table: &str, old: Row, new: Row) -> Vec<TableChange> {
 
 #[tokio::main]
 async fn main() {
-    let small = std::env::var("BENCH_SCALE").as_deref() == Ok("small");
     let only = std::env::var("ENGINE_BENCH").ok();
     let wants = |name: &str| {
         only.as_deref()
@@ -113,41 +109,12 @@ async fn main() {
     let run_pages = wants("pages") || wants("rename");
     let run_rename = wants("rename");
     let run_many = wants("many");
-    let scale = if small { Scale::DEV } else { Scale::BENCH };
+    let scale = common::scale_from_env();
     let dir = tempfile::tempdir().expect("temp dir");
-    let pg = DevPostgres::start(
-        &dir.path().join("pg"),
-        &DevPgOptions {
-            port: None,
-            fsync: false,
-            remove_on_drop: true,
-            settings: Vec::new(),
-            hba: None,
-        },
-    )
-    .expect("start postgres");
-    pg.stop_when_process_exits().expect("cleanup hook");
-    println!(
-        "dataset: zbugs-like, {} users, {} issues, {} comments, {} labels, {} issue labels; 1 timely worker; 2-core machine",
-        scale.users, scale.issues, scale.comments, scale.labels, scale.issue_labels
-    );
-    pg.psql("postgres", demo::SCHEMA_SQL).expect("schema");
-    pg.psql("postgres", &demo::data_sql(scale)).expect("data");
+    let pg = common::start_postgres(dir.path(), Vec::new());
+    common::load_zbugs(&pg, scale, "1 timely worker; 2-core machine");
     let replica_file = dir.path().join("zero.db");
-    let cfg = ReplicatorConfig {
-        upstream: UpstreamConfig::parse(&pg.uri("postgres")).expect("uri"),
-        shard: Shard::new("zero", 0, &[]),
-        sync: SyncOptions {
-            replica_file: replica_file.clone(),
-            workers: 5,
-            text_copy: false,
-            failover: false,
-        },
-        auto_reset: true,
-        vacuum_interval_hours: None,
-        lag_report_interval: None,
-        stats: Default::default(),
-    };
+    let cfg = common::replicator_config(&pg.uri("postgres"), &replica_file, 5);
     let state = replicator::ensure_replica(&cfg)
         .await
         .expect("initial sync");
@@ -363,7 +330,7 @@ async fn main() {
             )
         },
     ];
-    let per_shape = if small { 100 } else { 1000 };
+    let per_shape = if common::small() { 100 } else { 1000 };
     let t = Instant::now();
     for (s, make) in shapes.iter().enumerate() {
         let batch: Vec<(String, Ast)> = (0..per_shape)

@@ -10,20 +10,14 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use zero_cache::demo::{self, Scale};
-use zero_cache::devpg::{DevPgOptions, DevPostgres};
-use zero_cache::initial_sync::{SyncOptions, remove_replica_files};
-use zero_cache::pgconn::UpstreamConfig;
-use zero_cache::replicator::{self, ReplicatorConfig};
-use zero_cache::upstream::Shard;
+use zero_cache::initial_sync::remove_replica_files;
+use zero_cache::replicator;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
+mod common;
+use common::percentile;
 
-fn report(name: &str, unit: &str, mut xs: Vec<f64>, reference: &str, target: &str) {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+fn report(name: &str, unit: &str, xs: Vec<f64>, reference: &str, target: &str) {
+    let xs = common::sorted(xs);
     println!(
         "{name:<44} median {:>10.2} {unit:<6} p95 {:>10.2} {unit:<6} (n={:>3})  zero-cache 1.9.0: {reference:<8} target: {target}",
         percentile(&xs, 0.5),
@@ -45,48 +39,18 @@ async fn wait_ready(wm: &mut watch::Receiver<String>) {
 
 #[tokio::main]
 async fn main() {
-    let small = std::env::var("BENCH_SCALE").as_deref() == Ok("small");
-    let scale = if small { Scale::DEV } else { Scale::BENCH };
+    let scale = common::scale_from_env();
     let dir = tempfile::tempdir().expect("temp dir");
-    let pg = DevPostgres::start(
-        &dir.path().join("pg"),
-        &DevPgOptions {
-            port: None,
-            fsync: false,
-            remove_on_drop: true,
-            settings: vec![("max_wal_size".into(), "4GB".into())],
-            hba: None,
-        },
-    )
-    .expect("start postgres");
-    pg.stop_when_process_exits().expect("cleanup hook");
-    println!(
-        "dataset: zbugs-like, {} users, {} issues, {} comments, {} labels, {} issue labels; 2-core machine",
-        scale.users, scale.issues, scale.comments, scale.labels, scale.issue_labels
-    );
+    let pg = common::start_postgres(dir.path(), vec![("max_wal_size".into(), "4GB".into())]);
     let t = Instant::now();
-    pg.psql("postgres", demo::SCHEMA_SQL).expect("schema");
-    pg.psql("postgres", &demo::data_sql(scale)).expect("data");
+    common::load_zbugs(&pg, scale, "2-core machine");
     println!(
         "(dataset generated upstream in {:.1} s)",
         t.elapsed().as_secs_f64()
     );
 
     let replica = dir.path().join("zero.db");
-    let cfg = ReplicatorConfig {
-        upstream: UpstreamConfig::parse(&pg.uri("postgres")).expect("uri"),
-        shard: Shard::new("zero", 0, &[]),
-        sync: SyncOptions {
-            replica_file: replica.clone(),
-            workers: 5,
-            text_copy: false,
-            failover: false,
-        },
-        auto_reset: true,
-        vacuum_interval_hours: None,
-        lag_report_interval: None,
-        stats: Default::default(),
-    };
+    let cfg = common::replicator_config(&pg.uri("postgres"), &replica, 5);
 
     // Initial sync: a fresh replica each run (the previous slot is dropped by the next sync).
     let mut syncs = Vec::new();
@@ -143,7 +107,7 @@ async fn main() {
     }
     let mut throughputs = Vec::new();
     for round in 0..3 {
-        let txns = if small { 20 } else { 200 };
+        let txns = if common::small() { 20 } else { 200 };
         let per = 1000;
         for i in 0..txns {
             let lo = (round * txns + i) * per % scale.comments.max(1) as usize;

