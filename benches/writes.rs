@@ -7,6 +7,7 @@
 //! mutations per second from 50 clients writing at once.
 //!
 //! `cargo bench --bench writes` (needs `npm ci` in tests/e2e, as `scripts/test.sh` does).
+//! `BENCH_API_WORKERS=N` runs the API server as N processes sharing its port (default 1).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -67,6 +68,54 @@ fn times(lines: &[Json]) -> (Vec<f64>, f64, usize) {
     )
 }
 
+/// CPU seconds (user + system) of process `pid` (`"self"` for this one) and, with
+/// `children`, of the children it has waited for; 0 where `/proc` does not have it.
+fn cpu_secs(pid: &str, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name: state is field 3; utime/stime are 14/15, cutime/cstime 16/17.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let idx = if children { [13, 14] } else { [11, 12] };
+    let ticks: u64 = idx
+        .iter()
+        .filter_map(|&i| rest.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of the process tree rooted at `root` (its live descendants included).
+fn tree_cpu_secs(root: u32) -> f64 {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                });
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.iter().map(|p| cpu_secs(&p.to_string(), false)).sum()
+}
+
 #[tokio::main]
 async fn main() {
     assert!(node().exists(), "run `npm ci` in tests/e2e first");
@@ -94,9 +143,14 @@ async fn main() {
     .expect("permissions");
 
     // The API server.
+    let api_workers: usize = std::env::var("BENCH_API_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let mut api = Command::new(node())
         .arg(e2e_dir().join("api-server.mjs"))
         .arg(&uri)
+        .env("API_WORKERS", api_workers.to_string())
         .current_dir(e2e_dir())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -142,7 +196,8 @@ async fn main() {
     let url = format!("http://{addr}");
     println!(
         "dataset: table item (4 columns); custom mutator item.create (one INSERT) through @rocicorp/zero/server \
-         + postgres.js; Postgres local, fsync off; clients materialize no query (confirmation = LMID poke); \
+         + postgres.js (pool of 10 per process); API server processes: {api_workers} (BENCH_API_WORKERS); \
+         Postgres local, fsync off; clients materialize no query (confirmation = LMID poke); \
          1 sync worker; 2-core machine shared with the Node clients and API server"
     );
 
@@ -173,6 +228,16 @@ async fn main() {
     // Throughput: 50 clients, 8 mutations in flight each; three rounds.
     let mut rates = Vec::new();
     let mut lat = Vec::new();
+    let postmaster: Option<u32> = std::fs::read_to_string(pg.dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next()?.trim().parse().ok());
+    let api_pid = api.id().expect("API server running");
+    let cpu0 = (
+        cpu_secs("self", false),
+        tree_cpu_secs(api_pid),
+        postmaster.map_or(0.0, tree_cpu_secs),
+        cpu_secs("self", true),
+    );
     for round in 0..3 {
         let lines = run_node(
             "multi.mjs",
@@ -199,6 +264,15 @@ async fn main() {
         rates[0],
         percentile(&lat, 0.5),
         percentile(&lat, 0.95)
+    );
+    // Where the CPU of those rounds went (the machine has 2 cores): ms per confirmed mutation.
+    let n = (3 * 50 * 60) as f64 / 1000.0;
+    println!(
+        "CPU per confirmed mutation: this server (sync + replicator) {:.2} ms, API server {:.2} ms, Postgres {:.2} ms, Zero clients {:.2} ms",
+        (cpu_secs("self", false) - cpu0.0) / n,
+        (tree_cpu_secs(api_pid) - cpu0.1) / n,
+        (postmaster.map_or(0.0, tree_cpu_secs) - cpu0.2) / n,
+        (cpu_secs("self", true) - cpu0.3) / n,
     );
 
     // The API server alone, driven the same way (50 senders), for comparison.

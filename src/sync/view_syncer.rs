@@ -1295,9 +1295,11 @@ impl ViewSyncer {
                 });
             }
         }
+        // `+"table"` keeps SQLite on the stateVersion key: the (table, rowKey) index would scan
+        // every mutation the change log still holds, on every poke of every group.
         if from.is_some()
             && let Ok(rows) = self.source.query_json(
-                r#"SELECT "rowKey" FROM "_zero.changeLog2" WHERE "table" = ?1 AND op = 'd' AND "stateVersion" > ?2 AND "stateVersion" <= ?3"#,
+                r#"SELECT "rowKey" FROM "_zero.changeLog2" WHERE +"table" = ?1 AND op = 'd' AND "stateVersion" > ?2 AND "stateVersion" <= ?3"#,
                 &[SqlValue::Text(format!("{shard}.mutations")), a, upto],
             )
         {
