@@ -1,9 +1,11 @@
+use std::net::SocketAddr;
+
 use serde_json::json;
 
-use crate::support::test_db;
+use crate::support::{TestDb, test_db};
 use crate::sync_util::{
-    ADMIN_PASSWORD, ConnectOpts, Connected, allow_all, connect, connect_raw, http_get, init,
-    start_server,
+    ADMIN_PASSWORD, Client, ConnectOpts, Connected, Server, allow_all, connect, connect_raw,
+    http_get, init, start_server,
 };
 use zero_cache::sync::connect::encode_sec_protocol;
 
@@ -19,6 +21,28 @@ const ISSUES: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text, open 
 fn all_issues() -> serde_json::Value {
     json!([{"op": "put", "hash": "q1", "ttl": 60000,
             "ast": {"table": "issue", "orderBy": [["id", "asc"]]}}])
+}
+
+/// A test database with the `issue` table and its two rows, and a server over it; `allow`
+/// deploys allow-all read permissions for `issue`.
+async fn issues_server(allow: bool) -> (TestDb, Server) {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    if allow {
+        allow_all(&db, &mut server, &["issue"]).await;
+    }
+    (db, server)
+}
+
+/// Connects `client` of `group` with query `q1` (every issue) and the issue schema.
+async fn connect_issues(addr: SocketAddr, client: &str, group: &str) -> Client {
+    connect(
+        addr,
+        ConnectOpts::new(client, group, init(all_issues(), Some(issue_schema()))),
+    )
+    .await
+    .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,9 +164,7 @@ async fn handshake_errors_close_with_1002_or_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_invalid_message_and_ping_gets_pong() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let server = start_server(&db).await;
+    let (_db, server) = issues_server(false).await;
     let mut c = connect(
         server.addr,
         ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
@@ -196,16 +218,8 @@ async fn bad_messages_get_invalid_message_and_ping_gets_pong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hydration_then_one_poke_per_commit() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (db, server) = issues_server(true).await;
+    let mut c = connect_issues(server.addr, "c1", "g1").await;
     let config = c.poke().await;
     assert_eq!(config.base(), json!(null));
     assert_eq!(config.cookie(), "00:01");
@@ -275,15 +289,8 @@ async fn hydration_then_one_poke_per_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_queries_without_permissions_sync_no_rows() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let server = start_server(&db).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (db, server) = issues_server(false).await;
+    let mut c = connect_issues(server.addr, "c1", "g1").await;
     c.poke().await;
     let p = c.poke().await;
     assert_eq!(
@@ -304,16 +311,8 @@ async fn legacy_queries_without_permissions_sync_no_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_catches_up_from_the_cookie_and_bad_cookies_are_rejected() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (db, mut server) = issues_server(true).await;
+    let mut c = connect_issues(server.addr, "c1", "g1").await;
     c.poke().await;
     let cookie = c.poke().await.cookie();
     c.close().await;
@@ -363,9 +362,7 @@ async fn reconnect_catches_up_from_the_cookie_and_bad_cookies_are_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_schema_is_checked_against_the_replica() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let server = start_server(&db).await;
+    let (_db, server) = issues_server(false).await;
     let bad = json!({"tables": {
         "nope": {"columns": {"id": {"type": "string"}}, "primaryKey": ["id"]},
         "issue": {"columns": {"id": {"type": "string"}, "open": {"type": "string"},
@@ -391,24 +388,11 @@ async fn client_schema_is_checked_against_the_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_connection_of_a_client_replaces_the_first_and_lmids_are_poked() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
-    let mut first = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (db, server) = issues_server(true).await;
+    let mut first = connect_issues(server.addr, "c1", "g1").await;
     first.poke().await;
     first.poke().await;
-    let mut second = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let mut second = connect_issues(server.addr, "c1", "g1").await;
     // The first socket is closed by the server.
     loop {
         match first.next_event().await {
@@ -451,16 +435,8 @@ async fn second_connection_of_a_client_replaces_the_first_and_lmids_are_poked() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_group_share_rows_and_see_each_others_desires() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
-    let mut c1 = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (_db, server) = issues_server(true).await;
+    let mut c1 = connect_issues(server.addr, "c1", "g1").await;
     c1.poke().await;
     c1.poke().await;
     let mut c2 = connect(
@@ -555,10 +531,7 @@ async fn wait_engine(addr: std::net::SocketAddr, queries: u64, subscriptions: u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_share_engine_queries_and_removal_or_ttl_expiry_releases_them() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
+    let (db, server) = issues_server(true).await;
     let open_issues = |ttl: u64| {
         json!([{"op": "put", "hash": "open", "ttl": ttl,
                 "ast": {"table": "issue", "where": {"type": "simple", "op": "=",
@@ -640,16 +613,8 @@ async fn groups_share_engine_queries_and_removal_or_ttl_expiry_releases_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_and_schema_change_rebuild_the_engine_without_losing_clients() {
-    let db = test_db().await;
-    db.exec(ISSUES).await;
-    let mut server = start_server(&db).await;
-    allow_all(&db, &mut server, &["issue"]).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(all_issues(), Some(issue_schema()))),
-    )
-    .await
-    .ok();
+    let (db, server) = issues_server(true).await;
+    let mut c = connect_issues(server.addr, "c1", "g1").await;
     let pokes = c.pokes_until(|p| !p.puts().is_empty()).await;
     let cookie = pokes.last().expect("poke").cookie();
 
