@@ -295,14 +295,9 @@ async fn crud_mutations_permissions_and_rate_limit() {
     .await
     .ok();
     c.pokes_until(|p| !p.puts().is_empty()).await;
-    let lmid = |p: &crate::sync_util::Poke| {
-        p.parts
-            .iter()
-            .find_map(|x| x["lastMutationIDChanges"]["k1"].as_i64())
-    };
     let mine_row = json!({"id": "m1", "title": "mine", "n": 1, "owner": "u1"});
     c.send(crud_push("gk", "k1", 1, "insert", mine_row)).await;
-    c.pokes_until(|p| lmid(p) == Some(1)).await;
+    c.pokes_until(|p| p.lmid("k1") == Some(1)).await;
     // Denied: inserting a row owned by someone else, updating it to another owner, deleting
     // another user's row. The LMID advances, nothing is written.
     c.send(crud_push(
@@ -332,7 +327,7 @@ async fn crud_mutations_permissions_and_rate_limit() {
         json!({"id": "m1", "title": "changed", "n": 2, "owner": "u1"}),
     ))
     .await;
-    c.pokes_until(|p| lmid(p) == Some(5)).await;
+    c.pokes_until(|p| p.lmid("k1") == Some(5)).await;
     assert_eq!(
         items(&db).await,
         vec![
@@ -396,12 +391,7 @@ async fn crud_mutations_permissions_and_rate_limit() {
         e[1]["message"].as_str().unwrap().contains("null value"),
         "{e}"
     );
-    let lmid2 = |p: &crate::sync_util::Poke| {
-        p.parts
-            .iter()
-            .find_map(|x| x["lastMutationIDChanges"]["k2"].as_i64())
-    };
-    c.pokes_until(|p| lmid2(p) == Some(1)).await;
+    c.pokes_until(|p| p.lmid("k2") == Some(1)).await;
     c.send(crud_push(
         "gk2",
         "k2",

