@@ -4,16 +4,8 @@
 //   {"complete": <views with a complete result>, "distinct": [<distinct complete results>]}
 // Usage: node many.mjs <server URL> <N>
 // The process runs until it is killed or its stdin closes.
-import {
-  Zero,
-  createSchema,
-  table,
-  string,
-  boolean,
-  number,
-  json,
-  relationships,
-} from '@rocicorp/zero';
+import {Zero} from '@rocicorp/zero';
+import {materializeOpenIssues, schema, stopOnStdinEnd} from './issues.mjs';
 
 const server = process.argv[2];
 const n = Number(process.argv[3] ?? '1');
@@ -21,27 +13,6 @@ if (!server || !(n > 0)) {
   console.error('usage: node many.mjs <server URL> <N>');
   process.exit(2);
 }
-
-const issue = table('issue')
-  .columns({
-    id: string(),
-    title: string(),
-    open: boolean(),
-    n: number().optional(),
-    meta: json().optional(),
-  })
-  .primaryKey('id');
-const comment = table('comment')
-  .columns({id: string(), issueID: string(), body: string()})
-  .primaryKey('id');
-const issueRelationships = relationships(issue, ({many}) => ({
-  comments: many({sourceField: ['id'], destSchema: comment, destField: ['issueID']}),
-}));
-const schema = createSchema({
-  tables: [issue, comment],
-  relationships: [issueRelationships],
-  enableLegacyQueries: true,
-});
 
 const latest = new Array(n).fill(null);
 const clients = [];
@@ -63,11 +34,7 @@ const report = () => {
 
 for (let i = 0; i < n; i++) {
   const z = new Zero({server, schema, userID: `u${i}`, kvStore: 'mem', logLevel: 'error'});
-  const view = z.query.issue
-    .where('open', true)
-    .related('comments', q => q.orderBy('id', 'asc'))
-    .orderBy('id', 'asc')
-    .materialize();
+  const view = materializeOpenIssues(z);
   view.addListener((data, resultType) => {
     latest[i] = {type: resultType, data: JSON.stringify(data)};
     if (!scheduled) {
@@ -83,8 +50,5 @@ const stop = async () => {
     view.destroy();
     await z.close();
   }
-  process.exit(0);
 };
-process.stdin.on('end', stop);
-process.stdin.on('close', stop);
-process.stdin.resume();
+stopOnStdinEnd(stop);

@@ -3,16 +3,8 @@
 //   {"type": "complete" | "unknown", "data": [...]}
 // Usage: node view.mjs <server URL>
 // The process runs until it is killed or its stdin closes.
-import {
-  Zero,
-  createSchema,
-  table,
-  string,
-  boolean,
-  number,
-  json,
-  relationships,
-} from '@rocicorp/zero';
+import {Zero} from '@rocicorp/zero';
+import {materializeOpenIssues, schema, stopOnStdinEnd} from './issues.mjs';
 
 const server = process.argv[2];
 if (!server) {
@@ -20,33 +12,8 @@ if (!server) {
   process.exit(2);
 }
 
-const issue = table('issue')
-  .columns({
-    id: string(),
-    title: string(),
-    open: boolean(),
-    n: number().optional(),
-    meta: json().optional(),
-  })
-  .primaryKey('id');
-const comment = table('comment')
-  .columns({id: string(), issueID: string(), body: string()})
-  .primaryKey('id');
-const issueRelationships = relationships(issue, ({many}) => ({
-  comments: many({sourceField: ['id'], destSchema: comment, destField: ['issueID']}),
-}));
-const schema = createSchema({
-  tables: [issue, comment],
-  relationships: [issueRelationships],
-  enableLegacyQueries: true,
-});
-
 const z = new Zero({server, schema, kvStore: 'mem', logLevel: 'error'});
-const view = z.query.issue
-  .where('open', true)
-  .related('comments', q => q.orderBy('id', 'asc'))
-  .orderBy('id', 'asc')
-  .materialize();
+const view = materializeOpenIssues(z);
 view.addListener((data, resultType) => {
   process.stdout.write(JSON.stringify({type: resultType, data}) + '\n');
 });
@@ -54,8 +21,5 @@ view.addListener((data, resultType) => {
 const stop = async () => {
   view.destroy();
   await z.close();
-  process.exit(0);
 };
-process.stdin.on('end', stop);
-process.stdin.on('close', stop);
-process.stdin.resume();
+stopOnStdinEnd(stop);
