@@ -29,6 +29,7 @@ use zero_queries::sql::{SqlValue, quote_ident, select_statement, to_sql};
 use zero_queries::validate::{StaticParams, bind_static, simplify_condition};
 
 use super::protocol::{ErrorBody, ErrorKind};
+use super::source::{from_rusqlite, to_rusqlite};
 use crate::pgconn::UpstreamConfig;
 
 /// Serialization failures are retried this often.
@@ -113,24 +114,6 @@ fn sql_value(ty: ColumnType, v: &Json) -> SqlValue {
         (_, Json::Null) => SqlValue::Null,
         (ColumnType::Json, v) => SqlValue::Text(v.to_string()),
         (_, v) => to_sql(&Value::from_json(v.clone())),
-    }
-}
-
-fn to_rusqlite(v: &SqlValue) -> rusqlite::types::Value {
-    match v {
-        SqlValue::Null => rusqlite::types::Value::Null,
-        SqlValue::Integer(i) => rusqlite::types::Value::Integer(*i),
-        SqlValue::Real(f) => rusqlite::types::Value::Real(*f),
-        SqlValue::Text(t) => rusqlite::types::Value::Text(t.clone()),
-    }
-}
-
-fn from_rusqlite(v: rusqlite::types::Value) -> SqlValue {
-    match v {
-        rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => SqlValue::Null,
-        rusqlite::types::Value::Integer(i) => SqlValue::Integer(i),
-        rusqlite::types::Value::Real(f) => SqlValue::Real(f),
-        rusqlite::types::Value::Text(t) => SqlValue::Text(t),
     }
 }
 

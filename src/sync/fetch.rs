@@ -408,7 +408,8 @@ pub async fn post_json(
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The error and its sources joined with ": ", for messages that must name the root cause.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

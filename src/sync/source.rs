@@ -16,6 +16,7 @@ use zero_queries::sql::{self, SqlValue, Statement};
 
 use crate::schema::{PublishedSchema, ReplicaTable, ZqlType};
 use crate::sync::cvr::RowId;
+use crate::sync::fetch::error_chain;
 
 /// Column carrying the version of the commit that last wrote a row.
 pub const VERSION_COLUMN: &str = "_0_version";
@@ -229,18 +230,8 @@ impl SqlViewSource {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-fn to_rusqlite(v: &SqlValue) -> rusqlite::types::Value {
+/// A replica SQL value as a SQLite parameter (shared with the CRUD mutations' replica reads).
+pub(crate) fn to_rusqlite(v: &SqlValue) -> rusqlite::types::Value {
     match v {
         SqlValue::Null => rusqlite::types::Value::Null,
         SqlValue::Integer(i) => rusqlite::types::Value::Integer(*i),
@@ -249,7 +240,8 @@ fn to_rusqlite(v: &SqlValue) -> rusqlite::types::Value {
     }
 }
 
-fn from_rusqlite(v: rusqlite::types::Value) -> SqlValue {
+/// A SQLite value read from the replica (blobs are not replicated; they read as null).
+pub(crate) fn from_rusqlite(v: rusqlite::types::Value) -> SqlValue {
     match v {
         rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => SqlValue::Null,
         rusqlite::types::Value::Integer(i) => SqlValue::Integer(i),
