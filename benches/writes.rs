@@ -186,6 +186,10 @@ async fn main() {
         mutate_urls: vec![format!("http://127.0.0.1:{port}/mutate")],
         mutate_api_key: None,
         writes: WriteAuthOptions::default(),
+        cvr_db: None,
+        cvr_max_conns: 4,
+        hydration_stats: false,
+        slow_hydrate_ms: 100.0,
     };
     let server = sync::bind(opts, wm_rx.clone()).await.expect("bind");
     let addr = server.addr;

@@ -128,19 +128,23 @@ pub struct Config {
     #[arg(long, env = "ZERO_PORT", default_value_t = 4848)]
     pub port: u16,
 
-    /// Port of the change streamer (replication manager); default: port + 1.
+    /// Port of the change streamer, served by a replication manager (ZERO_NUM_SYNC_WORKERS=0)
+    /// for view syncers; default: port + 1.
     #[arg(long, env = "ZERO_CHANGE_STREAMER_PORT")]
     pub change_streamer_port: Option<u16>,
 
-    /// URI of the replication manager, for view syncers that do not replicate themselves.
+    /// URI of the replication manager's change streamer (http://host:4849). Set on view syncers:
+    /// they replicate from it instead of from upstream (no replication slot of their own).
     #[arg(long, env = "ZERO_CHANGE_STREAMER_URI")]
     pub change_streamer_uri: Option<String>,
 
-    /// How view syncers find the replication manager: `dedicated` or `discover`.
+    /// How view syncers find the replication manager: `dedicated` (ZERO_CHANGE_STREAMER_URI) or
+    /// `discover` (not supported here: set ZERO_CHANGE_STREAMER_URI).
     #[arg(long, env = "ZERO_CHANGE_STREAMER_MODE", default_value = "dedicated")]
     pub change_streamer_mode: String,
 
-    /// Number of sync workers; 0 runs only the replication manager. Default: cores - 1, at least 1.
+    /// Number of sync workers; 0 runs only the replication manager (replication, change
+    /// streamer, backups; no client sync). Default: cores - 1, at least 1.
     #[arg(long, env = "ZERO_NUM_SYNC_WORKERS")]
     pub num_sync_workers: Option<u32>,
 
@@ -156,11 +160,13 @@ pub struct Config {
     #[arg(long, env = "ZERO_CVR_MAX_CONNS", default_value_t = 30)]
     pub cvr_max_conns: u32,
 
-    /// Postgres database for the change log; default: the upstream database.
+    /// Postgres database for zero-cache's change log. No effect here: the replication manager
+    /// keeps its change log inside the replica file (atomic with each commit) and backs it up
+    /// with ZERO_LITESTREAM_BACKUP_URL.
     #[arg(long, env = "ZERO_CHANGE_DB", hide_env_values = true)]
     pub change_db: Option<String>,
 
-    /// Maximum change database connections.
+    /// Maximum change database connections (no effect: see ZERO_CHANGE_DB).
     #[arg(long, env = "ZERO_CHANGE_MAX_CONNS", default_value_t = 5)]
     pub change_max_conns: u32,
 
@@ -320,11 +326,38 @@ pub struct Config {
     #[arg(long, env = "ZERO_WEBSOCKET_MAX_PAYLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub websocket_max_payload_bytes: usize,
 
-    /// Litestream backup location (e.g. `s3://bucket/path` or `file:///dir`).
+    /// Replica backup location (`s3://bucket/path` or `file:///dir`). The replication manager
+    /// writes snapshots and incremental change segments there; a node without a replica restores
+    /// from it. S3 credentials come from AWS_* variables (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT for S3-compatible stores).
     #[arg(long, env = "ZERO_LITESTREAM_BACKUP_URL")]
     pub litestream_backup_url: Option<String>,
 
-    /// Litestream executable used for backup and restore.
+    /// Minutes between incremental backups (change segments).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_INCREMENTAL_BACKUP_INTERVAL_MINUTES",
+        default_value_t = 15.0
+    )]
+    pub litestream_incremental_backup_interval_minutes: f64,
+
+    /// Hours between full snapshot backups.
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
+        default_value_t = 12.0
+    )]
+    pub litestream_snapshot_backup_interval_hours: f64,
+
+    /// S3-compatible endpoint for the backup (overrides AWS_ENDPOINT).
+    #[arg(long, env = "ZERO_LITESTREAM_ENDPOINT")]
+    pub litestream_endpoint: Option<String>,
+
+    /// Region of the backup bucket (overrides AWS_REGION).
+    #[arg(long, env = "ZERO_LITESTREAM_REGION")]
+    pub litestream_region: Option<String>,
+
+    /// Litestream executable. No effect: backups are built in (no child process).
     #[arg(long, env = "ZERO_LITESTREAM_EXECUTABLE")]
     pub litestream_executable: Option<String>,
 
@@ -351,10 +384,10 @@ pub struct CompatOptions {
     /// Maximum IVM time slice before yielding (ms).
     #[arg(long, env = "ZERO_YIELD_THRESHOLD_MS", default_value_t = 10.0)]
     pub yield_threshold_ms: f64,
-    /// Log row counts of slow hydrations.
+    /// Log every query hydration with its table, row count and time (info level).
     #[arg(long, env = "ZERO_QUERY_HYDRATION_STATS", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub query_hydration_stats: Option<bool>,
-    /// Slow hydration threshold (ms).
+    /// Hydrations at least this slow (ms) are logged as warnings with their row counts.
     #[arg(long, env = "ZERO_LOG_SLOW_HYDRATE_THRESHOLD", default_value_t = 100.0)]
     pub log_slow_hydrate_threshold: f64,
     /// Slow row threshold (ms).
@@ -363,33 +396,104 @@ pub struct CompatOptions {
     /// Keepalive drain timeout (ms).
     #[arg(long, env = "ZERO_KEEPALIVE_TIMEOUT_MS")]
     pub keepalive_timeout_ms: Option<u64>,
-    /// Back pressure limit as a proportion of memory.
+    /// Back pressure limit as a proportion of the heap. No effect: the change streamer reads each
+    /// view syncer's stream from its durable log in bounded batches, so memory does not grow with
+    /// a slow subscriber.
     #[arg(
         long,
         env = "ZERO_CHANGE_STREAMER_BACK_PRESSURE_LIMIT_HEAP_PROPORTION",
         default_value_t = 0.04
     )]
     pub change_streamer_back_pressure_limit_heap_proportion: f64,
-    /// Incremental backup interval (minutes).
+    /// Litestream v0.5 executable (no effect: backups are built in).
+    #[arg(long, env = "ZERO_LITESTREAM_EXECUTABLE_V5")]
+    pub litestream_executable_v5: Option<String>,
+    /// Restore with the v0.5 binary (no effect: backups are built in).
+    #[arg(long, env = "ZERO_LITESTREAM_RESTORE_USING_V5", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub litestream_restore_using_v5: bool,
+    /// Back up with the v0.5 binary (no effect: backups are built in).
+    #[arg(long, env = "ZERO_LITESTREAM_BACKUP_USING_V5", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub litestream_backup_using_v5: bool,
+    /// Litestream config template (no effect: backups are built in).
+    #[arg(long, env = "ZERO_LITESTREAM_CONFIG_PATH")]
+    pub litestream_config_path: Option<String>,
+    /// Litestream VFS extension (no effect).
+    #[arg(long, env = "ZERO_LITESTREAM_VFS_EXTENSION_PATH")]
+    pub litestream_vfs_extension_path: Option<String>,
+    /// Litestream VFS probe interval, ms (no effect).
     #[arg(
         long,
-        env = "ZERO_LITESTREAM_INCREMENTAL_BACKUP_INTERVAL_MINUTES",
-        default_value_t = 15
+        env = "ZERO_LITESTREAM_VFS_PROBE_INTERVAL_MS",
+        default_value_t = 30000
     )]
-    pub litestream_incremental_backup_interval_minutes: u64,
-    /// Snapshot backup interval (hours).
+    pub litestream_vfs_probe_interval_ms: u64,
+    /// Litestream VFS probe timeout, ms (no effect).
     #[arg(
         long,
-        env = "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
-        default_value_t = 12
+        env = "ZERO_LITESTREAM_VFS_PROBE_TIMEOUT_MS",
+        default_value_t = 30000
     )]
-    pub litestream_snapshot_backup_interval_hours: u64,
+    pub litestream_vfs_probe_timeout_ms: u64,
+    /// Litestream VFS log file (no effect).
+    #[arg(long, env = "ZERO_LITESTREAM_VFS_LOG_FILE")]
+    pub litestream_vfs_log_file: Option<String>,
+    /// Litestream log level (no effect: backup logs follow ZERO_LOG_LEVEL).
+    #[arg(long, env = "ZERO_LITESTREAM_LOG_LEVEL", default_value = "warn")]
+    pub litestream_log_level: String,
+    /// Litestream metrics port (no effect: no child process; default port + 2).
+    #[arg(long, env = "ZERO_LITESTREAM_PORT")]
+    pub litestream_port: Option<u16>,
+    /// WAL checkpoint threshold, MB (no effect: SQLite's automatic checkpoints are used).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_CHECKPOINT_THRESHOLD_MB",
+        default_value_t = 40.0
+    )]
+    pub litestream_checkpoint_threshold_mb: f64,
+    /// Minimum checkpoint page count (no effect).
+    #[arg(long, env = "ZERO_LITESTREAM_MIN_CHECKPOINT_PAGE_COUNT")]
+    pub litestream_min_checkpoint_page_count: Option<u64>,
+    /// Maximum checkpoint page count (no effect).
+    #[arg(long, env = "ZERO_LITESTREAM_MAX_CHECKPOINT_PAGE_COUNT")]
+    pub litestream_max_checkpoint_page_count: Option<u64>,
+    /// Restore parallelism (no effect: one download stream).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_RESTORE_PARALLELISM",
+        default_value_t = 48
+    )]
+    pub litestream_restore_parallelism: u32,
+    /// Multipart upload concurrency (no effect).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_MULTIPART_CONCURRENCY",
+        default_value_t = 48
+    )]
+    pub litestream_multipart_concurrency: u32,
+    /// Multipart upload part size (no effect).
+    #[arg(
+        long,
+        env = "ZERO_LITESTREAM_MULTIPART_SIZE",
+        default_value_t = 16777216
+    )]
+    pub litestream_multipart_size: u64,
     /// Server version reported to clients and logs.
     #[arg(long, env = "ZERO_SERVER_VERSION")]
     pub server_version: Option<String>,
     /// Start on the first request.
     #[arg(long, env = "ZERO_LAZY_STARTUP", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
     pub lazy_startup: bool,
+}
+
+/// The deployment role of a process (see the production guide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Replication and client sync in one process (the default).
+    SingleNode,
+    /// `ZERO_NUM_SYNC_WORKERS=0`: replication, change streamer and backups; no client sync.
+    ReplicationManager,
+    /// `ZERO_CHANGE_STREAMER_URI` set: replica from the replication manager, client sync.
+    ViewSyncer,
 }
 
 /// A configuration that cannot be used, with the option at fault.
@@ -467,6 +571,56 @@ impl Config {
                 });
             }
         }
+        if self.change_streamer_uri.is_some() && self.num_sync_workers == Some(0) {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_NUM_SYNC_WORKERS",
+                reason: "0 makes this node a replication manager, but ZERO_CHANGE_STREAMER_URI makes it a view syncer; set only one".into(),
+            });
+        }
+        if let Some(u) = &self.change_streamer_uri
+            && !(u.starts_with("http://") || u.starts_with("ws://"))
+        {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_CHANGE_STREAMER_URI",
+                reason: format!(
+                    "{u:?} must be an http:// URL of the replication manager (e.g. http://replication-manager:4849)"
+                ),
+            });
+        }
+        if self.change_streamer_mode != "dedicated" && self.change_streamer_mode != "discover" {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_CHANGE_STREAMER_MODE",
+                reason: format!(
+                    "{:?} must be dedicated or discover",
+                    self.change_streamer_mode
+                ),
+            });
+        }
+        if let Some(u) = &self.litestream_backup_url
+            && !(u.starts_with("s3://") || u.starts_with("file://"))
+        {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_LITESTREAM_BACKUP_URL",
+                reason: format!("{u:?} must be an s3:// or file:// URL"),
+            });
+        }
+        for (env, v) in [
+            (
+                "ZERO_LITESTREAM_INCREMENTAL_BACKUP_INTERVAL_MINUTES",
+                self.litestream_incremental_backup_interval_minutes,
+            ),
+            (
+                "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
+                self.litestream_snapshot_backup_interval_hours,
+            ),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(ConfigError::Invalid {
+                    env,
+                    reason: format!("{v} must be a positive number"),
+                });
+            }
+        }
         if self.initial_sync_table_copy_workers == 0 {
             return Err(ConfigError::Invalid {
                 env: "ZERO_INITIAL_SYNC_TABLE_COPY_WORKERS",
@@ -481,6 +635,39 @@ impl Config {
         self.upstream_db
             .as_deref()
             .expect("validate() checked that ZERO_UPSTREAM_DB is set")
+    }
+
+    /// What this process runs.
+    pub fn role(&self) -> Role {
+        if self.change_streamer_uri.is_some() {
+            Role::ViewSyncer
+        } else if self.num_sync_workers == Some(0) {
+            Role::ReplicationManager
+        } else {
+            Role::SingleNode
+        }
+    }
+
+    /// Port of the change streamer (`ZERO_CHANGE_STREAMER_PORT`, default `ZERO_PORT + 1`).
+    pub fn change_streamer_port(&self) -> u16 {
+        self.change_streamer_port
+            .unwrap_or_else(|| self.port.wrapping_add(1))
+    }
+
+    /// Backup settings, when `ZERO_LITESTREAM_BACKUP_URL` is set.
+    pub fn backup(&self) -> Option<crate::backup::BackupConfig> {
+        let url = self.litestream_backup_url.clone()?;
+        Some(crate::backup::BackupConfig {
+            url,
+            incremental_interval: std::time::Duration::from_secs_f64(
+                self.litestream_incremental_backup_interval_minutes * 60.0,
+            ),
+            snapshot_interval: std::time::Duration::from_secs_f64(
+                self.litestream_snapshot_backup_interval_hours * 3600.0,
+            ),
+            endpoint: self.litestream_endpoint.clone(),
+            region: self.litestream_region.clone(),
+        })
     }
 
     /// The shard identity derived from app id and shard number.

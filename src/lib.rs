@@ -11,6 +11,10 @@
 //! - [`replication`]: decoding pgoutput and applying the stream to the replica.
 //! - [`replica`]: the SQLite replica's layout and its transactional applier.
 //! - [`replicator`]: the replication manager tying these together.
+//! - [`changelog`]: the replication manager's log of committed transactions (in the replica).
+//! - [`change_streamer`]: the replication manager's service for view syncers (port 4849).
+//! - [`subscriber`]: the view-syncer role's replica, fed by the change streamer.
+//! - [`backup`]: replica snapshots and change segments in an object store; restore.
 //! - [`sync`]: the sync server (HTTP/WebSocket, protocol, CVRs, pokes).
 //! - [`server`]: the process supervisor (`server::run`).
 //! - [`demo`]: the zbugs-like demo and benchmark dataset.
@@ -18,6 +22,9 @@
 //! - [`version`]: LSNs and lexi-encoded versions.
 //! - [`zql`]: the replica as a ZQL schema and rows of ZQL values.
 
+pub mod backup;
+pub mod change_streamer;
+pub mod changelog;
 pub mod config;
 pub mod demo;
 pub mod devpg;
@@ -30,6 +37,7 @@ pub mod replication;
 pub mod replicator;
 pub mod schema;
 pub mod server;
+pub mod subscriber;
 pub mod sync;
 pub mod upstream;
 pub mod version;

@@ -348,12 +348,19 @@ pub struct Applier {
     /// Position of the next change-log entry in the open transaction.
     pos: i64,
     watermark: String,
+    /// The open transaction's calls, when the replica keeps a change log (`changelog`).
+    log: Option<Vec<crate::changelog::Change>>,
+    logging: bool,
 }
 
 impl Applier {
-    /// Takes over an open replica connection whose state was read as `state`.
+    /// Takes over an open replica connection whose state was read as `state`. Transactions
+    /// are also appended to the replica's change log if it has one (`changelog::enable`).
     pub fn new(conn: Connection, state: &ReplicaState) -> Applier {
+        let logging = crate::changelog::enabled(&conn).unwrap_or(false);
         let mut a = Applier {
+            log: None,
+            logging,
             conn,
             tables: BTreeMap::new(),
             by_oid: HashMap::new(),
@@ -401,6 +408,7 @@ impl Applier {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         self.open = Some(version);
         self.pos = 0;
+        self.log = self.logging.then(Vec::new);
         Ok(())
     }
 
@@ -461,6 +469,12 @@ impl Applier {
             .prepare_cached(&sql)?
             .execute(rusqlite::params_from_iter(values))?;
         let name = t.name.clone();
+        if let Some(log) = &mut self.log {
+            log.push(crate::changelog::Change::Upsert {
+                table: name.clone(),
+                row: crate::changelog::wire_row(row),
+            });
+        }
         self.log(&name, &key, "s")
     }
 
@@ -496,6 +510,12 @@ impl Applier {
             .prepare_cached(&sql)?
             .execute(rusqlite::params_from_iter(vals))?;
         let name = t.name.clone();
+        if let Some(log) = &mut self.log {
+            log.push(crate::changelog::Change::Delete {
+                table: name.clone(),
+                old: crate::changelog::wire_row(old),
+            });
+        }
         self.log(&name, &key, "d")
     }
 
@@ -512,6 +532,11 @@ impl Applier {
 
     /// Removes every row of a table.
     pub fn truncate(&mut self, table: &str) -> Result<(), ReplicaError> {
+        if let Some(log) = &mut self.log {
+            log.push(crate::changelog::Change::Truncate {
+                table: table.to_string(),
+            });
+        }
         self.conn
             .execute_batch(&format!("DELETE FROM {}", quote_ident(table)))?;
         self.conn.execute(
@@ -542,6 +567,9 @@ impl Applier {
                 r#"UPDATE "_zero.replicationState" SET "stateVersion" = ?1, "writeTimeMs" = ?2"#,
             )?
             .execute(params![version, now_ms()])?;
+        if let Some(log) = self.log.take() {
+            crate::changelog::append(&self.conn, &version, &log)?;
+        }
         self.conn.execute_batch("COMMIT")?;
         self.watermark = version.clone();
         Ok(version)
@@ -549,6 +577,7 @@ impl Applier {
 
     /// Abandons the open transaction (the connection to upstream broke mid-transaction).
     pub fn rollback(&mut self) -> Result<(), ReplicaError> {
+        self.log = None;
         if self.open.take().is_some() {
             self.conn.execute_batch("ROLLBACK")?;
             // Cached statements may describe tables whose DDL was rolled back.
@@ -566,6 +595,11 @@ impl Applier {
     pub fn apply_schema(&mut self, new: PublishedSchema) -> Result<bool, ReplicaError> {
         if new == self.schema {
             return Ok(false);
+        }
+        if let Some(log) = &mut self.log {
+            log.push(crate::changelog::Change::Schema {
+                schema: Box::new(new.clone()),
+            });
         }
         self.apply_schema_inner(new)?;
         Ok(true)

@@ -32,6 +32,13 @@ pub struct ReplicatorConfig {
     pub lag_report_interval: Option<std::time::Duration>,
     /// Counters the replicator keeps for monitoring.
     pub stats: std::sync::Arc<ReplicationStats>,
+    /// Keep the change log in the replica for view syncers and backups (replication manager).
+    pub change_log: bool,
+    /// Restore a missing replica from this backup before falling back to initial sync.
+    pub backup: Option<crate::backup::BackupConfig>,
+    /// When set, the slot is acknowledged no further than this watermark (the newest one the
+    /// backup holds), so that a restored replica can always continue from the slot.
+    pub ack_limit: Option<watch::Receiver<String>>,
 }
 
 /// Replication figures for monitoring (`/statz`, logs, tests).
@@ -73,6 +80,15 @@ pub async fn ensure_replica(cfg: &ReplicatorConfig) -> Result<ReplicaState, Repl
         .await
         .map_err(SyncError::from)?;
     let path = &cfg.sync.replica_file;
+    if let Some(b) = &cfg.backup
+        && existing_state(path)?.is_none()
+    {
+        match crate::backup::restore(b, path).await {
+            Ok(Some(_)) => {}
+            Ok(None) => info!("no backup to restore from; running initial sync"),
+            Err(e) => warn!(error = %e, "restoring from the backup failed; running initial sync"),
+        }
+    }
     if let Some(state) = existing_state(path)? {
         match invalid_reason(&client, cfg, &state)
             .await
@@ -175,6 +191,12 @@ pub async fn run(
         let thread_shutdown = shutdown.clone();
         let result = tokio::task::spawn_blocking(move || {
             let conn = replica::open(&thread_cfg.sync.replica_file)?;
+            if thread_cfg.change_log {
+                crate::changelog::enable(&conn, &state.watermark)?;
+            } else {
+                // A log that stops being written would have a gap: drop it.
+                crate::changelog::disable(&conn)?;
+            }
             let mut applier = Applier::new(conn, &state);
             let r = stream_changes(
                 &rt,

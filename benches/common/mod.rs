@@ -82,6 +82,9 @@ pub(crate) fn replicator_config(
         vacuum_interval_hours: None,
         lag_report_interval: None,
         stats: Default::default(),
+        change_log: false,
+        backup: None,
+        ack_limit: None,
     }
 }
 

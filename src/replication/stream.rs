@@ -148,7 +148,16 @@ pub fn stream_changes(
         };
         match s.handle(ev, applier, start) {
             Ok(Some(end_lsn)) => {
-                client.update_applied_lsn(end_lsn);
+                match &rcfg.ack_limit {
+                    None => client.update_applied_lsn(end_lsn),
+                    Some(limit) => {
+                        // Only what the backup holds: a restored replica resumes from the slot.
+                        let limit = lexi_decode(limit.borrow().as_str()).unwrap_or(0);
+                        if limit > 0 {
+                            client.update_applied_lsn(WireLsn(limit.min(end_lsn.0)));
+                        }
+                    }
+                }
                 watermarks.send_replace(applier.watermark().to_string());
             }
             Ok(None) => {}

@@ -6,14 +6,11 @@
 //! shutdown and server restarts. Every desire, query and row carries the version at which it
 //! last changed (`patch_version`); removed ones stay as tombstones with that version.
 
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
-
-use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
-use serde_json::Value as Json;
 
 use crate::version::{lexi_decode, lexi_encode};
 
@@ -23,6 +20,9 @@ pub enum CvrError {
     /// SQLite failed.
     #[error("CVR database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Postgres (`ZERO_CVR_DB`) failed.
+    #[error("CVR database: {0}")]
+    Pg(#[from] tokio_postgres::Error),
     /// A stored value could not be read.
     #[error("CVR data: {0}")]
     Data(String),
@@ -132,7 +132,7 @@ pub struct DesireRecord {
     pub deleted: bool,
     /// Time to live after `del`, ms.
     pub ttl_ms: f64,
-    /// Wall-clock ms when it was dropped.
+    /// The group's TTL clock (ms, see `Cvr::ttl_clock`) when it was dropped.
     pub inactivated_at: Option<f64>,
 }
 
@@ -175,6 +175,10 @@ pub struct Cvr {
     pub query_rows: BTreeMap<String, BTreeSet<RowId>>,
     /// Whether the record exists in the store (false for a new group).
     pub stored: bool,
+    /// The group's TTL clock (ms): it runs only while the group has a connection, so queries a
+    /// client dropped do not expire while nobody is connected (protocol §4). Inactivation times
+    /// of desires are on this clock. Starts at the wall clock.
+    pub ttl_clock: f64,
     dirty_rows: BTreeSet<RowId>,
     dirty_queries: BTreeSet<String>,
     dirty_desires: BTreeSet<(String, String)>,
@@ -196,6 +200,7 @@ impl Cvr {
             rows: BTreeMap::new(),
             query_rows: BTreeMap::new(),
             stored: false,
+            ttl_clock: crate::replica::now_ms() as f64,
             dirty_rows: BTreeSet::new(),
             dirty_queries: BTreeSet::new(),
             dirty_desires: BTreeSet::new(),
@@ -370,8 +375,92 @@ impl Cvr {
     pub fn drop_query_rows(&mut self, hash: &str, v: &CvrVersion) -> Vec<RowId> {
         self.set_query_rows(hash, &BTreeMap::new(), v).1
     }
+}
 
-    fn rebuild_index(&mut self) {
+/// The changes of one group's record since its last flush, owned so that a background writer
+/// can store them while the view-syncer goes on poking. Later deltas of the same group
+/// [`merge`](CvrDelta::merge) over earlier ones, so a slow store coalesces instead of queueing.
+#[derive(Debug, Clone, Default)]
+pub struct CvrDelta {
+    /// Client group.
+    pub group: String,
+    /// `version` (cookie) of the record.
+    pub version: String,
+    /// Replica version the rows came from.
+    pub replica_version: Option<String>,
+    /// Replica state version the rows reflect.
+    pub processed: Option<String>,
+    /// Client schema JSON.
+    pub client_schema: Option<String>,
+    /// The group's TTL clock (ms).
+    pub ttl_clock: f64,
+    /// The full client list, when it changed.
+    pub clients: Option<Vec<String>>,
+    /// Query records (JSON) by hash; `None` deletes.
+    pub queries: BTreeMap<String, Option<String>>,
+    /// Desire records (JSON) by (client, hash); `None` deletes.
+    pub desires: BTreeMap<(String, String), Option<String>>,
+    /// Row records; rows are never deleted (a removed row is a tombstone).
+    pub rows: BTreeMap<RowId, RowRecord>,
+}
+
+impl CvrDelta {
+    /// Folds a later delta of the same group into this one.
+    pub fn merge(&mut self, later: CvrDelta) {
+        self.version = later.version;
+        self.replica_version = later.replica_version;
+        self.processed = later.processed;
+        self.client_schema = later.client_schema;
+        self.ttl_clock = later.ttl_clock;
+        if later.clients.is_some() {
+            self.clients = later.clients;
+        }
+        self.queries.extend(later.queries);
+        self.desires.extend(later.desires);
+        self.rows.extend(later.rows);
+    }
+}
+
+impl Cvr {
+    /// Takes the changes since the last call, leaving the record clean (and `stored`).
+    pub fn take_delta(&mut self) -> CvrDelta {
+        let ser = |v: Result<String, serde_json::Error>| v.expect("CVR records serialize");
+        let delta = CvrDelta {
+            group: self.group.clone(),
+            version: self.version.to_string(),
+            replica_version: self.replica_version.clone(),
+            processed: self.processed.clone(),
+            client_schema: self.client_schema.as_ref().map(|s| s.to_string()),
+            ttl_clock: self.ttl_clock,
+            clients: self
+                .dirty_clients
+                .then(|| self.clients.iter().cloned().collect()),
+            queries: std::mem::take(&mut self.dirty_queries)
+                .into_iter()
+                .map(|h| {
+                    let q = self.queries.get(&h).map(|q| ser(serde_json::to_string(q)));
+                    (h, q)
+                })
+                .collect(),
+            desires: std::mem::take(&mut self.dirty_desires)
+                .into_iter()
+                .map(|k| {
+                    let d = self.desires.get(&k).map(|d| ser(serde_json::to_string(d)));
+                    (k, d)
+                })
+                .collect(),
+            rows: std::mem::take(&mut self.dirty_rows)
+                .into_iter()
+                .filter_map(|id| self.rows.get(&id).map(|r| (id, r.clone())))
+                .collect(),
+        };
+        self.dirty_clients = false;
+        self.stored = true;
+        delta
+    }
+
+    /// Rebuilds the derived per-query row index after loading.
+    pub fn rebuild_index(&mut self) {
         self.query_rows.clear();
         for (id, r) in &self.rows {
             for h in r.refs.iter().flatten() {
@@ -381,215 +470,6 @@ impl Cvr {
                     .insert(id.clone());
             }
         }
-    }
-}
-
-/// SQLite storage of all groups' records.
-pub struct CvrStore {
-    conn: Connection,
-}
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS instances (
-  "clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
-  processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER);
-CREATE TABLE IF NOT EXISTS clients (
-  "clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID"));
-CREATE TABLE IF NOT EXISTS queries (
-  "clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
-  PRIMARY KEY ("clientGroupID", "queryHash"));
-CREATE TABLE IF NOT EXISTS desires (
-  "clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
-  PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
-CREATE TABLE IF NOT EXISTS rows (
-  "clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
-  "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
-  PRIMARY KEY ("clientGroupID", "table", "rowKey"));
-"#;
-
-impl CvrStore {
-    /// Opens (creating if needed) the store at `path`.
-    pub fn open(path: &Path) -> Result<CvrStore, CvrError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "wal")?;
-        conn.pragma_update(None, "synchronous", "normal")?;
-        conn.pragma_update(None, "busy_timeout", 30_000)?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(CvrStore { conn })
-    }
-
-    /// Loads a group's record (an empty one if none is stored).
-    pub fn load(&self, group: &str) -> Result<Cvr, CvrError> {
-        let mut cvr = Cvr::new(group);
-        let inst = self
-            .conn
-            .query_row(
-                r#"SELECT version, "replicaVersion", processed, "clientSchema" FROM instances WHERE "clientGroupID" = ?1"#,
-                [group],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((version, rv, processed, schema)) = inst else {
-            return Ok(cvr);
-        };
-        cvr.stored = true;
-        cvr.version = CvrVersion::parse(&version)
-            .ok_or_else(|| CvrError::Data(format!("bad version {version}")))?;
-        cvr.replica_version = rv;
-        cvr.processed = processed;
-        cvr.client_schema = schema
-            .map(|s| serde_json::from_str(&s))
-            .transpose()
-            .map_err(|e| CvrError::Data(e.to_string()))?;
-        let data = |e: serde_json::Error| CvrError::Data(e.to_string());
-        let mut st = self
-            .conn
-            .prepare(r#"SELECT "clientID" FROM clients WHERE "clientGroupID" = ?1"#)?;
-        cvr.clients = st
-            .query_map([group], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let mut st = self
-            .conn
-            .prepare(r#"SELECT "queryHash", data FROM queries WHERE "clientGroupID" = ?1"#)?;
-        for r in st.query_map([group], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })? {
-            let (h, d) = r?;
-            cvr.queries
-                .insert(h, serde_json::from_str(&d).map_err(data)?);
-        }
-        let mut st = self.conn.prepare(
-            r#"SELECT "clientID", "queryHash", data FROM desires WHERE "clientGroupID" = ?1"#,
-        )?;
-        for r in st.query_map([group], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })? {
-            let (c, h, d) = r?;
-            cvr.desires
-                .insert((c, h), serde_json::from_str(&d).map_err(data)?);
-        }
-        let mut st = self.conn.prepare(
-            r#"SELECT "table", "rowKey", "rowVersion", "patchVersion", "refCounts" FROM rows WHERE "clientGroupID" = ?1"#,
-        )?;
-        for r in st.query_map([group], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
-        })? {
-            let (t, k, rv, pv, refs) = r?;
-            cvr.rows.insert(
-                (t, k),
-                RowRecord {
-                    row_version: rv,
-                    patch_version: CvrVersion::parse(&pv)
-                        .ok_or_else(|| CvrError::Data(format!("bad version {pv}")))?,
-                    refs: refs
-                        .map(|s| serde_json::from_str(&s))
-                        .transpose()
-                        .map_err(data)?,
-                },
-            );
-        }
-        cvr.rebuild_index();
-        Ok(cvr)
-    }
-
-    /// Writes the record's changes in one transaction.
-    pub fn flush(&mut self, cvr: &mut Cvr) -> Result<(), CvrError> {
-        let tx = self.conn.transaction()?;
-        let g = cvr.group.as_str();
-        tx.execute(
-            r#"INSERT OR REPLACE INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive")
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
-            params![
-                g,
-                cvr.version.to_string(),
-                cvr.replica_version,
-                cvr.processed,
-                cvr.client_schema.as_ref().map(|s| s.to_string()),
-                crate::replica::now_ms()
-            ],
-        )?;
-        if cvr.dirty_clients {
-            tx.execute(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#, [g])?;
-            for c in &cvr.clients {
-                tx.execute(
-                    r#"INSERT INTO clients ("clientGroupID", "clientID") VALUES (?1, ?2)"#,
-                    [g, c],
-                )?;
-            }
-        }
-        let ser = |e: serde_json::Error| CvrError::Data(e.to_string());
-        for h in &cvr.dirty_queries {
-            match cvr.queries.get(h) {
-                Some(q) => tx.execute(
-                    r#"INSERT OR REPLACE INTO queries ("clientGroupID", "queryHash", data) VALUES (?1, ?2, ?3)"#,
-                    params![g, h, serde_json::to_string(q).map_err(ser)?],
-                )?,
-                None => tx.execute(
-                    r#"DELETE FROM queries WHERE "clientGroupID" = ?1 AND "queryHash" = ?2"#,
-                    params![g, h],
-                )?,
-            };
-        }
-        for (c, h) in &cvr.dirty_desires {
-            match cvr.desires.get(&(c.clone(), h.clone())) {
-                Some(d) => tx.execute(
-                    r#"INSERT OR REPLACE INTO desires ("clientGroupID", "clientID", "queryHash", data) VALUES (?1, ?2, ?3, ?4)"#,
-                    params![g, c, h, serde_json::to_string(d).map_err(ser)?],
-                )?,
-                None => tx.execute(
-                    r#"DELETE FROM desires WHERE "clientGroupID" = ?1 AND "clientID" = ?2 AND "queryHash" = ?3"#,
-                    params![g, c, h],
-                )?,
-            };
-        }
-        {
-            let mut put = tx.prepare(
-                r#"INSERT OR REPLACE INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
-            )?;
-            for id in &cvr.dirty_rows {
-                if let Some(r) = cvr.rows.get(id) {
-                    let refs = r
-                        .refs
-                        .as_ref()
-                        .map(serde_json::to_string)
-                        .transpose()
-                        .map_err(ser)?;
-                    put.execute(params![
-                        g,
-                        id.0,
-                        id.1,
-                        r.row_version,
-                        r.patch_version.to_string(),
-                        refs
-                    ])?;
-                }
-            }
-        }
-        tx.commit()?;
-        cvr.stored = true;
-        cvr.dirty_rows.clear();
-        cvr.dirty_queries.clear();
-        cvr.dirty_desires.clear();
-        cvr.dirty_clients = false;
-        Ok(())
     }
 }
 
@@ -610,11 +490,8 @@ mod tests {
     }
 
     #[test]
-    fn refcounts_tombstones_and_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = CvrStore::open(&dir.path().join("cvr.db")).unwrap();
-        let mut cvr = store.load("g").unwrap();
-        assert!(!cvr.stored);
+    fn refcounts_tombstones_and_deltas() {
+        let mut cvr = Cvr::new("g");
         let v1 = CvrVersion::parse("01").unwrap();
         let a: RowId = ("t".into(), r#"{"id":1}"#.into());
         let b: RowId = ("t".into(), r#"{"id":2}"#.into());
@@ -623,16 +500,21 @@ mod tests {
         assert_eq!((puts.len(), dels.len()), (2, 0));
         let (puts, _) = cvr.set_query_rows("q2", &BTreeMap::from([(a.clone(), "01".into())]), &v1);
         assert!(puts.is_empty(), "same version: nothing to send");
+        cvr.add_client("c1");
+        let mut d = cvr.take_delta();
+        assert_eq!(d.rows.len(), 2);
+        assert_eq!(d.clients, Some(vec!["c1".to_string()]));
         let v2 = CvrVersion::parse("02").unwrap();
         let dels = cvr.drop_query_rows("q1", &v2);
         assert_eq!(dels, vec![b.clone()], "a is still held by q2");
         assert!(cvr.rows[&b].refs.is_none());
-        cvr.add_client("c1");
-        store.flush(&mut cvr).unwrap();
-        let back = store.load("g").unwrap();
-        assert!(back.stored);
-        assert_eq!(back.rows, cvr.rows);
-        assert_eq!(back.query_rows, cvr.query_rows);
-        assert_eq!(back.clients, cvr.clients);
+        cvr.version = v2;
+        let later = cvr.take_delta();
+        assert_eq!(later.clients, None, "clients unchanged");
+        d.merge(later);
+        assert_eq!(d.version, "02");
+        assert_eq!(d.clients, Some(vec!["c1".to_string()]));
+        assert!(d.rows[&b].refs.is_none(), "the later record wins");
+        assert!(cvr.take_delta().rows.is_empty(), "nothing left to flush");
     }
 }

@@ -7,7 +7,8 @@
 //! - [`connect`]: parsing of the connect URL and the `Sec-WebSocket-Protocol` header.
 //! - [`protocol`]: the wire types of every upstream and downstream message.
 //! - [`view_syncer`]: one actor per client group: CVR updates, hydration, advancement, pokes.
-//! - [`cvr`]: the client view record and its SQLite store.
+//! - [`cvr`]: the client view record; [`cvr_store`]: its SQLite or Postgres store, written in
+//!   the background.
 //! - `ivm`: the process's incremental view engine (`zero-dataflow`), shared by every group:
 //!   it tails the replica's change log and sends each group its queries' row patches.
 //! - [`source`]: SQL reads of the replica (permissions, LMIDs, mutation results, the client
@@ -28,6 +29,7 @@ pub mod connect;
 pub mod crud;
 pub mod custom;
 pub mod cvr;
+pub mod cvr_store;
 pub mod fetch;
 pub mod http;
 pub(crate) mod ivm;
@@ -59,6 +61,9 @@ pub enum SyncError {
     /// A setting cannot be used.
     #[error("{0}")]
     Config(String),
+    /// The CVR store could not be opened.
+    #[error(transparent)]
+    Cvr(#[from] cvr::CvrError),
 }
 
 /// Settings of the sync server (derived from [`Config`]).
@@ -68,8 +73,12 @@ pub struct SyncOptions {
     pub addr: SocketAddr,
     /// The replica file queries read.
     pub replica_file: PathBuf,
-    /// The SQLite file holding client view records.
+    /// The SQLite file holding client view records (when `cvr_db` is not set).
     pub cvr_file: PathBuf,
+    /// `ZERO_CVR_DB`: Postgres for client view records instead of `cvr_file`.
+    pub cvr_db: Option<String>,
+    /// `ZERO_CVR_MAX_CONNS`.
+    pub cvr_max_conns: u32,
     /// `ZERO_APP_ID`.
     pub app_id: String,
     /// `{app}_{shard}`: where `clients` and `mutations` live.
@@ -92,6 +101,10 @@ pub struct SyncOptions {
     pub mutate_api_key: Option<String>,
     /// Header forwarding, auth and CRUD settings.
     pub writes: WriteAuthOptions,
+    /// `ZERO_QUERY_HYDRATION_STATS`: log every hydration with its row count and time.
+    pub hydration_stats: bool,
+    /// `ZERO_LOG_SLOW_HYDRATE_THRESHOLD` (ms): hydrations at least this slow are logged as warnings.
+    pub slow_hydrate_ms: f64,
 }
 
 /// The settings of API calls beyond URL and key, of auth, and of CRUD mutations.
@@ -161,23 +174,19 @@ impl Default for WriteAuthOptions {
 }
 
 impl SyncOptions {
-    /// Options from the configuration: port `ZERO_PORT` on all interfaces, CVRs next to the
-    /// replica (`<replica>-cvr.db`), workers `ZERO_NUM_SYNC_WORKERS` (default cores − 1, at
+    /// Options from the configuration: port `ZERO_PORT` on all interfaces, CVRs in
+    /// `ZERO_CVR_DB` or next to the replica (`<replica>-cvr.db`), workers `ZERO_NUM_SYNC_WORKERS` (default cores − 1, at
     /// least 1).
     pub fn from_config(config: &Config) -> SyncOptions {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut cvr = config.replica_file.clone().into_os_string();
         cvr.push("-cvr.db");
-        if config.cvr_db.is_some() {
-            tracing::warn!(
-                cvr_file = %PathBuf::from(&cvr).display(),
-                "ZERO_CVR_DB is not supported yet; client view records are kept next to the replica"
-            );
-        }
         SyncOptions {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.port),
             replica_file: config.replica_file.clone(),
             cvr_file: PathBuf::from(cvr),
+            cvr_db: config.cvr_db.clone(),
+            cvr_max_conns: config.cvr_max_conns,
             app_id: config.app_id.clone(),
             shard_schema: config.shard().schema(),
             num_workers: config
@@ -252,6 +261,8 @@ impl SyncOptions {
                     config.per_user_mutation_limit_window_ms,
                 ),
             },
+            hydration_stats: config.compat.query_hydration_stats.unwrap_or(false),
+            slow_hydrate_ms: config.compat.log_slow_hydrate_threshold,
         }
     }
 }
@@ -259,7 +270,7 @@ impl SyncOptions {
 /// State shared by the HTTP handlers and the view-syncers.
 pub(crate) struct SyncShared {
     pub(crate) replica_file: PathBuf,
-    pub(crate) cvr_file: PathBuf,
+    pub(crate) cvr: Arc<cvr_store::CvrStore>,
     pub(crate) app_id: String,
     pub(crate) shard_schema: String,
     pub(crate) watermarks: watch::Receiver<String>,
@@ -279,6 +290,8 @@ pub(crate) struct SyncShared {
     /// `ZERO_AUTH_RETRANSFORM_INTERVAL_SECONDS`.
     pub(crate) retransform_interval: std::time::Duration,
     pub(crate) connections: AtomicUsize,
+    pub(crate) hydration_stats: bool,
+    pub(crate) slow_hydrate_ms: f64,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,
     conn_ids: std::sync::atomic::AtomicU64,
@@ -304,7 +317,7 @@ impl SyncShared {
         let shared = self.clone();
         let group = group.to_string();
         self.workers[worker].spawn(async move {
-            match ViewSyncer::open(&group, shared.clone()) {
+            match ViewSyncer::open(&group, shared.clone()).await {
                 Ok(vs) => vs.run(rx).await,
                 Err(e) => {
                     error!(client_group = %group, error = %e, "view-syncer could not start");
@@ -373,6 +386,12 @@ pub async fn bind(
     watermarks: watch::Receiver<String>,
 ) -> Result<SyncServer, SyncError> {
     let listener = tokio::net::TcpListener::bind(opts.addr).await?;
+    let cvr = cvr_store::CvrStore::open(
+        &opts.cvr_file,
+        opts.cvr_db.as_deref().map(|db| (db, opts.cvr_max_conns)),
+        &opts.shard_schema,
+    )
+    .await?;
     let addr = listener.local_addr()?;
     let mut workers = Vec::new();
     let mut stops = Vec::new();
@@ -479,7 +498,7 @@ pub async fn bind(
     }
     let shared = Arc::new(SyncShared {
         replica_file: opts.replica_file,
-        cvr_file: opts.cvr_file,
+        cvr,
         app_id: opts.app_id,
         shard_schema: opts.shard_schema,
         watermarks,
@@ -494,6 +513,8 @@ pub async fn bind(
         revalidate_interval,
         retransform_interval,
         connections: AtomicUsize::new(0),
+        hydration_stats: opts.hydration_stats,
+        slow_hydrate_ms: opts.slow_hydrate_ms,
         closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),
         registry: Mutex::new(HashMap::new()),
@@ -537,6 +558,19 @@ impl SyncServer {
             let _ = s.send(());
         }
         self.shared.engine.send(ivm::Cmd::Stop);
+        // Clients were poked versions whose records may still be queued: write them before
+        // exiting, so that a restarted server resumes those clients.
+        if !self
+            .shared
+            .cvr
+            .drain(std::time::Duration::from_secs(30))
+            .await
+        {
+            error!(
+                groups = self.shared.cvr.pending(),
+                "client view records not written at shutdown"
+            );
+        }
         Ok(r?)
     }
 }

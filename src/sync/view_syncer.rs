@@ -21,7 +21,7 @@ use zero_queries::sql::SqlValue;
 
 use super::SyncShared;
 use super::auth::{Auth, TokenType, token_type};
-use super::cvr::{Cvr, CvrError, CvrStore, CvrVersion, DesireRecord, QueryRecord, RowId};
+use super::cvr::{Cvr, CvrError, CvrVersion, DesireRecord, QueryRecord, RowId};
 use super::fetch::{CallContext, RequestInfo};
 use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
@@ -135,7 +135,6 @@ impl Conn {
 pub(crate) struct ViewSyncer {
     id: String,
     shared: Arc<SyncShared>,
-    store: CvrStore,
     cvr: Cvr,
     source: Box<dyn ViewSource>,
     conns: HashMap<String, Conn>,
@@ -169,20 +168,16 @@ pub(crate) struct ViewSyncer {
     resync: bool,
     /// The client schema's primary keys where they differ from the replica's.
     client_keys: Arc<BTreeMap<String, Vec<String>>>,
-}
-
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or_default()
+    /// Since when the group has had a connection (its TTL clock runs only then).
+    clock_since: Option<Instant>,
+    /// When each awaited subscription was sent (hydration time, `ZERO_QUERY_HYDRATION_STATS`).
+    hydrating: HashMap<String, Instant>,
 }
 
 impl ViewSyncer {
     /// Loads the group's CVR.
-    pub(crate) fn open(id: &str, shared: Arc<SyncShared>) -> Result<ViewSyncer, CvrError> {
-        let store = CvrStore::open(&shared.cvr_file)?;
-        let cvr = store.load(id)?;
+    pub(crate) async fn open(id: &str, shared: Arc<SyncShared>) -> Result<ViewSyncer, CvrError> {
+        let cvr = shared.cvr.load(id).await?;
         let keys = cvr
             .client_schema
             .as_ref()
@@ -197,7 +192,6 @@ impl ViewSyncer {
         Ok(ViewSyncer {
             id: id.to_string(),
             shared,
-            store,
             cvr,
             source,
             conns: HashMap::new(),
@@ -218,6 +212,8 @@ impl ViewSyncer {
             fetching: false,
             resync: false,
             client_keys: Arc::new(BTreeMap::new()),
+            clock_since: None,
+            hydrating: HashMap::new(),
         })
     }
 
@@ -227,6 +223,7 @@ impl ViewSyncer {
         let mut idle_since: Option<Instant> = Some(Instant::now());
         info!(client_group = %self.id, "view-syncer started");
         loop {
+            self.track_connected();
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -263,10 +260,49 @@ impl ViewSyncer {
                 }
             }
         }
+        self.track_connected();
         self.shared.engine.send(Cmd::Leave {
             group: self.id.clone(),
         });
         info!(client_group = %self.id, "view-syncer stopped");
+    }
+
+    /// Starts or stops the TTL clock as the group gains its first or loses its last
+    /// connection; a stopped clock is stored so that it stays stopped across restarts.
+    fn track_connected(&mut self) {
+        match (!self.conns.is_empty(), self.clock_since.is_some()) {
+            (true, false) => self.clock_since = Some(Instant::now()),
+            (false, true) => {
+                self.fold_clock();
+                self.clock_since = None;
+                if self.cvr.stored {
+                    self.flush();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The group's TTL clock now (ms).
+    fn ttl_now(&self) -> f64 {
+        self.cvr.ttl_clock
+            + self
+                .clock_since
+                .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// Moves the running clock's elapsed time into the record.
+    fn fold_clock(&mut self) {
+        if let Some(t) = self.clock_since {
+            self.cvr.ttl_clock += t.elapsed().as_secs_f64() * 1000.0;
+            self.clock_since = Some(Instant::now());
+        }
+    }
+
+    /// Queues the record's changes (with the TTL clock) for the store; never waits.
+    fn flush(&mut self) {
+        self.fold_clock();
+        self.shared.cvr.flush(&mut self.cvr);
     }
 
     async fn handle(&mut self, cmd: GroupCmd) {
@@ -521,7 +557,7 @@ impl ViewSyncer {
         }
         if changed || !self.cvr.stored {
             self.cvr.version = new_version;
-            self.store.flush(&mut self.cvr)?;
+            self.flush();
         }
         if !deleted.is_empty()
             && let Some(c) = self.conns.get(client_id)
@@ -575,7 +611,7 @@ impl ViewSyncer {
         let new_version = self.cvr.version.next_config();
         if self.apply_patch(client_id, ops, &new_version) {
             self.cvr.version = new_version;
-            self.store.flush(&mut self.cvr)?;
+            self.flush();
             self.poke_all().await?;
         }
         self.prepare_custom().await;
@@ -710,7 +746,7 @@ impl ViewSyncer {
     /// `ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS`: closes connections whose JWT has expired, and
     /// asks the query endpoint (an empty transform) whether opaque tokens are still valid.
     async fn revalidate(&mut self) {
-        let now_s = now_ms() / 1000.0;
+        let now_s = crate::replica::now_ms() as f64 / 1000.0;
         let mut failed: Vec<(String, Downstream)> = Vec::new();
         let mut opaque: Vec<String> = Vec::new();
         for (id, c) in &self.conns {
@@ -767,7 +803,7 @@ impl ViewSyncer {
         }
         if !deleted.is_empty() {
             self.cvr.version = new_version;
-            self.store.flush(&mut self.cvr)?;
+            self.flush();
             self.poke_all().await?;
         }
         if let Some(c) = self.conns.get(client_id) {
@@ -798,12 +834,13 @@ impl ViewSyncer {
 
     fn set_desire_deleted(&mut self, client: &str, hash: &str, v: &CvrVersion) -> bool {
         let key = (client.to_string(), hash.to_string());
+        let now = self.ttl_now();
         match self.cvr.desires.get(&key) {
             Some(d) if !d.deleted => {
                 let mut d = d.clone();
                 d.deleted = true;
                 d.patch_version = v.clone();
-                d.inactivated_at = Some(now_ms());
+                d.inactivated_at = Some(now);
                 self.cvr.put_desire(client, hash, d);
                 true
             }
@@ -886,7 +923,7 @@ impl ViewSyncer {
 
     /// Queries that some client wants, or whose TTL has not yet run out.
     fn wanted(&self) -> BTreeSet<String> {
-        let now = now_ms();
+        let now = self.ttl_now();
         self.cvr
             .desires
             .iter()
@@ -1050,7 +1087,7 @@ impl ViewSyncer {
             if patched {
                 self.cvr.version = new_version;
             }
-            self.store.flush(&mut self.cvr)?;
+            self.flush();
         }
         for (h, ast, th) in to_add {
             self.shared.engine.send(Cmd::Subscribe {
@@ -1060,6 +1097,7 @@ impl ViewSyncer {
                 keys: self.client_keys.clone(),
             });
             self.subscribed.insert(h.clone(), th);
+            self.hydrating.insert(h.clone(), Instant::now());
             self.awaiting.insert(h);
         }
         // Rows of new subscriptions arrive in order with the group's other engine messages.
@@ -1072,7 +1110,7 @@ impl ViewSyncer {
             self.apply_engine_msg(msg)?;
         }
         let engine_ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.store.flush(&mut self.cvr)?;
+        self.flush();
         let flushed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let r = self.poke_all().await;
         if hydrating > 0 {
@@ -1096,6 +1134,7 @@ impl ViewSyncer {
             });
         }
         self.awaiting.remove(hash);
+        self.hydrating.remove(hash);
     }
 
     /// Applies every engine message that is already queued after `first`, then flushes the CVR
@@ -1113,21 +1152,15 @@ impl ViewSyncer {
             self.prepare_custom().await;
             r = self.sync_inner().await;
         }
-        // Pokes first: the CVR write must not hold them up. Yielding lets the other groups on
-        // this worker poke for the same version before any of them writes its CVR.
-        let mut r = match r {
+        // Engine messages alone never create a CVR (only a connection does). The write is
+        // queued, not awaited: the poke's parts go out meanwhile and only its end waits.
+        if self.cvr.stored {
+            self.flush();
+        }
+        let r = match r {
             Ok(()) if self.conns.values().any(|c| c.initialized) => self.poke_all().await,
             other => other,
         };
-        if self.cvr.stored {
-            tokio::task::yield_now().await;
-            // Engine messages alone never create a CVR (only a connection does).
-            if let Err(e) = self.store.flush(&mut self.cvr)
-                && r.is_ok()
-            {
-                r = Err(e.into());
-            }
-        }
         self.source.end();
         self.fresh.clear();
         if let Err(e) = r {
@@ -1174,6 +1207,15 @@ impl ViewSyncer {
             match u {
                 QueryUpdate::Full(rows) => {
                     self.awaiting.remove(&h);
+                    let ms = self
+                        .hydrating
+                        .remove(&h)
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
+                    if ms >= self.shared.slow_hydrate_ms {
+                        warn!(client_group = %self.id, query = %h, rows = rows.len(), hydrate_ms = ms, "slow query hydration");
+                    } else if self.shared.hydration_stats {
+                        info!(client_group = %self.id, query = %h, rows = rows.len(), hydrate_ms = ms, "query hydrated");
+                    }
                     patched |= self.apply_rows(&h, &rows, &new_version);
                     let th = self.subscribed.get(&h).cloned();
                     if let Some(q) = self.cvr.queries.get_mut(&h) {
@@ -1408,7 +1450,7 @@ impl ViewSyncer {
             };
             self.apply_engine_msg(msg)?;
         }
-        self.store.flush(&mut self.cvr)?;
+        self.flush();
         Ok(())
     }
 

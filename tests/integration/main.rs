@@ -51,3 +51,6 @@ mod writes_e2e;
 
 /// JWT auth, pinning, expiry, CRUD mutations with write permissions and rate limits.
 mod sync_auth;
+
+/// Replication manager + view syncers as separate processes; backup and restore.
+mod roles;

@@ -206,3 +206,52 @@ async fn inactive_queries_are_removed_when_their_ttl_expires() {
     c.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ttl_clock_stops_while_the_group_is_disconnected() {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issue"]).await;
+    let puts = json!([
+        {"op": "put", "hash": "short", "ttl": 1500, "ast": {"table": "issue", "orderBy": [["id", "asc"]]}},
+    ]);
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(puts, Some(issue_schema()))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    assert_eq!(c.poke().await.puts().len(), 2);
+    c.send(
+        json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del", "hash": "short"}]}]),
+    )
+    .await;
+    let cookie = c.poke().await.cookie();
+    c.close().await;
+    // Longer than the TTL with nobody connected: the query must not expire meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let mut o = ConnectOpts::new("c1", "g1", init(json!([]), None));
+    o.base_cookie = Some(&cookie);
+    let mut c = connect(server.addr, o).await.ok();
+    let reconnected = std::time::Instant::now();
+    let pokes = c
+        .pokes_until(|p| {
+            p.all("gotQueriesPatch")
+                .contains(&json!({"op": "del", "hash": "short"}))
+        })
+        .await;
+    assert!(
+        reconnected.elapsed() >= std::time::Duration::from_millis(700),
+        "the query expired {:?} after the reconnect, so its TTL ran while disconnected",
+        reconnected.elapsed()
+    );
+    assert_eq!(
+        pokes.last().expect("poke").dels().len(),
+        2,
+        "its rows leave once the TTL has run while connected"
+    );
+    c.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}

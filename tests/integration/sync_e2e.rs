@@ -9,22 +9,22 @@ use tokio::io::BufReader;
 use tokio::process::Child;
 
 use crate::support::test_db;
-use crate::sync_util::{allow_all, spawn_node, start_server};
+use crate::sync_util::{allow_all, spawn_node, start_server, start_server_with};
 
-struct ViewProcess {
+pub(crate) struct ViewProcess {
     child: Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl ViewProcess {
-    fn start(server: &str) -> ViewProcess {
+    pub(crate) fn start(server: &str) -> ViewProcess {
         let (child, lines) = spawn_node("view.mjs", &[server.to_string()]);
         ViewProcess { child, lines }
     }
 
     /// Reads view updates until a complete one equals `expected`; panics with the last view
     /// after 20 s.
-    async fn wait_for(&mut self, expected: &Json) {
+    pub(crate) async fn wait_for(&mut self, expected: &Json) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut last = Json::Null;
         loop {
@@ -42,14 +42,14 @@ impl ViewProcess {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         drop(self.child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         let _ = self.child.kill().await;
     }
 }
 
-fn issue(id: &str, title: &str, n: Option<i64>, meta: Json, comments: Json) -> Json {
+pub(crate) fn issue(id: &str, title: &str, n: Option<i64>, meta: Json, comments: Json) -> Json {
     json!({"id": id, "title": title, "open": true, "n": n, "meta": meta, "comments": comments})
 }
 
@@ -156,14 +156,27 @@ async fn real_client_view_follows_upstream_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_client_catches_up_after_a_server_restart() {
+    restart_scenario(false).await;
+}
+
+/// The same with client view records in Postgres (`ZERO_CVR_DB`): the new server process has
+/// no local CVR file at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_catches_up_after_a_server_restart_with_cvr_in_postgres() {
+    restart_scenario(true).await;
+}
+
+async fn restart_scenario(cvr_in_pg: bool) {
     let db = test_db().await;
+    let cvr_db = cvr_in_pg.then(|| db.uri.clone());
     db.exec(
         "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
          CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
          INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', true, 2, NULL);",
     )
     .await;
-    let mut server = start_server(&db).await;
+    let c = cvr_db.clone();
+    let mut server = start_server_with(&db, |o| o.cvr_db = c).await;
     allow_all(&db, &mut server, &["issue", "comment"]).await;
     let mut view = ViewProcess::start(&format!("http://{}", server.addr));
     view.wait_for(&json!([
@@ -184,9 +197,21 @@ async fn real_client_catches_up_after_a_server_restart() {
         repl.watermarks.wait_for(|w| *w > before),
     )
     .await;
-    let server = crate::sync_util::start_sync_at(&db, repl, addr).await;
+    let cvr_file = crate::sync_util::options(&db).cvr_file;
+    assert_eq!(cvr_file.exists(), !cvr_in_pg, "{}", cvr_file.display());
+    let c = cvr_db.clone();
+    let server = crate::sync_util::start_sync_at_with(&db, repl, addr, |o| o.cvr_db = c).await;
     view.wait_for(&json!([issue("i1", "ONE", Some(1), Json::Null, json!([]))]))
         .await;
+    if cvr_in_pg {
+        let n: i64 = db
+            .client
+            .query_one(r#"SELECT count(*) FROM "zero_0/cvr".instances"#, &[])
+            .await
+            .expect("CVR schema in Postgres")
+            .get(0);
+        assert_eq!(n, 1, "one client group recorded in Postgres");
+    }
     view.stop().await;
     server.stop_sync().await.stop().await.expect("stop");
 }

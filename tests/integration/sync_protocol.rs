@@ -311,7 +311,25 @@ async fn legacy_queries_without_permissions_sync_no_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_catches_up_from_the_cookie_and_bad_cookies_are_rejected() {
-    let (db, mut server) = issues_server(true).await;
+    reconnect_scenario(false).await;
+}
+
+/// The same with client view records in Postgres (`ZERO_CVR_DB`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_catches_up_from_the_cookie_with_cvr_in_postgres() {
+    reconnect_scenario(true).await;
+}
+
+async fn reconnect_scenario(cvr_in_pg: bool) {
+    let db = test_db().await;
+    db.exec(ISSUES).await;
+    let cvr_db = cvr_in_pg.then(|| db.uri.clone());
+    let mut server = crate::sync_util::start_server_with(&db, |o| {
+        o.cvr_db = cvr_db;
+        o.cvr_max_conns = 2;
+    })
+    .await;
+    allow_all(&db, &mut server, &["issue"]).await;
     let mut c = connect_issues(server.addr, "c1", "g1").await;
     c.poke().await;
     let cookie = c.poke().await.cookie();

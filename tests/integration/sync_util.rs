@@ -39,6 +39,8 @@ pub fn options(db: &TestDb) -> SyncOptions {
         addr: "127.0.0.1:0".parse().expect("addr"),
         replica_file: db.replica_file(),
         cvr_file: cvr.into(),
+        cvr_db: None,
+        cvr_max_conns: 4,
         app_id: "zero".into(),
         shard_schema: "zero_0".into(),
         num_workers: 2,
@@ -50,6 +52,8 @@ pub fn options(db: &TestDb) -> SyncOptions {
         mutate_urls: Vec::new(),
         mutate_api_key: None,
         writes: Default::default(),
+        hydration_stats: true,
+        slow_hydrate_ms: 100.0,
     }
 }
 
@@ -68,8 +72,19 @@ pub async fn start_sync(db: &TestDb, repl: Running) -> Server {
 
 /// Starts a sync server on `addr` (e.g. the address of a stopped one, as after a restart).
 pub async fn start_sync_at(db: &TestDb, repl: Running, addr: SocketAddr) -> Server {
+    start_sync_at_with(db, repl, addr, |_| {}).await
+}
+
+/// Starts a sync server on `addr` with custom options.
+pub async fn start_sync_at_with(
+    db: &TestDb,
+    repl: Running,
+    addr: SocketAddr,
+    f: impl FnOnce(&mut SyncOptions),
+) -> Server {
     let mut opts = options(db);
     opts.addr = addr;
+    f(&mut opts);
     let server = sync::bind(opts, repl.watermarks.clone())
         .await
         .expect("bind");

@@ -121,6 +121,9 @@ impl TestDb {
             vacuum_interval_hours: None,
             lag_report_interval: None,
             stats: Default::default(),
+            change_log: false,
+            backup: None,
+            ack_limit: None,
         }
     }
 }

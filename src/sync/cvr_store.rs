@@ -1,0 +1,820 @@
+//! Where client view records are kept: a SQLite file next to the replica (the default) or the
+//! Postgres database of `ZERO_CVR_DB`, behind one [`CvrBackend`] trait.
+//!
+//! View-syncers never wait for the store while poking: [`CvrStore::flush`] takes the record's
+//! changes as a [`CvrDelta`] and hands them to a background writer, one in-order queue per
+//! client group (deltas that pile up while a write is in flight are merged into one). A group's
+//! record is only loaded after its queued changes are written, so a view-syncer that restarts
+//! in the same process sees everything the previous one poked. Shutdown drains the queues
+//! ([`CvrStore::drain`]), so a restarted server resumes every client without a reset.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use super::cvr::{Cvr, CvrDelta, CvrError, CvrVersion, RowRecord};
+use crate::pgconn::UpstreamConfig;
+
+/// A boxed future, so that backends can be trait objects.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Storage of client view records.
+pub trait CvrBackend: Send + Sync + 'static {
+    /// Loads a group's record (an empty, not `stored` one if none exists).
+    fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>>;
+    /// Writes a group's changes atomically.
+    fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>>;
+}
+
+#[derive(Default)]
+struct GroupQueue {
+    next: Option<CvrDelta>,
+}
+
+/// The process's CVR store: a backend plus the background write queues.
+pub struct CvrStore {
+    backend: Arc<dyn CvrBackend>,
+    /// The runtime the writers run on (the server's, not a sync worker's).
+    rt: tokio::runtime::Handle,
+    /// Groups with a writer running, and what it must write next.
+    queues: Mutex<HashMap<String, GroupQueue>>,
+    /// Signalled whenever a group's queue empties.
+    idle: Notify,
+}
+
+impl CvrStore {
+    /// Opens the SQLite store at `file`, or the Postgres store when `pg` is given (schema
+    /// `{shard_schema}/cvr`, at most `max_conns` connections).
+    pub async fn open(
+        file: &Path,
+        pg: Option<(&str, u32)>,
+        shard_schema: &str,
+    ) -> Result<Arc<CvrStore>, CvrError> {
+        let backend: Arc<dyn CvrBackend> = match pg {
+            Some((uri, max)) => {
+                let cfg = UpstreamConfig::parse(uri).map_err(|e| CvrError::Data(e.to_string()))?;
+                let schema = format!("{shard_schema}/cvr");
+                let b = PgBackend::open(cfg, schema.clone(), max.max(1) as usize).await?;
+                info!(schema = %schema, max_conns = max, "client view records in Postgres");
+                Arc::new(b)
+            }
+            None => Arc::new(SqliteBackend::open(file)?),
+        };
+        Ok(Arc::new(CvrStore {
+            backend,
+            rt: tokio::runtime::Handle::current(),
+            queues: Mutex::new(HashMap::new()),
+            idle: Notify::new(),
+        }))
+    }
+
+    /// Loads a group's record once every change queued for it is written.
+    pub async fn load(&self, group: &str) -> Result<Cvr, CvrError> {
+        loop {
+            let idle = self.idle.notified();
+            if !self.queues.lock().expect("cvr queues").contains_key(group) {
+                break;
+            }
+            idle.await;
+        }
+        self.backend.load(group).await
+    }
+
+    /// Queues the record's changes for writing and returns at once.
+    pub fn flush(self: &Arc<Self>, cvr: &mut Cvr) {
+        let delta = cvr.take_delta();
+        let mut queues = self.queues.lock().expect("cvr queues");
+        if let Some(q) = queues.get_mut(&delta.group) {
+            match &mut q.next {
+                Some(next) => next.merge(delta),
+                None => q.next = Some(delta),
+            }
+            return;
+        }
+        let group = delta.group.clone();
+        queues.insert(group.clone(), GroupQueue { next: Some(delta) });
+        drop(queues);
+        let this = self.clone();
+        self.rt.spawn(async move { this.write_queue(group).await });
+    }
+
+    async fn write_queue(self: Arc<Self>, group: String) {
+        loop {
+            let next = {
+                let mut queues = self.queues.lock().expect("cvr queues");
+                let q = queues
+                    .get_mut(&group)
+                    .expect("a running writer has a queue");
+                match q.next.take() {
+                    Some(d) => d,
+                    None => {
+                        queues.remove(&group);
+                        drop(queues);
+                        self.idle.notify_waiters();
+                        return;
+                    }
+                }
+            };
+            let delta = Arc::new(next);
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.backend.write(delta.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        warn!(client_group = %group, error = %e, retry_ms = backoff.as_millis() as u64, "writing the client view record failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            debug!(client_group = %group, rows = delta.rows.len(), "client view record written");
+        }
+    }
+
+    /// Number of groups with unwritten changes.
+    pub fn pending(&self) -> usize {
+        self.queues.lock().expect("cvr queues").len()
+    }
+
+    /// Waits (at most `limit`) until every queued change is written; false on timeout.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.pending() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+fn parse_version(v: &str) -> Result<CvrVersion, CvrError> {
+    CvrVersion::parse(v).ok_or_else(|| CvrError::Data(format!("bad version {v}")))
+}
+
+fn data_err(e: serde_json::Error) -> CvrError {
+    CvrError::Data(e.to_string())
+}
+
+/// The columns of one stored row record.
+fn row_columns(r: &RowRecord) -> (String, Option<String>) {
+    (
+        r.patch_version.to_string(),
+        r.refs
+            .as_ref()
+            .map(|refs| serde_json::to_string(refs).expect("strings serialize")),
+    )
+}
+
+/// Fills a record from stored parts (shared by both backends).
+struct Loader(Cvr);
+
+impl Loader {
+    fn instance(
+        &mut self,
+        version: &str,
+        replica_version: Option<String>,
+        processed: Option<String>,
+        schema: Option<String>,
+        ttl_clock: Option<f64>,
+    ) -> Result<(), CvrError> {
+        let cvr = &mut self.0;
+        cvr.stored = true;
+        if let Some(t) = ttl_clock {
+            cvr.ttl_clock = t;
+        }
+        cvr.version = parse_version(version)?;
+        cvr.replica_version = replica_version;
+        cvr.processed = processed;
+        cvr.client_schema = schema
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(data_err)?;
+        Ok(())
+    }
+
+    fn query(&mut self, hash: String, data: &str) -> Result<(), CvrError> {
+        self.0
+            .queries
+            .insert(hash, serde_json::from_str(data).map_err(data_err)?);
+        Ok(())
+    }
+
+    fn desire(&mut self, client: String, hash: String, data: &str) -> Result<(), CvrError> {
+        self.0.desires.insert(
+            (client, hash),
+            serde_json::from_str(data).map_err(data_err)?,
+        );
+        Ok(())
+    }
+
+    fn row(
+        &mut self,
+        table: String,
+        key: String,
+        row_version: String,
+        patch_version: &str,
+        refs: Option<String>,
+    ) -> Result<(), CvrError> {
+        self.0.rows.insert(
+            (table, key),
+            RowRecord {
+                row_version,
+                patch_version: parse_version(patch_version)?,
+                refs: refs
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err(data_err)?,
+            },
+        );
+        Ok(())
+    }
+
+    fn done(mut self) -> Cvr {
+        self.0.rebuild_index();
+        self.0
+    }
+}
+
+/// Client view records in a SQLite file (`<replica>-cvr.db`).
+pub struct SqliteBackend {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SQLITE_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS instances (
+  "clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
+  processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER, "ttlClock" REAL);
+CREATE TABLE IF NOT EXISTS clients (
+  "clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID"));
+CREATE TABLE IF NOT EXISTS queries (
+  "clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "queryHash"));
+CREATE TABLE IF NOT EXISTS desires (
+  "clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
+CREATE TABLE IF NOT EXISTS rows (
+  "clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
+  "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
+  PRIMARY KEY ("clientGroupID", "table", "rowKey"));
+"#;
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the file.
+    pub fn open(path: &Path) -> Result<SqliteBackend, CvrError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.pragma_update(None, "busy_timeout", 30_000)?;
+        conn.execute_batch(SQLITE_SCHEMA)?;
+        // Files written before the TTL clock existed lack its column.
+        let has_clock: i64 = conn.query_row(
+            r#"SELECT count(*) FROM pragma_table_info('instances') WHERE name = 'ttlClock'"#,
+            [],
+            |r| r.get(0),
+        )?;
+        if has_clock == 0 {
+            conn.execute_batch(r#"ALTER TABLE instances ADD COLUMN "ttlClock" REAL"#)?;
+        }
+        Ok(SqliteBackend {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn load_sync(conn: &Connection, group: &str) -> Result<Cvr, CvrError> {
+        let mut l = Loader(Cvr::new(group));
+        let inst = conn
+            .query_row(
+                r#"SELECT version, "replicaVersion", processed, "clientSchema", "ttlClock" FROM instances WHERE "clientGroupID" = ?1"#,
+                [group],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((version, rv, processed, schema, clock)) = inst else {
+            return Ok(l.done());
+        };
+        l.instance(&version, rv, processed, schema, clock)?;
+        let mut st =
+            conn.prepare(r#"SELECT "clientID" FROM clients WHERE "clientGroupID" = ?1"#)?;
+        l.0.clients = st
+            .query_map([group], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut st =
+            conn.prepare(r#"SELECT "queryHash", data FROM queries WHERE "clientGroupID" = ?1"#)?;
+        for r in st.query_map([group], |r| Ok((r.get(0)?, r.get::<_, String>(1)?)))? {
+            let (h, d) = r?;
+            l.query(h, &d)?;
+        }
+        let mut st = conn.prepare(
+            r#"SELECT "clientID", "queryHash", data FROM desires WHERE "clientGroupID" = ?1"#,
+        )?;
+        for r in st.query_map([group], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?))
+        })? {
+            let (c, h, d) = r?;
+            l.desire(c, h, &d)?;
+        }
+        let mut st = conn.prepare(
+            r#"SELECT "table", "rowKey", "rowVersion", "patchVersion", "refCounts" FROM rows WHERE "clientGroupID" = ?1"#,
+        )?;
+        for r in st.query_map([group], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, String>(3)?,
+                r.get(4)?,
+            ))
+        })? {
+            let (t, k, rv, pv, refs) = r?;
+            l.row(t, k, rv, &pv, refs)?;
+        }
+        Ok(l.done())
+    }
+
+    fn write_sync(conn: &mut Connection, d: &CvrDelta) -> Result<(), CvrError> {
+        let tx = conn.transaction()?;
+        let g = d.group.as_str();
+        tx.execute(
+            r#"INSERT OR REPLACE INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+            params![
+                g,
+                d.version,
+                d.replica_version,
+                d.processed,
+                d.client_schema,
+                crate::replica::now_ms(),
+                d.ttl_clock
+            ],
+        )?;
+        if let Some(clients) = &d.clients {
+            tx.execute(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#, [g])?;
+            for c in clients {
+                tx.execute(
+                    r#"INSERT INTO clients ("clientGroupID", "clientID") VALUES (?1, ?2)"#,
+                    [g, c],
+                )?;
+            }
+        }
+        for (h, q) in &d.queries {
+            match q {
+                Some(q) => tx.execute(
+                    r#"INSERT OR REPLACE INTO queries ("clientGroupID", "queryHash", data) VALUES (?1, ?2, ?3)"#,
+                    params![g, h, q],
+                )?,
+                None => tx.execute(
+                    r#"DELETE FROM queries WHERE "clientGroupID" = ?1 AND "queryHash" = ?2"#,
+                    params![g, h],
+                )?,
+            };
+        }
+        for ((c, h), v) in &d.desires {
+            match v {
+                Some(v) => tx.execute(
+                    r#"INSERT OR REPLACE INTO desires ("clientGroupID", "clientID", "queryHash", data) VALUES (?1, ?2, ?3, ?4)"#,
+                    params![g, c, h, v],
+                )?,
+                None => tx.execute(
+                    r#"DELETE FROM desires WHERE "clientGroupID" = ?1 AND "clientID" = ?2 AND "queryHash" = ?3"#,
+                    params![g, c, h],
+                )?,
+            };
+        }
+        {
+            let mut put = tx.prepare(
+                r#"INSERT OR REPLACE INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+            )?;
+            for ((table, key), r) in &d.rows {
+                let (pv, refs) = row_columns(r);
+                put.execute(params![g, table, key, r.row_version, pv, refs])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl CvrBackend for SqliteBackend {
+    fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>> {
+        let conn = self.conn.clone();
+        let group = group.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                Self::load_sync(&conn.lock().expect("cvr connection"), &group)
+            })
+            .await
+            .map_err(|e| CvrError::Data(format!("CVR load task: {e}")))?
+        })
+    }
+
+    fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                Self::write_sync(&mut conn.lock().expect("cvr connection"), &delta)
+            })
+            .await
+            .map_err(|e| CvrError::Data(format!("CVR write task: {e}")))?
+        })
+    }
+}
+
+/// A small connection pool: at most `max` sessions, opened on demand with `pgconn`'s URI and
+/// TLS handling, reused while healthy.
+struct PgPool {
+    cfg: UpstreamConfig,
+    idle: Mutex<Vec<tokio_postgres::Client>>,
+    permits: Arc<Semaphore>,
+}
+
+struct Pooled<'a> {
+    pool: &'a PgPool,
+    client: Option<tokio_postgres::Client>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+        {
+            self.pool.idle.lock().expect("pool").push(c);
+        }
+    }
+}
+
+impl PgPool {
+    async fn get(&self) -> Result<Pooled<'_>, CvrError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        let reused = {
+            let mut idle = self.idle.lock().expect("pool");
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                if !c.is_closed() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let client = match reused {
+            Some(c) => c,
+            None => self.cfg.connect().await?,
+        };
+        Ok(Pooled {
+            pool: self,
+            client: Some(client),
+            _permit: permit,
+        })
+    }
+}
+
+/// Client view records in Postgres (`ZERO_CVR_DB`), schema `{app}_{shard}/cvr`.
+pub struct PgBackend {
+    pool: PgPool,
+    schema: String,
+}
+
+/// Marks a CVR schema as written by this server; zero-cache's own layout differs.
+const PG_FORMAT: &str = "zero-cache-rs/1";
+
+impl PgBackend {
+    /// Connects and creates the schema if needed. A schema left by another implementation
+    /// (no format marker) is replaced: records are derived state, and clients then resync.
+    pub async fn open(
+        cfg: UpstreamConfig,
+        schema: String,
+        max_conns: usize,
+    ) -> Result<PgBackend, CvrError> {
+        let b = PgBackend {
+            pool: PgPool {
+                cfg,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(max_conns)),
+            },
+            schema,
+        };
+        let mut c = b.pool.get().await?;
+        let tx = c.transaction().await?;
+        // Several view-syncers may start at once against one database.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&b.schema])
+            .await?;
+        let s = b.q("");
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                &[&b.schema],
+            )
+            .await?
+            .is_some();
+        if exists {
+            let ours = tx
+                .query_opt(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'storeFormat'",
+                    &[&b.schema],
+                )
+                .await?
+                .is_some()
+                && tx
+                    .query_opt(
+                        &format!(r#"SELECT 1 FROM {s}"storeFormat" WHERE format = $1"#),
+                        &[&PG_FORMAT],
+                    )
+                    .await?
+                    .is_some();
+            if !ours {
+                warn!(schema = %b.schema, "replacing client view records of another format; their clients will resync");
+                tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", b.ident()))
+                    .await?;
+            }
+        }
+        tx.batch_execute(&format!(
+            r#"CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {s}"storeFormat" (format TEXT PRIMARY KEY);
+INSERT INTO {s}"storeFormat" VALUES ('{PG_FORMAT}') ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS {s}instances (
+  "clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
+  processed TEXT, "clientSchema" TEXT, "lastActive" BIGINT, "ttlClock" DOUBLE PRECISION);
+ALTER TABLE {s}instances ADD COLUMN IF NOT EXISTS "ttlClock" DOUBLE PRECISION;
+CREATE TABLE IF NOT EXISTS {s}clients (
+  "clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID"));
+CREATE TABLE IF NOT EXISTS {s}queries (
+  "clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "queryHash"));
+CREATE TABLE IF NOT EXISTS {s}desires (
+  "clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
+CREATE TABLE IF NOT EXISTS {s}rows (
+  "clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
+  "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
+  PRIMARY KEY ("clientGroupID", "table", "rowKey"));"#,
+            schema = b.ident()
+        ))
+        .await?;
+        tx.commit().await?;
+        drop(c);
+        Ok(b)
+    }
+
+    fn ident(&self) -> String {
+        crate::upstream::quote_ident(&self.schema)
+    }
+
+    /// The schema-qualified prefix for table `t` (empty `t`: just the prefix).
+    fn q(&self, t: &str) -> String {
+        format!("{}.{t}", self.ident())
+    }
+
+    async fn load_pg(&self, group: &str) -> Result<Cvr, CvrError> {
+        let c = self.pool.get().await?;
+        let s = self.q("");
+        let mut l = Loader(Cvr::new(group));
+        let inst = c
+            .query_opt(
+                &format!(r#"SELECT version, "replicaVersion", processed, "clientSchema", "ttlClock" FROM {s}instances WHERE "clientGroupID" = $1"#),
+                &[&group],
+            )
+            .await?;
+        let Some(inst) = inst else {
+            return Ok(l.done());
+        };
+        l.instance(
+            &inst.get::<_, String>(0),
+            inst.get(1),
+            inst.get(2),
+            inst.get(3),
+            inst.get(4),
+        )?;
+        l.0.clients = c
+            .query(
+                &format!(r#"SELECT "clientID" FROM {s}clients WHERE "clientGroupID" = $1"#),
+                &[&group],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for r in c
+            .query(
+                &format!(r#"SELECT "queryHash", data FROM {s}queries WHERE "clientGroupID" = $1"#),
+                &[&group],
+            )
+            .await?
+        {
+            l.query(r.get(0), r.get(1))?;
+        }
+        for r in c
+            .query(
+                &format!(r#"SELECT "clientID", "queryHash", data FROM {s}desires WHERE "clientGroupID" = $1"#),
+                &[&group],
+            )
+            .await?
+        {
+            l.desire(r.get(0), r.get(1), r.get(2))?;
+        }
+        for r in c
+            .query(
+                &format!(r#"SELECT "table", "rowKey", "rowVersion", "patchVersion", "refCounts" FROM {s}rows WHERE "clientGroupID" = $1"#),
+                &[&group],
+            )
+            .await?
+        {
+            l.row(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))?;
+        }
+        Ok(l.done())
+    }
+
+    async fn write_pg(&self, d: &CvrDelta) -> Result<(), CvrError> {
+        let mut c = self.pool.get().await?;
+        let s = self.q("");
+        let tx = c.transaction().await?;
+        let g = d.group.as_str();
+        tx.execute(
+            &format!(
+                r#"INSERT INTO {s}instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
+                     "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
+                     "clientSchema" = excluded."clientSchema", "lastActive" = excluded."lastActive",
+                     "ttlClock" = excluded."ttlClock""#
+            ),
+            &[
+                &g,
+                &d.version,
+                &d.replica_version,
+                &d.processed,
+                &d.client_schema,
+                &crate::replica::now_ms(),
+                &d.ttl_clock,
+            ],
+        )
+        .await?;
+        if let Some(clients) = &d.clients {
+            tx.execute(
+                &format!(r#"DELETE FROM {s}clients WHERE "clientGroupID" = $1"#),
+                &[&g],
+            )
+            .await?;
+            tx.execute(
+                &format!(
+                    r#"INSERT INTO {s}clients ("clientGroupID", "clientID") SELECT $1, unnest($2::text[])"#
+                ),
+                &[&g, clients],
+            )
+            .await?;
+        }
+        let (put_q, del_q): (Vec<_>, Vec<_>) = d.queries.iter().partition(|(_, v)| v.is_some());
+        if !put_q.is_empty() {
+            let hashes: Vec<&str> = put_q.iter().map(|(h, _)| h.as_str()).collect();
+            let data: Vec<&str> = put_q.iter().filter_map(|(_, v)| v.as_deref()).collect();
+            tx.execute(
+                &format!(
+                    r#"INSERT INTO {s}queries ("clientGroupID", "queryHash", data)
+                       SELECT $1, * FROM unnest($2::text[], $3::text[])
+                       ON CONFLICT ("clientGroupID", "queryHash") DO UPDATE SET data = excluded.data"#
+                ),
+                &[&g, &hashes, &data],
+            )
+            .await?;
+        }
+        if !del_q.is_empty() {
+            let hashes: Vec<&str> = del_q.iter().map(|(h, _)| h.as_str()).collect();
+            tx.execute(
+                &format!(
+                    r#"DELETE FROM {s}queries WHERE "clientGroupID" = $1 AND "queryHash" = ANY($2::text[])"#
+                ),
+                &[&g, &hashes],
+            )
+            .await?;
+        }
+        for ((client, hash), v) in &d.desires {
+            match v {
+                Some(v) => tx
+                    .execute(
+                        &format!(
+                            r#"INSERT INTO {s}desires ("clientGroupID", "clientID", "queryHash", data) VALUES ($1, $2, $3, $4)
+                               ON CONFLICT ("clientGroupID", "clientID", "queryHash") DO UPDATE SET data = excluded.data"#
+                        ),
+                        &[&g, client, hash, v],
+                    )
+                    .await?,
+                None => tx
+                    .execute(
+                        &format!(
+                            r#"DELETE FROM {s}desires WHERE "clientGroupID" = $1 AND "clientID" = $2 AND "queryHash" = $3"#
+                        ),
+                        &[&g, client, hash],
+                    )
+                    .await?,
+            };
+        }
+        if !d.rows.is_empty() {
+            let mut tables = Vec::with_capacity(d.rows.len());
+            let mut keys = Vec::with_capacity(d.rows.len());
+            let mut rvs = Vec::with_capacity(d.rows.len());
+            let mut pvs = Vec::with_capacity(d.rows.len());
+            let mut refs = Vec::with_capacity(d.rows.len());
+            for ((t, k), r) in &d.rows {
+                let (pv, rf) = row_columns(r);
+                tables.push(t.as_str());
+                keys.push(k.as_str());
+                rvs.push(r.row_version.as_str());
+                pvs.push(pv);
+                refs.push(rf);
+            }
+            tx.execute(
+                &format!(
+                    r#"INSERT INTO {s}rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
+                       SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                       ON CONFLICT ("clientGroupID", "table", "rowKey") DO UPDATE SET
+                         "rowVersion" = excluded."rowVersion", "patchVersion" = excluded."patchVersion",
+                         "refCounts" = excluded."refCounts""#
+                ),
+                &[&g, &tables, &keys, &rvs, &pvs, &refs],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl CvrBackend for PgBackend {
+    fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>> {
+        Box::pin(self.load_pg(group))
+    }
+
+    fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>> {
+        Box::pin(async move { self.write_pg(&delta).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::sync::cvr::RowId;
+
+    #[tokio::test]
+    async fn sqlite_store_round_trips_and_loads_after_queued_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CvrStore::open(&dir.path().join("cvr.db"), None, "zero_0")
+            .await
+            .unwrap();
+        let mut cvr = store.load("g").await.unwrap();
+        assert!(!cvr.stored);
+        let v1 = CvrVersion::parse("01").unwrap();
+        let a: RowId = ("t".into(), r#"{"id":1}"#.into());
+        cvr.set_query_rows("q1", &BTreeMap::from([(a.clone(), "01".to_string())]), &v1);
+        cvr.add_client("c1");
+        cvr.version = v1;
+        store.flush(&mut cvr);
+        // Loads wait for the queued write of the same group.
+        let back = store.load("g").await.unwrap();
+        assert!(back.stored);
+        assert_eq!(back.rows, cvr.rows);
+        assert_eq!(back.query_rows, cvr.query_rows);
+        assert_eq!(back.clients, cvr.clients);
+        assert_eq!(back.version, cvr.version);
+        assert!(store.drain(Duration::from_secs(5)).await);
+    }
+}
