@@ -688,7 +688,7 @@ async fn record_replica(
 
 /// Drops the shard's other slots that no session holds: they belong to replicas that were
 /// replaced and would otherwise pin WAL forever.
-async fn drop_other_slots(client: &tokio_postgres::Client, shard: &Shard, keep: &str) {
+pub(crate) async fn drop_other_slots(client: &tokio_postgres::Client, shard: &Shard, keep: &str) {
     let res = client
         .query(
             "SELECT slot_name::text, pg_drop_replication_slot(slot_name) FROM pg_replication_slots \

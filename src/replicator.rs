@@ -95,6 +95,8 @@ pub async fn ensure_replica(cfg: &ReplicatorConfig) -> Result<ReplicaState, Repl
             .map_err(SyncError::from)?
         {
             None => {
+                // Slots of replicas replaced while a killed process still held them.
+                initial_sync::drop_other_slots(&client, &cfg.shard, &state.slot).await;
                 if let Some(hours) = cfg.vacuum_interval_hours {
                     replica::vacuum_if_due(path, hours)?;
                 }
