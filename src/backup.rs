@@ -41,6 +41,10 @@ pub struct BackupConfig {
     pub endpoint: Option<String>,
     /// `ZERO_LITESTREAM_REGION` (overrides `AWS_REGION`).
     pub region: Option<String>,
+    /// `ZERO_LITESTREAM_MULTIPART_SIZE`: snapshots larger than this upload in parts of it.
+    pub multipart_size: usize,
+    /// `ZERO_LITESTREAM_MULTIPART_CONCURRENCY`: parts in flight at once.
+    pub multipart_concurrency: usize,
 }
 
 /// Why a backup or restore failed.
@@ -253,7 +257,7 @@ pub async fn run(
     }
     let mut last_snapshot: Option<Instant> = None;
     loop {
-        match backup_once(&cfg, &*store, &prefix, &replica_file, &mut last_snapshot).await {
+        match backup_once(&cfg, &store, &prefix, &replica_file, &mut last_snapshot).await {
             Ok(Some(w)) => {
                 backed_up.send_replace(w);
             }
@@ -269,7 +273,7 @@ pub async fn run(
 
 async fn backup_once(
     cfg: &BackupConfig,
-    store: &dyn ObjectStore,
+    store: &Arc<dyn ObjectStore>,
     prefix: &ObjPath,
     replica_file: &Path,
     last_snapshot: &mut Option<Instant>,
@@ -287,7 +291,7 @@ async fn backup_once(
     })
     .await
     .map_err(|e| BackupError::Data(e.to_string()))??;
-    let all = list(store, prefix).await?;
+    let all = list(&**store, prefix).await?;
     let mine = all.get(&rv);
     let newest = mine.and_then(|l| {
         let snap = l.snapshots.last()?;
@@ -305,7 +309,7 @@ async fn backup_once(
         _ => false,
     };
     if snapshot_due || !log_covers {
-        let w = snapshot(store, prefix, replica_file).await?;
+        let w = snapshot(cfg, store, prefix, replica_file).await?;
         *last_snapshot = Some(Instant::now());
         // Older replica versions and what the new snapshot supersedes are no longer needed.
         for (other, l) in &all {
@@ -377,7 +381,8 @@ async fn backup_once(
 }
 
 async fn snapshot(
-    store: &dyn ObjectStore,
+    cfg: &BackupConfig,
+    store: &Arc<dyn ObjectStore>,
     prefix: &ObjPath,
     replica_file: &Path,
 ) -> Result<String, BackupError> {
@@ -389,21 +394,24 @@ async fn snapshot(
         .await
         .map_err(|e| BackupError::Data(e.to_string()))??;
     let r = async {
-        let bytes = tokio::fs::read(&tmp).await?;
-        let size = bytes.len();
-        store
-            .put(
-                &child(
-                    prefix,
-                    &[
-                        &made.replica_version,
-                        "snapshots",
-                        &format!("{}.db", made.watermark),
-                    ],
-                ),
-                PutPayload::from(bytes),
-            )
-            .await?;
+        // Streamed: large replicas go up as a multipart upload, never whole in memory.
+        let dest = child(
+            prefix,
+            &[
+                &made.replica_version,
+                "snapshots",
+                &format!("{}.db", made.watermark),
+            ],
+        );
+        let mut w = object_store::buffered::BufWriter::with_capacity(
+            store.clone(),
+            dest,
+            cfg.multipart_size.max(5 << 20),
+        )
+        .with_max_concurrency(cfg.multipart_concurrency.max(1));
+        let mut f = tokio::fs::File::open(&tmp).await?;
+        let size = tokio::io::copy(&mut f, &mut w).await?;
+        w.shutdown().await?;
         info!(watermark = %made.watermark, bytes = size, "snapshot backup written");
         Ok::<_, BackupError>(())
     }

@@ -463,14 +463,14 @@ pub struct CompatOptions {
         default_value_t = 48
     )]
     pub litestream_restore_parallelism: u32,
-    /// Multipart upload concurrency (no effect).
+    /// Parts of a snapshot upload in flight at once.
     #[arg(
         long,
         env = "ZERO_LITESTREAM_MULTIPART_CONCURRENCY",
         default_value_t = 48
     )]
     pub litestream_multipart_concurrency: u32,
-    /// Multipart upload part size (no effect).
+    /// Snapshot uploads larger than this many bytes go up in parts of this size (at least 5 MiB).
     #[arg(
         long,
         env = "ZERO_LITESTREAM_MULTIPART_SIZE",
@@ -667,6 +667,8 @@ impl Config {
             ),
             endpoint: self.litestream_endpoint.clone(),
             region: self.litestream_region.clone(),
+            multipart_size: self.compat.litestream_multipart_size as usize,
+            multipart_concurrency: self.compat.litestream_multipart_concurrency as usize,
         })
     }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tracing::{debug, info, warn};
 
 use super::cvr::{Cvr, CvrDelta, CvrError, CvrVersion, RowRecord};
@@ -36,6 +36,8 @@ pub trait CvrBackend: Send + Sync + 'static {
 #[derive(Default)]
 struct GroupQueue {
     next: Option<CvrDelta>,
+    /// Told when `next` is written.
+    waiters: Vec<oneshot::Sender<()>>,
 }
 
 /// The process's CVR store: a backend plus the background write queues.
@@ -87,33 +89,43 @@ impl CvrStore {
         self.backend.load(group).await
     }
 
-    /// Queues the record's changes for writing and returns at once.
-    pub fn flush(self: &Arc<Self>, cvr: &mut Cvr) {
+    /// Queues the record's changes for writing and returns at once; the receiver completes
+    /// when they (and everything queued before them) are written.
+    pub fn flush(self: &Arc<Self>, cvr: &mut Cvr) -> oneshot::Receiver<()> {
         let delta = cvr.take_delta();
+        let (done, written) = oneshot::channel();
         let mut queues = self.queues.lock().expect("cvr queues");
         if let Some(q) = queues.get_mut(&delta.group) {
             match &mut q.next {
                 Some(next) => next.merge(delta),
                 None => q.next = Some(delta),
             }
-            return;
+            q.waiters.push(done);
+            return written;
         }
         let group = delta.group.clone();
-        queues.insert(group.clone(), GroupQueue { next: Some(delta) });
+        queues.insert(
+            group.clone(),
+            GroupQueue {
+                next: Some(delta),
+                waiters: vec![done],
+            },
+        );
         drop(queues);
         let this = self.clone();
         self.rt.spawn(async move { this.write_queue(group).await });
+        written
     }
 
     async fn write_queue(self: Arc<Self>, group: String) {
         loop {
-            let next = {
+            let (next, waiters) = {
                 let mut queues = self.queues.lock().expect("cvr queues");
                 let q = queues
                     .get_mut(&group)
                     .expect("a running writer has a queue");
                 match q.next.take() {
-                    Some(d) => d,
+                    Some(d) => (d, std::mem::take(&mut q.waiters)),
                     None => {
                         queues.remove(&group);
                         drop(queues);
@@ -135,6 +147,9 @@ impl CvrStore {
                 }
             }
             debug!(client_group = %group, rows = delta.rows.len(), "client view record written");
+            for w in waiters {
+                let _ = w.send(());
+            }
         }
     }
 
@@ -807,7 +822,7 @@ mod tests {
         cvr.set_query_rows("q1", &BTreeMap::from([(a.clone(), "01".to_string())]), &v1);
         cvr.add_client("c1");
         cvr.version = v1;
-        store.flush(&mut cvr);
+        let written = store.flush(&mut cvr);
         // Loads wait for the queued write of the same group.
         let back = store.load("g").await.unwrap();
         assert!(back.stored);
@@ -815,6 +830,7 @@ mod tests {
         assert_eq!(back.query_rows, cvr.query_rows);
         assert_eq!(back.clients, cvr.clients);
         assert_eq!(back.version, cvr.version);
+        written.await.expect("written");
         assert!(store.drain(Duration::from_secs(5)).await);
     }
 }

@@ -172,6 +172,9 @@ pub(crate) struct ViewSyncer {
     clock_since: Option<Instant>,
     /// When each awaited subscription was sent (hydration time, `ZERO_QUERY_HYDRATION_STATS`).
     hydrating: HashMap<String, Instant>,
+    /// Completes when the latest queued CVR write is stored: `pokeEnd` (which makes the client
+    /// adopt the new cookie) waits for it, the poke's parts do not.
+    durable: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl ViewSyncer {
@@ -214,6 +217,7 @@ impl ViewSyncer {
             client_keys: Arc::new(BTreeMap::new()),
             clock_since: None,
             hydrating: HashMap::new(),
+            durable: None,
         })
     }
 
@@ -302,7 +306,7 @@ impl ViewSyncer {
     /// Queues the record's changes (with the TTL clock) for the store; never waits.
     fn flush(&mut self) {
         self.fold_clock();
-        self.shared.cvr.flush(&mut self.cvr);
+        self.durable = Some(self.shared.cvr.flush(&mut self.cvr));
     }
 
     async fn handle(&mut self, cmd: GroupCmd) {
@@ -1394,15 +1398,15 @@ impl ViewSyncer {
                 // LMIDs are read at the latest commit, bounded by the group's version.
                 self.source.end();
             }
-            for id in ids {
-                let from = self.conns[&id].version.clone();
+            let poke_id = target.to_string();
+            for id in &ids {
+                let from = self.conns[id].version.clone();
                 let parts = if from.as_ref() == Some(&target) {
                     Vec::new()
                 } else {
                     self.catchup(from.as_ref(), &target)?
                 };
-                let conn = &self.conns[&id];
-                let poke_id = target.to_string();
+                let conn = &self.conns[id];
                 conn.send(Downstream::PokeStart(PokeStartBody {
                     poke_id: poke_id.clone(),
                     base_cookie: from.as_ref().map(CvrVersion::to_string),
@@ -1410,12 +1414,21 @@ impl ViewSyncer {
                 for p in parts {
                     conn.send(Downstream::PokePart(p));
                 }
+            }
+            // A client must never hold a cookie the stored CVR does not reach (after a crash
+            // it could not resume): end the poke once the record's write is done.
+            if let Some(written) = self.durable.take() {
+                let _ = written.await;
+            }
+            for id in ids {
+                let Some(conn) = self.conns.get_mut(&id) else {
+                    continue;
+                };
                 conn.send(Downstream::PokeEnd(PokeEndBody {
                     poke_id: poke_id.clone(),
-                    cookie: poke_id,
+                    cookie: poke_id.clone(),
                     cancel: false,
                 }));
-                let conn = self.conns.get_mut(&id).expect("present");
                 conn.version = Some(target.clone());
                 conn.poked = true;
             }
