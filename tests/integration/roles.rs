@@ -386,17 +386,24 @@ async fn lost_replicas_are_restored_from_a_file_backup_and_resume_streaming() {
     let mut m = manager(&db, &m_file, cs, &backup_env(&url));
     wait_replica(&m_file).await;
     // A snapshot, then incremental segments as upstream changes.
+    let wait_for = |ext: &'static str| {
+        let backup = backup.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while files_under(&backup, ext).is_empty() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no .{ext} in {}",
+                    backup.display()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for("db").await;
     db.exec("INSERT INTO issue VALUES ('i2', 'two', true, 2, NULL);")
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while files_under(&backup, "db").is_empty() || files_under(&backup, "json").is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no snapshot and segment in {}",
-            backup.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("json").await;
     let replica_version = try_replica_state(&m_file).expect("state").replica_version;
 
     // The manager loses its replica: it restores (same initial sync, no new one) and streams.
