@@ -331,8 +331,9 @@ async fn reconnect_scenario(cvr_in_pg: bool) {
     .await;
     allow_all(&db, &mut server, &["issue"]).await;
     let mut c = connect_issues(server.addr, "c1", "g1").await;
-    c.poke().await;
-    let cookie = c.poke().await.cookie();
+    // The cookie of the poke that brought the rows (not necessarily the second one).
+    let hydrated = c.pokes_until(|p| !p.puts().is_empty()).await;
+    let cookie = hydrated.last().expect("poke").cookie();
     c.close().await;
 
     let before = server.watermark();
