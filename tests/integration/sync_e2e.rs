@@ -5,47 +5,31 @@
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use tokio::io::BufReader;
-use tokio::process::Child;
 
 use crate::support::test_db;
-use crate::sync_util::{allow_all, spawn_node, start_server, start_server_with};
+use crate::sync_util::{allow_all, start_server, start_server_with};
+use crate::writes_e2e::NodeProc;
 
-pub(crate) struct ViewProcess {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
+/// `view.mjs`: one real client materializing open issues with their comments.
+pub(crate) struct ViewProcess(NodeProc);
 
 impl ViewProcess {
     pub(crate) fn start(server: &str) -> ViewProcess {
-        let (child, lines) = spawn_node("view.mjs", &[server.to_string()]);
-        ViewProcess { child, lines }
+        ViewProcess(NodeProc::start("view.mjs", &[server.to_string()]))
     }
 
     /// Reads view updates until a complete one equals `expected`; panics with the last view
     /// after 20 s.
     pub(crate) async fn wait_for(&mut self, expected: &Json) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut last = Json::Null;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
-                Err(_) => panic!("view did not become {expected}; last update: {last}"),
-                Ok(Ok(Some(line))) => {
-                    let v: Json = serde_json::from_str(&line).expect("json line");
-                    if v["type"] == "complete" && &v["data"] == expected {
-                        return;
-                    }
-                    last = v;
-                }
-                Ok(other) => panic!("view process ended: {other:?}; last update: {last}"),
-            }
-        }
+        self.0
+            .wait(20, &format!("the view to become {expected}"), |v| {
+                v["type"] == "complete" && &v["data"] == expected
+            })
+            .await;
     }
 
-    pub(crate) async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-        let _ = self.child.kill().await;
+    pub(crate) async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
@@ -218,44 +202,30 @@ async fn restart_scenario(cvr_in_pg: bool) {
 
 /// `many.mjs`: N real clients (N client groups) in one Node process.
 struct ManyProcess {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    node: NodeProc,
     n: u64,
 }
 
 impl ManyProcess {
     fn start(server: &str, n: u64) -> ManyProcess {
-        let (child, lines) = spawn_node("many.mjs", &[server.to_string(), n.to_string()]);
-        ManyProcess { child, lines, n }
+        let node = NodeProc::start("many.mjs", &[server.to_string(), n.to_string()]);
+        ManyProcess { node, n }
     }
 
     /// Reads summaries until every view is complete and equal to `expected`; panics with the
     /// last summary after 60 s.
     async fn wait_all(&mut self, expected: &Json) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut last = Json::Null;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
-                Err(_) => panic!(
-                    "the {} views did not all become {expected}; last summary: {last}",
-                    self.n
-                ),
-                Ok(Ok(Some(line))) => {
-                    let v: Json = serde_json::from_str(&line).expect("json line");
-                    if v["complete"] == self.n && v["distinct"] == json!([expected]) {
-                        return;
-                    }
-                    last = v;
-                }
-                Ok(other) => panic!("node process ended: {other:?}; last summary: {last}"),
-            }
-        }
+        let n = self.n;
+        let what = format!("the {n} views to all become {expected}");
+        self.node
+            .wait(60, &what, |v| {
+                v["complete"] == n && v["distinct"] == json!([expected])
+            })
+            .await;
     }
 
-    async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-        let _ = self.child.kill().await;
+    async fn stop(self) {
+        self.node.stop().await;
     }
 }
 
