@@ -252,33 +252,8 @@ impl Cvr {
         let mut puts = Vec::new();
         let mut dels = Vec::new();
         for (id, version) in rows {
-            let rec = self.rows.get_mut(id);
-            match rec {
-                Some(r) if r.refs.is_some() => {
-                    let refs = r.refs.as_mut().expect("checked");
-                    let mut changed = refs.insert(hash.to_string());
-                    if &r.row_version != version {
-                        r.row_version = version.clone();
-                        r.patch_version = v.clone();
-                        puts.push(id.clone());
-                        changed = true;
-                    }
-                    if changed {
-                        self.dirty_rows.insert(id.clone());
-                    }
-                }
-                _ => {
-                    self.rows.insert(
-                        id.clone(),
-                        RowRecord {
-                            row_version: version.clone(),
-                            patch_version: v.clone(),
-                            refs: Some(BTreeSet::from([hash.to_string()])),
-                        },
-                    );
-                    self.dirty_rows.insert(id.clone());
-                    puts.push(id.clone());
-                }
+            if self.reference_row(id, hash, version, v) {
+                puts.push(id.clone());
             }
         }
         for id in old.difference(&rows.keys().cloned().collect()) {
@@ -294,6 +269,39 @@ impl Cvr {
     }
 
     /// Drops query `hash` from a row; true when the row left the group (now a tombstone).
+    /// Records that query `hash` holds row `id` at `_0_version` `version`; true when the row is
+    /// new to the group or its contents changed, so it must be sent (patch version `v`).
+    fn reference_row(&mut self, id: &RowId, hash: &str, version: &str, v: &CvrVersion) -> bool {
+        match self.rows.get_mut(id) {
+            Some(r) if r.refs.is_some() => {
+                let refs = r.refs.as_mut().expect("checked");
+                let mut dirty = refs.insert(hash.to_string());
+                let changed = r.row_version != version;
+                if changed {
+                    r.row_version = version.to_string();
+                    r.patch_version = v.clone();
+                    dirty = true;
+                }
+                if dirty {
+                    self.dirty_rows.insert(id.clone());
+                }
+                changed
+            }
+            _ => {
+                self.rows.insert(
+                    id.clone(),
+                    RowRecord {
+                        row_version: version.to_string(),
+                        patch_version: v.clone(),
+                        refs: Some(BTreeSet::from([hash.to_string()])),
+                    },
+                );
+                self.dirty_rows.insert(id.clone());
+                true
+            }
+        }
+    }
+
     fn release_row(&mut self, id: &RowId, hash: &str, v: &CvrVersion) -> bool {
         let Some(r) = self.rows.get_mut(id) else {
             return false;
@@ -337,33 +345,7 @@ impl Cvr {
                 .entry(hash.to_string())
                 .or_default()
                 .insert(id.clone());
-            match self.rows.get_mut(id) {
-                Some(r) if r.refs.is_some() => {
-                    let refs = r.refs.as_mut().expect("checked");
-                    let mut dirty = refs.insert(hash.to_string());
-                    if &r.row_version != version {
-                        r.row_version = version.clone();
-                        r.patch_version = v.clone();
-                        changed = true;
-                        dirty = true;
-                    }
-                    if dirty {
-                        self.dirty_rows.insert(id.clone());
-                    }
-                }
-                _ => {
-                    self.rows.insert(
-                        id.clone(),
-                        RowRecord {
-                            row_version: version.clone(),
-                            patch_version: v.clone(),
-                            refs: Some(BTreeSet::from([hash.to_string()])),
-                        },
-                    );
-                    self.dirty_rows.insert(id.clone());
-                    changed = true;
-                }
-            }
+            changed |= self.reference_row(id, hash, version, v);
         }
         if self.query_rows.get(hash).is_some_and(|s| s.is_empty()) {
             self.query_rows.remove(hash);
