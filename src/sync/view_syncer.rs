@@ -1027,8 +1027,14 @@ impl ViewSyncer {
 
     async fn sync_inner(&mut self) -> Result<(), OpError> {
         if self.shared.watermarks.borrow().is_empty() {
-            self.resync = true;
-            return Ok(());
+            // The replica file can be complete (and the engine loaded from it) before the
+            // replicator publishes its first watermark; a group deferring to the next engine
+            // message could then wait for the next upstream commit. Wait, as a connect does.
+            let mut wm = self.shared.watermarks.clone();
+            if wm.wait_for(|w| !w.is_empty()).await.is_err() {
+                self.resync = true;
+                return Ok(());
+            }
         }
         // Reads outside a snapshot see the latest commit; permissions need nothing more.
         self.source.end();
