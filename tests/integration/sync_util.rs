@@ -484,27 +484,8 @@ pub async fn serve_api(router: axum::Router) -> SocketAddr {
 pub async fn start_server_with(db: &TestDb, f: impl FnOnce(&mut SyncOptions)) -> Server {
     let mut repl = start(db.replicator_config());
     repl.ready().await;
-    let mut opts = options(db);
-    f(&mut opts);
-    let server = sync::bind(opts, repl.watermarks.clone())
-        .await
-        .expect("bind");
-    let addr = server.addr;
-    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(async move {
-        server
-            .serve(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-            .expect("serve");
-    });
-    Server {
-        addr,
-        repl,
-        stop,
-        task,
-    }
+    let any_port = options(db).addr;
+    start_sync_at_with(db, repl, any_port, f).await
 }
 
 /// The Node project of the e2e tests (unmodified `@rocicorp/zero` 1.9.0 and its scripts).
