@@ -10,44 +10,19 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::Rng;
 use rusqlite::Connection;
+#[path = "../../queries/tests/common/sqlite_exec.rs"]
+mod sqlite_exec;
 use rusqlite::types::Value as Sq;
+use sqlite_exec::{exec, sq};
 use support::generate::Gen;
 use zero_dataflow::plan::Catalog;
 use zero_dataflow::reference::{Tables, evaluate, view_json};
 use zero_dataflow::{Engine, EngineConfig, Op, TableChange};
 use zero_queries::ast::{Ast, Condition, ExistsOp, System};
 use zero_queries::schema::{ColumnType, Schema};
-use zero_queries::sql::{SqlValue, Statement, quote_ident, synced_rows, to_sql, to_view_json};
+use zero_queries::sql::{Statement, quote_ident, synced_rows, to_sql, to_view_json};
 use zero_queries::validate::{complete_ordering, validate};
 use zero_queries::{Row, Value};
-
-fn sq(v: &SqlValue) -> Sq {
-    match v {
-        SqlValue::Null => Sq::Null,
-        SqlValue::Integer(i) => Sq::Integer(*i),
-        SqlValue::Real(f) => Sq::Real(*f),
-        SqlValue::Text(t) => Sq::Text(t.clone()),
-    }
-}
-
-fn exec(conn: &Connection, st: &Statement) -> Result<Vec<Vec<SqlValue>>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(&st.sql)?;
-    let params: Vec<Sq> = st.params.iter().map(sq).collect();
-    let n = st.columns.len();
-    let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
-        (0..n)
-            .map(|i| {
-                r.get::<_, Sq>(i).map(|v| match v {
-                    Sq::Null | Sq::Blob(_) => SqlValue::Null,
-                    Sq::Integer(i) => SqlValue::Integer(i),
-                    Sq::Real(f) => SqlValue::Real(f),
-                    Sq::Text(t) => SqlValue::Text(t),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    rows.collect()
-}
 
 fn sqlite(schema: &Schema, rows: &BTreeMap<String, Vec<Row>>) -> Connection {
     let conn = Connection::open_in_memory().expect("sqlite");

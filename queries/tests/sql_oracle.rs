@@ -2,15 +2,17 @@
 //! answers and, on many random queries, against the in-memory evaluator.
 
 use rusqlite::Connection;
+#[path = "common/sqlite_exec.rs"]
+mod sqlite_exec;
 use rusqlite::types::Value as Sq;
 use serde_json::json;
+use sqlite_exec::{exec, sq};
 use zero_queries::ast::Ast;
 use zero_queries::memory::evaluate_in_memory;
 use zero_queries::parse::parse_query;
 use zero_queries::schema::{ColumnType, Schema};
 use zero_queries::sql::{
-    ResultNode, SqlValue, Statement, evaluate, from_sql, quote_ident, synced_rows, to_sql,
-    to_view_json,
+    ResultNode, Statement, evaluate, from_sql, quote_ident, synced_rows, to_sql, to_view_json,
 };
 use zero_queries::{Row, Value};
 
@@ -131,34 +133,6 @@ impl Db {
             .map(|n| n.row[0].as_str().unwrap_or_default().to_owned())
             .collect()
     }
-}
-
-fn sq(v: &SqlValue) -> Sq {
-    match v {
-        SqlValue::Null => Sq::Null,
-        SqlValue::Integer(i) => Sq::Integer(*i),
-        SqlValue::Real(f) => Sq::Real(*f),
-        SqlValue::Text(t) => Sq::Text(t.clone()),
-    }
-}
-
-fn exec(conn: &Connection, st: &Statement) -> Result<Vec<Vec<SqlValue>>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(&st.sql)?;
-    let params: Vec<Sq> = st.params.iter().map(sq).collect();
-    let n = st.columns.len();
-    let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
-        (0..n)
-            .map(|i| {
-                r.get::<_, Sq>(i).map(|v| match v {
-                    Sq::Null | Sq::Blob(_) => SqlValue::Null,
-                    Sq::Integer(i) => SqlValue::Integer(i),
-                    Sq::Real(f) => SqlValue::Real(f),
-                    Sq::Text(t) => SqlValue::Text(t),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    rows.collect()
 }
 
 fn small_db() -> Db {
