@@ -230,6 +230,29 @@ async fn purge_change_log(
     }
 }
 
+/// Raises the soft limit on open files to the hard limit, as production servers do: every
+/// client connection is a socket, and the default soft limit (often 1,024) would cap the
+/// number of connected clients far below what the server can serve. Returns the limit now in
+/// force (`None` when it cannot be read).
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(cur), hard) = (lim.current, lim.maximum) else {
+        return None;
+    };
+    let target = hard.unwrap_or(cur.max(1 << 20));
+    if target > cur {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: hard,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return Some(target);
+        }
+    }
+    Some(cur)
+}
+
 /// Installs the `tracing` subscriber for the configured level and format.
 pub fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;

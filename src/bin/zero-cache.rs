@@ -6,6 +6,8 @@ use zero_cache::config::Config;
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env_and_args();
     zero_cache::server::init_logging(&config);
+    let open_files = zero_cache::server::raise_open_files_limit();
+    tracing::debug!(limit = ?open_files, "open files limit");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler cannot fail");

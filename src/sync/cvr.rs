@@ -183,6 +183,8 @@ pub struct Cvr {
     dirty_queries: BTreeSet<String>,
     dirty_desires: BTreeSet<(String, String)>,
     dirty_clients: bool,
+    /// `client_schema` is in the store (it never changes once set, so deltas omit it).
+    pub(crate) schema_written: bool,
 }
 
 impl Cvr {
@@ -194,6 +196,7 @@ impl Cvr {
             replica_version: None,
             processed: None,
             client_schema: None,
+            schema_written: false,
             clients: BTreeSet::new(),
             queries: BTreeMap::new(),
             desires: BTreeMap::new(),
@@ -392,7 +395,9 @@ impl CvrDelta {
         self.version = later.version;
         self.replica_version = later.replica_version;
         self.processed = later.processed;
-        self.client_schema = later.client_schema;
+        if later.client_schema.is_some() {
+            self.client_schema = later.client_schema;
+        }
         self.ttl_clock = later.ttl_clock;
         if later.clients.is_some() {
             self.clients = later.clients;
@@ -412,7 +417,11 @@ impl Cvr {
             version: self.version.to_string(),
             replica_version: self.replica_version.clone(),
             processed: self.processed.clone(),
-            client_schema: self.client_schema.as_ref().map(|s| s.to_string()),
+            client_schema: if self.schema_written {
+                None
+            } else {
+                self.client_schema.as_ref().map(|s| s.to_string())
+            },
             ttl_clock: self.ttl_clock,
             clients: self
                 .dirty_clients
@@ -438,6 +447,7 @@ impl Cvr {
         };
         self.dirty_clients = false;
         self.stored = true;
+        self.schema_written |= delta.client_schema.is_some();
         delta
     }
 

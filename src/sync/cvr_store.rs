@@ -2,8 +2,11 @@
 //! Postgres database of `ZERO_CVR_DB`, behind one [`CvrBackend`] trait.
 //!
 //! View-syncers never wait for the store while poking: [`CvrStore::flush`] takes the record's
-//! changes as a [`CvrDelta`] and hands them to a background writer, one in-order queue per
-//! client group (deltas that pile up while a write is in flight are merged into one). A group's
+//! changes as a [`CvrDelta`] and hands them to the one background writer. Each group has one
+//! pending delta (deltas that pile up while a write is in flight are merged into one); the
+//! writer takes every group's pending delta at once and stores them as one batch (one SQLite
+//! transaction; concurrent sessions up to the pool size for Postgres), so a replica version that
+//! touches ten thousand groups costs one commit, not ten thousand. A group's
 //! record is only loaded after its queued changes are written, so a view-syncer that restarts
 //! in the same process sees everything the previous one poked. Shutdown drains the queues
 //! ([`CvrStore::drain`]), so a restarted server resumes every client without a reset.
@@ -31,6 +34,18 @@ pub trait CvrBackend: Send + Sync + 'static {
     fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>>;
     /// Writes a group's changes atomically.
     fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>>;
+    /// The distinct legacy query ASTs (JSON text) of every stored group: the shapes clients
+    /// will ask for again after a restart.
+    fn stored_asts(&self) -> BoxFut<'_, Result<Vec<String>, CvrError>>;
+    /// Writes several groups' changes (one delta per group), each group's atomically.
+    fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
+        Box::pin(async move {
+            for d in deltas {
+                self.write(d).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 #[derive(Default)]
@@ -40,14 +55,14 @@ struct GroupQueue {
     waiters: Vec<oneshot::Sender<()>>,
 }
 
-/// The process's CVR store: a backend plus the background write queues.
+/// The process's CVR store: a backend plus the background writer.
 pub struct CvrStore {
     backend: Arc<dyn CvrBackend>,
-    /// The runtime the writers run on (the server's, not a sync worker's).
-    rt: tokio::runtime::Handle,
-    /// Groups with a writer running, and what it must write next.
+    /// Groups with unwritten changes (pending or in the batch being written).
     queues: Mutex<HashMap<String, GroupQueue>>,
-    /// Signalled whenever a group's queue empties.
+    /// Wakes the writer.
+    wake: Arc<Notify>,
+    /// Signalled whenever a batch is written (groups may have left `queues`).
     idle: Notify,
 }
 
@@ -69,12 +84,23 @@ impl CvrStore {
             }
             None => Arc::new(SqliteBackend::open(file)?),
         };
-        Ok(Arc::new(CvrStore {
+        let store = Arc::new(CvrStore {
             backend,
-            rt: tokio::runtime::Handle::current(),
             queues: Mutex::new(HashMap::new()),
+            wake: Arc::new(Notify::new()),
             idle: Notify::new(),
-        }))
+        });
+        // The writer runs on the server's runtime (not a sync worker's) and ends with the store.
+        let weak = Arc::downgrade(&store);
+        let wake = store.wake.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(store) = weak.upgrade() else { return };
+                store.write_pending().await;
+            }
+        });
+        Ok(store)
     }
 
     /// Loads a group's record once every change queued for it is written.
@@ -89,67 +115,76 @@ impl CvrStore {
         self.backend.load(group).await
     }
 
+    /// The distinct legacy query ASTs of every stored group (see [`CvrBackend::stored_asts`]).
+    pub async fn stored_asts(&self) -> Result<Vec<String>, CvrError> {
+        self.backend.stored_asts().await
+    }
+
     /// Queues the record's changes for writing and returns at once; the receiver completes
     /// when they (and everything queued before them) are written.
     pub fn flush(self: &Arc<Self>, cvr: &mut Cvr) -> oneshot::Receiver<()> {
         let delta = cvr.take_delta();
         let (done, written) = oneshot::channel();
-        let mut queues = self.queues.lock().expect("cvr queues");
-        if let Some(q) = queues.get_mut(&delta.group) {
+        {
+            let mut queues = self.queues.lock().expect("cvr queues");
+            let q = queues.entry(delta.group.clone()).or_default();
             match &mut q.next {
                 Some(next) => next.merge(delta),
                 None => q.next = Some(delta),
             }
             q.waiters.push(done);
-            return written;
         }
-        let group = delta.group.clone();
-        queues.insert(
-            group.clone(),
-            GroupQueue {
-                next: Some(delta),
-                waiters: vec![done],
-            },
-        );
-        drop(queues);
-        let this = self.clone();
-        self.rt.spawn(async move { this.write_queue(group).await });
+        self.wake.notify_one();
         written
     }
 
-    async fn write_queue(self: Arc<Self>, group: String) {
+    /// Writes every pending delta, batch after batch, until none is left.
+    async fn write_pending(&self) {
         loop {
-            let (next, waiters) = {
+            let (batch, waiters) = {
                 let mut queues = self.queues.lock().expect("cvr queues");
-                let q = queues
-                    .get_mut(&group)
-                    .expect("a running writer has a queue");
-                match q.next.take() {
-                    Some(d) => (d, std::mem::take(&mut q.waiters)),
-                    None => {
-                        queues.remove(&group);
-                        drop(queues);
-                        self.idle.notify_waiters();
-                        return;
+                let mut batch = Vec::new();
+                let mut waiters = Vec::new();
+                for q in queues.values_mut() {
+                    if let Some(d) = q.next.take() {
+                        batch.push(Arc::new(d));
+                        waiters.append(&mut q.waiters);
                     }
                 }
+                (batch, waiters)
             };
-            let delta = Arc::new(next);
+            if batch.is_empty() {
+                return;
+            }
+            let started = std::time::Instant::now();
             let mut backoff = Duration::from_millis(50);
             loop {
-                match self.backend.write(delta.clone()).await {
+                match self.backend.write_batch(batch.clone()).await {
                     Ok(()) => break,
                     Err(e) => {
-                        warn!(client_group = %group, error = %e, retry_ms = backoff.as_millis() as u64, "writing the client view record failed; retrying");
+                        warn!(groups = batch.len(), error = %e, retry_ms = backoff.as_millis() as u64, "writing client view records failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }
-            debug!(client_group = %group, rows = delta.rows.len(), "client view record written");
+            debug!(
+                groups = batch.len(),
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                "client view records written"
+            );
+            {
+                let mut queues = self.queues.lock().expect("cvr queues");
+                for d in &batch {
+                    if queues.get(&d.group).is_some_and(|q| q.next.is_none()) {
+                        queues.remove(&d.group);
+                    }
+                }
+            }
             for w in waiters {
                 let _ = w.send(());
             }
+            self.idle.notify_waiters();
         }
     }
 
@@ -215,6 +250,7 @@ impl Loader {
             .map(|s| serde_json::from_str(&s))
             .transpose()
             .map_err(data_err)?;
+        cvr.schema_written = cvr.client_schema.is_some();
         Ok(())
     }
 
@@ -262,8 +298,11 @@ impl Loader {
 }
 
 /// Client view records in a SQLite file (`<replica>-cvr.db`).
+/// SQLite store: one writer connection (batches) and one reader connection (loads), so loads
+/// of connecting groups do not queue behind a batch (WAL lets them read meanwhile).
 pub struct SqliteBackend {
     conn: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
 }
 
 const SQLITE_SCHEMA: &str = r#"
@@ -301,8 +340,11 @@ impl SqliteBackend {
         if has_clock == 0 {
             conn.execute_batch(r#"ALTER TABLE instances ADD COLUMN "ttlClock" REAL"#)?;
         }
+        let reader = Connection::open(path)?;
+        reader.pragma_update(None, "busy_timeout", 30_000)?;
         Ok(SqliteBackend {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
@@ -365,13 +407,26 @@ impl SqliteBackend {
         Ok(l.done())
     }
 
-    fn write_sync(conn: &mut Connection, d: &CvrDelta) -> Result<(), CvrError> {
+    fn write_sync(conn: &mut Connection, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
         let tx = conn.transaction()?;
+        for d in deltas {
+            Self::write_one(&tx, d)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn write_one(tx: &rusqlite::Transaction<'_>, d: &CvrDelta) -> Result<(), CvrError> {
         let g = d.group.as_str();
-        tx.execute(
-            r#"INSERT OR REPLACE INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
-            params![
+        tx.prepare_cached(
+            r#"INSERT INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+               ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
+                 "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
+                 "clientSchema" = coalesce(excluded."clientSchema", "clientSchema"),
+                 "lastActive" = excluded."lastActive", "ttlClock" = excluded."ttlClock""#,
+        )?
+        .execute(params![
                 g,
                 d.version,
                 d.replica_version,
@@ -379,8 +434,7 @@ impl SqliteBackend {
                 d.client_schema,
                 crate::replica::now_ms(),
                 d.ttl_clock
-            ],
-        )?;
+        ])?;
         if let Some(clients) = &d.clients {
             tx.execute(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#, [g])?;
             for c in clients {
@@ -415,7 +469,7 @@ impl SqliteBackend {
             };
         }
         {
-            let mut put = tx.prepare(
+            let mut put = tx.prepare_cached(
                 r#"INSERT OR REPLACE INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
             )?;
@@ -424,18 +478,17 @@ impl SqliteBackend {
                 put.execute(params![g, table, key, r.row_version, pv, refs])?;
             }
         }
-        tx.commit()?;
         Ok(())
     }
 }
 
 impl CvrBackend for SqliteBackend {
     fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>> {
-        let conn = self.conn.clone();
+        let conn = self.reader.clone();
         let group = group.to_string();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Self::load_sync(&conn.lock().expect("cvr connection"), &group)
+                Self::load_sync(&conn.lock().expect("cvr reader"), &group)
             })
             .await
             .map_err(|e| CvrError::Data(format!("CVR load task: {e}")))?
@@ -443,10 +496,32 @@ impl CvrBackend for SqliteBackend {
     }
 
     fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>> {
+        self.write_batch(vec![delta])
+    }
+
+    fn stored_asts(&self) -> BoxFut<'_, Result<Vec<String>, CvrError>> {
+        let conn = self.reader.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().expect("cvr reader");
+                let mut st = conn.prepare(
+                    r#"SELECT DISTINCT json_extract(data, '$.ast') FROM queries WHERE json_type(data, '$.ast') = 'object'"#,
+                )?;
+                let asts = st
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(asts)
+            })
+            .await
+            .map_err(|e| CvrError::Data(format!("CVR read task: {e}")))?
+        })
+    }
+
+    fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
         let conn = self.conn.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Self::write_sync(&mut conn.lock().expect("cvr connection"), &delta)
+                Self::write_sync(&mut conn.lock().expect("cvr connection"), &deltas)
             })
             .await
             .map_err(|e| CvrError::Data(format!("CVR write task: {e}")))?
@@ -526,6 +601,7 @@ impl PgPool {
 pub struct PgBackend {
     pool: PgPool,
     schema: String,
+    max_conns: usize,
 }
 
 /// Marks a CVR schema as written by this server; zero-cache's own layout differs.
@@ -546,6 +622,7 @@ impl PgBackend {
                 permits: Arc::new(Semaphore::new(max_conns)),
             },
             schema,
+            max_conns,
         };
         let mut c = b.pool.get().await?;
         let tx = c.transaction().await?;
@@ -684,11 +761,11 @@ CREATE TABLE IF NOT EXISTS {s}rows (
         let g = d.group.as_str();
         tx.execute(
             &format!(
-                r#"INSERT INTO {s}instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+                r#"INSERT INTO {s}instances AS i ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
                    VALUES ($1, $2, $3, $4, $5, $6, $7)
                    ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
                      "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
-                     "clientSchema" = excluded."clientSchema", "lastActive" = excluded."lastActive",
+                     "clientSchema" = coalesce(excluded."clientSchema", i."clientSchema"), "lastActive" = excluded."lastActive",
                      "ttlClock" = excluded."ttlClock""#
             ),
             &[
@@ -800,6 +877,35 @@ impl CvrBackend for PgBackend {
     fn write(&self, delta: Arc<CvrDelta>) -> BoxFut<'_, Result<(), CvrError>> {
         Box::pin(async move { self.write_pg(&delta).await })
     }
+
+    fn stored_asts(&self) -> BoxFut<'_, Result<Vec<String>, CvrError>> {
+        Box::pin(async move {
+            let c = self.pool.get().await?;
+            let s = self.q("");
+            let rows = c
+                .query(
+                    &format!(
+                        r#"SELECT DISTINCT (data::jsonb -> 'ast')::text FROM {s}queries WHERE jsonb_typeof(data::jsonb -> 'ast') = 'object'"#
+                    ),
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        })
+    }
+
+    fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
+        use futures::StreamExt;
+        Box::pin(async move {
+            // Groups are independent: write them on as many sessions as the pool allows.
+            let results: Vec<Result<(), CvrError>> = futures::stream::iter(deltas)
+                .map(|d| async move { self.write_pg(&d).await })
+                .buffer_unordered(self.max_conns)
+                .collect()
+                .await;
+            results.into_iter().collect()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -832,5 +938,50 @@ mod tests {
         assert_eq!(back.version, cvr.version);
         written.await.expect("written");
         assert!(store.drain(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn many_groups_are_written_in_batches_and_their_shapes_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CvrStore::open(&dir.path().join("cvr.db"), None, "zero_0")
+            .await
+            .unwrap();
+        let v1 = CvrVersion::parse("01").unwrap();
+        let mut waits = Vec::new();
+        for i in 0..300 {
+            let mut cvr = store.load(&format!("g{i}")).await.unwrap();
+            cvr.add_client("c1");
+            let ast = serde_json::json!({"table": "issue", "where": {"type": "simple", "op": "=",
+                "left": {"type": "column", "name": "id"}, "right": {"type": "literal", "value": i % 3}}});
+            cvr.queries.insert(
+                "q".into(),
+                crate::sync::cvr::QueryRecord {
+                    ast: Some(ast),
+                    name: None,
+                    args: None,
+                    got: false,
+                    patch_version: None,
+                    transformation_hash: None,
+                },
+            );
+            cvr.touch_query("q");
+            let a: RowId = ("t".into(), format!(r#"{{"id":{i}}}"#));
+            cvr.set_query_rows("q", &BTreeMap::from([(a, "01".to_string())]), &v1);
+            cvr.version = v1.clone();
+            waits.push(store.flush(&mut cvr));
+        }
+        for w in waits {
+            w.await.expect("written");
+        }
+        for i in [0, 149, 299] {
+            let back = store.load(&format!("g{i}")).await.unwrap();
+            assert!(back.stored);
+            assert_eq!(back.rows.len(), 1);
+            assert_eq!(back.version, v1);
+        }
+        let mut asts = store.stored_asts().await.unwrap();
+        asts.sort();
+        assert_eq!(asts.len(), 3, "{asts:?}");
+        assert!(asts[0].contains(r#""table":"issue""#));
     }
 }

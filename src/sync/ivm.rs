@@ -72,6 +72,9 @@ pub(crate) struct EngineMsg {
     pub fetched: bool,
     /// `{app}.permissions` changed in this version: legacy queries must be transformed again.
     pub permissions: bool,
+    /// The group's `clients` / `mutations` rows may have changed since its previous message
+    /// (always set on its first message and after a rebuild): only then does it read them.
+    pub lmids: bool,
 }
 
 /// Requests to the service.
@@ -96,6 +99,10 @@ pub(crate) enum Cmd {
     Fetch { group: String },
     /// The group stopped: drop all of its subscriptions.
     Leave { group: String },
+    /// Queries clients are likely to ask for (those stored in the CVRs at startup): their
+    /// shapes' indexes are built when the replica is loaded (or now, if it is), so the first
+    /// client of a shape does not pay for them while every group waits.
+    Prepare { asts: Vec<Ast> },
     /// The replica has a new watermark.
     Watermark,
     /// Stop the thread.
@@ -145,8 +152,10 @@ impl EngineHandle {
             workers: workers.max(1),
             ready: None,
             queries: HashMap::new(),
-            subs: HashMap::new(),
+            subs: BTreeMap::new(),
             groups: HashMap::new(),
+            prepared: Vec::new(),
+            tail: None,
             pending: Vec::new(),
             seq: 0,
             stats: stats.clone(),
@@ -216,9 +225,13 @@ struct Service {
     ready: Option<Ready>,
     /// Engine query id → query.
     queries: HashMap<String, SvcQuery>,
-    /// (group, hash) → engine query id.
-    subs: HashMap<(String, String), String>,
+    /// (group, hash) → engine query id (ordered, so that a group's subscriptions are a range).
+    subs: BTreeMap<(String, String), String>,
     groups: HashMap<String, UnboundedSender<EngineMsg>>,
+    /// The connection that reads each watermark's changes, with the replica file's inode.
+    tail: Option<(Connection, u64)>,
+    /// Query shapes to prepare whenever the engine is (re)built ([`Cmd::Prepare`]).
+    prepared: Vec<Ast>,
     /// Subscriptions that need their full rows at the next step.
     pending: Vec<(String, String)>,
     seq: u64,
@@ -233,6 +246,10 @@ struct Outbox {
     touched: HashSet<String>,
     fetched: HashSet<String>,
     permissions: bool,
+    /// Groups whose LMIDs / mutation results may have changed ([`EngineMsg::lmids`]).
+    lmids: HashSet<String>,
+    /// Every group's may have.
+    all_lmids: bool,
 }
 
 impl Outbox {
@@ -268,6 +285,7 @@ impl Service {
                     Cmd::Watermark => watermark = true,
                     Cmd::Register { group, out: tx } => {
                         self.groups.insert(group.clone(), tx);
+                        out.lmids.insert(group.clone());
                         out.touched.insert(group);
                     }
                     Cmd::Subscribe {
@@ -280,13 +298,15 @@ impl Service {
                     Cmd::Fetch { group } => {
                         out.fetched.insert(group);
                     }
+                    Cmd::Prepare { asts } => {
+                        if let Some(ready) = self.ready.as_mut() {
+                            prepare_shapes(ready, &asts);
+                        }
+                        self.prepared.extend(asts);
+                    }
                     Cmd::Leave { group } => {
-                        let hashes: Vec<String> = self
-                            .subs
-                            .keys()
-                            .filter(|(g, _)| *g == group)
-                            .map(|(_, h)| h.clone())
-                            .collect();
+                        let hashes: Vec<String> =
+                            self.group_subs(&group).map(|(_, h)| h.clone()).collect();
                         for h in hashes {
                             self.unsubscribe(&group, &h);
                         }
@@ -319,6 +339,14 @@ impl Service {
                 Ordering::Relaxed,
             );
         }
+    }
+
+    /// The (group, hash) keys of `group`'s subscriptions.
+    fn group_subs<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a (String, String)> + 'a {
+        self.subs
+            .range((group.to_string(), String::new())..)
+            .map(|(k, _)| k)
+            .take_while(move |(g, _)| g == group)
     }
 
     fn subscribe(
@@ -390,6 +418,7 @@ impl Service {
                 // Not ready: registered groups get their first message once it is.
                 return Ok(());
             }
+            out.all_lmids = true;
             out.touched.extend(self.groups.keys().cloned());
         } else if watermark {
             match self.read_changes(out)? {
@@ -401,6 +430,7 @@ impl Service {
                     if !self.load()? {
                         return Ok(());
                     }
+                    out.all_lmids = true;
                     out.touched.extend(self.groups.keys().cloned());
                 }
             }
@@ -458,10 +488,14 @@ impl Service {
         }
         // Full rows: new subscriptions, and everything of groups that asked.
         let mut full: BTreeSet<(String, String)> = pending.into_iter().collect();
-        for (g, h) in self.subs.keys() {
-            if out.fetched.contains(g) {
-                full.insert((g.clone(), h.clone()));
-            }
+        for g in &out.fetched {
+            full.extend(
+                self.subs
+                    .range((g.clone(), String::new())..)
+                    .map(|(k, _)| k)
+                    .take_while(|(kg, _)| kg == g)
+                    .cloned(),
+            );
         }
         let mut cache: HashMap<String, Arc<Vec<SyncedRow>>> = HashMap::new();
         for key in full {
@@ -506,6 +540,8 @@ impl Service {
             touched,
             fetched,
             permissions,
+            lmids,
+            all_lmids,
         } = out;
         let mut groups: BTreeSet<String> = msgs.keys().cloned().collect();
         groups.extend(touched);
@@ -520,6 +556,7 @@ impl Service {
                 updates: msgs.remove(&g).unwrap_or_default(),
                 fetched: fetched.contains(&g),
                 permissions,
+                lmids: all_lmids || lmids.contains(&g),
             };
             if tx.send(msg).is_err() {
                 debug!(client_group = %g, "view-syncer gone");
@@ -597,6 +634,18 @@ impl Service {
                 },
             );
         }
+        let permissions: Option<String> = conn
+            .query_row(
+                &format!(
+                    "SELECT permissions FROM {} LIMIT 1",
+                    quote_ident(&self.permissions_table)
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten();
         conn.execute_batch("COMMIT")?;
         let mut ready = Ready {
             replica_version: state.replica_version.clone(),
@@ -618,6 +667,25 @@ impl Service {
             ready
                 .slots
                 .push(new_slot(&ready, &schema, keys, self.workers, self.seq)?);
+        }
+        if !self.prepared.is_empty() {
+            // Legacy queries run with the permission rules applied; prepare that shape.
+            let perms = permissions
+                .as_deref()
+                .and_then(|t| zero_queries::permissions::Permissions::from_json_str(t).ok())
+                .unwrap_or_default();
+            let asts: Vec<Ast> = self
+                .prepared
+                .iter()
+                .map(|a| zero_queries::permissions::transform_query(a, &perms, None))
+                .collect();
+            let t = std::time::Instant::now();
+            prepare_shapes(&mut ready, &asts);
+            info!(
+                shapes = asts.len(),
+                ms = t.elapsed().as_millis() as u64,
+                "view engine prepared the stored queries' shapes"
+            );
         }
         let qids: Vec<String> = self.queries.keys().cloned().collect();
         self.pending.clear();
@@ -645,12 +713,25 @@ impl Service {
     /// The changes since the applied version, as engine changes; `None` when the replica was
     /// reset, truncated, resynced or changed schema (the engine must be rebuilt).
     fn read_changes(&mut self, out: &mut Outbox) -> Result<Option<Vec<TableChange>>, LoadError> {
-        let Some(conn) = self.open()? else {
+        // The tail connection is kept between watermarks (opening one and reading the schema
+        // costs more than a small commit's changes); a resync replaces the file, and with it
+        // the connection.
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ino) = std::fs::metadata(&self.replica_file).map(|m| m.ino()) else {
             return Ok(Some(Vec::new()));
+        };
+        let conn = match self.tail.take() {
+            Some((c, i)) if i == ino => c,
+            _ => match self.open()? {
+                Some(c) => c,
+                None => return Ok(Some(Vec::new())),
+            },
         };
         conn.execute_batch("BEGIN")?;
         let r = self.read_changes_in(&conn, out);
-        let _ = conn.execute_batch("COMMIT");
+        if conn.execute_batch("COMMIT").is_ok() {
+            self.tail = Some((conn, ino));
+        }
         r
     }
 
@@ -693,6 +774,7 @@ impl Service {
                     return Ok(None);
                 }
                 if self.lmid_tables.contains(&table) {
+                    out.all_lmids = true;
                     out.touched.extend(self.groups.keys().cloned());
                 }
                 continue;
@@ -701,6 +783,7 @@ impl Service {
                 if let Ok(k) = serde_json::from_str::<Json>(&key)
                     && let Some(g) = k["clientGroupID"].as_str()
                 {
+                    out.lmids.insert(g.to_string());
                     out.touched.insert(g.to_string());
                 }
                 continue;
@@ -819,6 +902,19 @@ fn new_slot(
         schema,
         engine,
     })
+}
+
+/// Builds the indexes of `asts`' shapes in the default engine (queries the engine cannot run
+/// are skipped: they fail again, with their error, when a client subscribes them).
+fn prepare_shapes(ready: &mut Ready, asts: &[Ast]) {
+    let Some(slot) = ready.slots.first_mut() else {
+        return;
+    };
+    for ast in asts {
+        if let Err(e) = slot.engine.prepare(ast) {
+            debug!(error = %e, "a stored query's shape could not be prepared");
+        }
+    }
 }
 
 /// Adds `q` to the engine of its keys (creating that engine when it is the first).

@@ -269,7 +269,8 @@ impl SyncOptions {
 
 /// State shared by the HTTP handlers and the view-syncers.
 pub(crate) struct SyncShared {
-    pub(crate) replica_file: PathBuf,
+    /// Replica read connections shared by every group (a group holds none of its own).
+    pub(crate) readers: Arc<source::ReaderPool>,
     pub(crate) cvr: Arc<cvr_store::CvrStore>,
     pub(crate) app_id: String,
     pub(crate) shard_schema: String,
@@ -298,6 +299,44 @@ pub(crate) struct SyncShared {
     registry: Mutex<HashMap<String, mpsc::UnboundedSender<GroupCmd>>>,
     workers: Vec<tokio::runtime::Handle>,
 }
+
+/// One AST per distinct query shape among `texts` (queries that differ only in literal
+/// values share a shape), at most [`MAX_PREPARED_SHAPES`].
+fn distinct_shapes(texts: &[String]) -> Vec<zero_queries::ast::Ast> {
+    fn blank_literals(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("type").and_then(|t| t.as_str()) == Some("literal") {
+                    m.insert("value".into(), serde_json::Value::Null);
+                }
+                m.values_mut().for_each(blank_literals);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(blank_literals),
+            _ => {}
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for t in texts {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(t) else {
+            continue;
+        };
+        let Ok(ast) = serde_json::from_value::<zero_queries::ast::Ast>(v.clone()) else {
+            continue;
+        };
+        blank_literals(&mut v);
+        if seen.insert(v.to_string()) {
+            out.push(ast);
+            if out.len() >= MAX_PREPARED_SHAPES {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Bounds the work of preparing stored shapes at startup.
+const MAX_PREPARED_SHAPES: usize = 1000;
 
 impl SyncShared {
     /// Sends a command to a group's view-syncer, starting one if the group has none.
@@ -481,6 +520,19 @@ pub async fn bind(
         opts.shard_schema.clone(),
         1,
     )?;
+    // Shapes of the queries stored in the CVRs are prepared while the replica loads.
+    match cvr.stored_asts().await {
+        Ok(texts) => {
+            let asts = distinct_shapes(&texts);
+            if !asts.is_empty() {
+                info!(shapes = asts.len(), "preparing the stored queries' shapes");
+                engine.send(ivm::Cmd::Prepare { asts });
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "stored queries could not be read; their shapes are not prepared")
+        }
+    }
     {
         // Every new watermark reaches the engine; groups hear from the engine.
         let engine = engine.clone();
@@ -496,8 +548,9 @@ pub async fn bind(
             }
         });
     }
+    let readers = source::ReaderPool::new(opts.replica_file.clone(), opts.num_workers * 2 + 2);
     let shared = Arc::new(SyncShared {
-        replica_file: opts.replica_file,
+        readers,
         cvr,
         app_id: opts.app_id,
         shard_schema: opts.shard_schema,

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::Value as Json;
@@ -102,62 +103,131 @@ pub trait ViewSource: Send {
     fn end(&mut self);
 }
 
+/// Read connections to the replica shared by every client group, so that a group costs no file
+/// descriptors of its own: a read takes a connection for the duration of one statement (or of
+/// one pinned snapshot) and puts it back. Connections to a replaced replica file (a resync
+/// renames a new file into place) are dropped rather than reused.
+#[derive(Debug)]
+pub struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<(Connection, u64)>>,
+    max_idle: usize,
+}
+
+/// A connection taken from a [`ReaderPool`]; it goes back when dropped.
+pub struct PooledReader {
+    pool: Arc<ReaderPool>,
+    conn: Option<(Connection, u64)>,
+}
+
+impl std::ops::Deref for PooledReader {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn.as_ref().expect("held until drop").0
+    }
+}
+
+impl Drop for PooledReader {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            // A snapshot left open (an error between BEGIN and its end) must not be reused.
+            if !c.0.is_autocommit() && c.0.execute_batch("ROLLBACK").is_err() {
+                return;
+            }
+            let mut idle = self.pool.idle.lock().expect("reader pool");
+            if idle.len() < self.pool.max_idle {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+impl ReaderPool {
+    /// A pool over the replica at `path` keeping at most `max_idle` idle connections.
+    pub fn new(path: PathBuf, max_idle: usize) -> Arc<ReaderPool> {
+        Arc::new(ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            max_idle: max_idle.max(1),
+        })
+    }
+
+    /// A connection to the current replica file (opened when none is idle).
+    pub fn get(self: &Arc<Self>) -> Result<PooledReader, SourceError> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(&self.path)
+            .map_err(|_| SourceError::NotReady)?
+            .ino();
+        let reused = {
+            let mut idle = self.idle.lock().expect("reader pool");
+            idle.retain(|(_, i)| *i == ino);
+            idle.pop()
+        };
+        let conn = match reused {
+            Some(c) => c,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.pragma_update(None, "busy_timeout", 30_000)?;
+                conn.pragma_update(None, "cache_size", -2048)?;
+                (conn, ino)
+            }
+        };
+        Ok(PooledReader {
+            pool: self.clone(),
+            conn: Some(conn),
+        })
+    }
+}
+
 /// [`ViewSource`] by SQL re-evaluation: each query's AST is evaluated with
 /// `zero_queries::sql::evaluate`; on a new watermark every query that reads a changed table
 /// is evaluated again and the view-syncer diffs the result against the CVR.
 pub struct SqlViewSource {
-    path: PathBuf,
-    conn: Option<Connection>,
+    readers: Arc<ReaderPool>,
+    /// The pinned snapshot (inside `BEGIN`) between `begin` and `end`.
+    conn: Option<PooledReader>,
     published: Option<PublishedSchema>,
     tables: BTreeMap<String, ReplicaTable>,
     /// Primary keys from the client schema, which override the replica's row keys.
     client_keys: BTreeMap<String, Vec<String>>,
     schema: Schema,
     queries: HashMap<String, (Ast, BTreeSet<String>)>,
-    /// A connection kept open for reads outside a snapshot, with the replica file's inode (a
-    /// resync replaces the file).
-    reader: Option<(Connection, u64)>,
 }
 
 impl SqlViewSource {
     /// A source over the replica at `path`; `client_keys` are the client schema's primary keys.
-    pub fn new(path: PathBuf, client_keys: BTreeMap<String, Vec<String>>) -> SqlViewSource {
+    pub fn new(
+        readers: Arc<ReaderPool>,
+        client_keys: BTreeMap<String, Vec<String>>,
+    ) -> SqlViewSource {
         SqlViewSource {
-            path,
+            readers,
             conn: None,
             published: None,
             tables: BTreeMap::new(),
             client_keys,
             schema: Schema::default(),
             queries: HashMap::new(),
-            reader: None,
         }
     }
 
     fn conn(&self) -> Result<&Connection, SourceError> {
-        self.conn.as_ref().ok_or(SourceError::NotReady)
+        self.conn.as_deref().ok_or(SourceError::NotReady)
     }
 
-    /// The snapshot when one is pinned, else the long-lived reader (latest committed state).
-    fn any_conn(&mut self) -> Result<&Connection, SourceError> {
-        if self.conn.is_some() {
-            return self.conn();
+    /// Runs `f` on the snapshot when one is pinned, else on a pooled connection (latest
+    /// committed state) taken for this call only.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        match &self.conn {
+            Some(c) => f(c),
+            None => f(&*self.readers.get()?),
         }
-        use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(&self.path)
-            .map_err(|_| SourceError::NotReady)?
-            .ino();
-        if self.reader.as_ref().is_none_or(|(_, i)| *i != ino) {
-            let conn = Connection::open_with_flags(
-                &self.path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            conn.pragma_update(None, "busy_timeout", 30_000)?;
-            // Many groups each hold one: keep their page caches small.
-            conn.pragma_update(None, "cache_size", -256)?;
-            self.reader = Some((conn, ino));
-        }
-        Ok(&self.reader.as_ref().expect("opened above").0)
     }
 
     fn rebuild_schema(&mut self) {
@@ -282,14 +352,7 @@ fn tables_of(ast: &Ast) -> BTreeSet<String> {
 impl ViewSource for SqlViewSource {
     fn begin(&mut self, since: Option<&str>) -> Result<SnapshotInfo, SourceError> {
         self.end();
-        if !self.path.exists() {
-            return Err(SourceError::NotReady);
-        }
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.pragma_update(None, "busy_timeout", 30_000)?;
+        let conn = self.readers.get()?;
         conn.execute_batch("BEGIN")?;
         let state = crate::replica::read_state(&conn)?.ok_or(SourceError::NotReady)?;
         let mut changed: Option<BTreeSet<String>> = None;
@@ -389,34 +452,36 @@ impl ViewSource for SqlViewSource {
             sql::quote_ident(table),
             conds.join(" AND ")
         );
-        let conn = self.any_conn()?;
-        let mut st = conn.prepare_cached(&q)?;
-        let row = st
-            .query_row(rusqlite::params_from_iter(params), |r| {
-                let mut obj = serde_json::Map::new();
-                for (i, c) in cols.iter().enumerate() {
-                    let v = from_rusqlite(r.get::<_, rusqlite::types::Value>(i)?);
-                    obj.insert(c.name.clone(), sql::from_sql(c.ty, v).to_json());
-                }
-                Ok(Json::Object(obj))
-            })
-            .optional()?;
-        Ok(row)
+        self.with_conn(|conn| {
+            let mut st = conn.prepare_cached(&q)?;
+            let row = st
+                .query_row(rusqlite::params_from_iter(params), |r| {
+                    let mut obj = serde_json::Map::new();
+                    for (i, c) in cols.iter().enumerate() {
+                        let v = from_rusqlite(r.get::<_, rusqlite::types::Value>(i)?);
+                        obj.insert(c.name.clone(), sql::from_sql(c.ty, v).to_json());
+                    }
+                    Ok(Json::Object(obj))
+                })
+                .optional()?;
+            Ok(row)
+        })
     }
 
     fn query_json(&mut self, q: &str, params: &[SqlValue]) -> Result<Vec<Vec<Json>>, SourceError> {
-        let conn = self.any_conn()?;
-        let mut st = conn.prepare_cached(q)?;
-        let n = st.column_count();
-        let rows = st.query_map(
-            rusqlite::params_from_iter(params.iter().map(to_rusqlite)),
-            |r| {
-                (0..n)
-                    .map(|i| r.get::<_, rusqlite::types::Value>(i).map(sql_to_json))
-                    .collect::<Result<Vec<_>, _>>()
-            },
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with_conn(|conn| {
+            let mut st = conn.prepare_cached(q)?;
+            let n = st.column_count();
+            let rows = st.query_map(
+                rusqlite::params_from_iter(params.iter().map(to_rusqlite)),
+                |r| {
+                    (0..n)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i).map(sql_to_json))
+                        .collect::<Result<Vec<_>, _>>()
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     fn tables(&self) -> &BTreeMap<String, ReplicaTable> {

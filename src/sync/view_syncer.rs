@@ -175,6 +175,11 @@ pub(crate) struct ViewSyncer {
     /// Completes when the latest queued CVR write is stored: `pokeEnd` (which makes the client
     /// adopt the new cookie) waits for it, the poke's parts do not.
     durable: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The replica version of the group's first engine message: every later change to its
+    /// LMIDs / mutation results is flagged by the engine.
+    lmid_since: Option<String>,
+    /// The latest replica version flagged with such a change.
+    lmid_changed: Option<String>,
 }
 
 impl ViewSyncer {
@@ -186,7 +191,7 @@ impl ViewSyncer {
             .as_ref()
             .map(client_keys)
             .unwrap_or_default();
-        let source = Box::new(SqlViewSource::new(shared.replica_file.clone(), keys));
+        let source = Box::new(SqlViewSource::new(shared.readers.clone(), keys));
         let (engine_tx, engine_rx) = mpsc::unbounded_channel();
         shared.engine.send(Cmd::Register {
             group: id.to_string(),
@@ -218,6 +223,8 @@ impl ViewSyncer {
             clock_since: None,
             hydrating: HashMap::new(),
             durable: None,
+            lmid_since: None,
+            lmid_changed: None,
         })
     }
 
@@ -1262,8 +1269,14 @@ impl ViewSyncer {
                 }
             }
         }
+        if self.lmid_since.is_none() {
+            self.lmid_since = Some(msg.state_version.clone());
+        }
+        if msg.lmids {
+            self.lmid_changed = Some(msg.state_version.clone());
+        }
         let advanced = self.cvr.processed.as_deref() != Some(msg.state_version.as_str());
-        if advanced && !patched {
+        if advanced && !patched && msg.lmids {
             // LMID and mutation-result changes of this group also need a poke.
             let from = CvrVersion {
                 state: self.cvr.processed.clone().unwrap_or_else(|| "00".into()),
@@ -1525,7 +1538,7 @@ impl ViewSyncer {
             });
         }
         flush(&mut part, &mut parts);
-        if self.shared_state_ready() {
+        if self.shared_state_ready() && self.lmids_may_differ(from) {
             let m = self.mutation_changes(from, &poke_id)?;
             part.last_mutation_id_changes = m.last_mutation_id_changes;
             part.mutations_patch = m.mutations_patch;
@@ -1564,6 +1577,16 @@ impl ViewSyncer {
             parts.push(part);
         }
         Ok(parts)
+    }
+
+    /// Whether this group's LMIDs or mutation results may have changed after `from`: the
+    /// engine flags the versions that touch them ([`EngineMsg::lmids`]), so a client that is
+    /// current since the group's first engine message is poked without reading them.
+    fn lmids_may_differ(&self, from: Option<&CvrVersion>) -> bool {
+        let (Some(from), Some(since)) = (from, &self.lmid_since) else {
+            return true;
+        };
+        from.state < *since || self.lmid_changed.as_ref().is_some_and(|c| *c > from.state)
     }
 
     fn shared_state_ready(&self) -> bool {
