@@ -284,7 +284,7 @@ async fn main() {
     let mut reached = 0;
     for k in 0..if run_rename { 10 } else { 0 } {
         let mut new = current.to_vec();
-        new[name_col] = Value::String(format!("bug-{k}"));
+        new[name_col] = Value::String(format!("bug-{k}").into());
         let new: Row = Arc::from(new);
         let (ms, n) = b.change(update("label", current.clone(), new.clone()));
         current = new;

@@ -94,7 +94,7 @@ mod tests {
         );
         assert_eq!(
             value_from_sqlite(ColumnType::Json, SqlValue::Text("[1,2]".into())),
-            Value::Json(serde_json::json!([1, 2]))
+            Value::from_json(serde_json::json!([1, 2]))
         );
         assert_eq!(
             value_from_sqlite(ColumnType::String, SqlValue::Null),

@@ -52,7 +52,7 @@ impl Rng {
 }
 
 fn s(x: impl Into<String>) -> Value {
-    Value::String(x.into())
+    Value::from(x.into())
 }
 
 fn n(x: u64) -> Value {

@@ -9,6 +9,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use zero_queries::Value;
 use zero_queries::ast::SimpleOp;
 use zero_queries::eval::LikePattern;
@@ -125,8 +126,10 @@ pub enum SortPart {
     Desc(Reverse<Value>),
 }
 
-/// A row's position in a completed ordering; `Ord` is Zero's order of rows.
-pub type SortKey = Vec<SortPart>;
+/// A row's position in a completed ordering; `Ord` is Zero's order of rows. Sorted indexes
+/// store one per row, so the usual ordering (one column, then a one-column primary key) is
+/// kept inline.
+pub type SortKey = SmallVec<[SortPart; 2]>;
 
 /// The sort key of `row` under `order` (which already ends with the primary key).
 pub fn sort_key(order: &[(usize, bool)], row: &[Value]) -> SortKey {

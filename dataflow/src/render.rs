@@ -22,6 +22,7 @@ use differential_dataflow::trace::wrappers::frontier::TraceFrontier;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
+use smallvec::{SmallVec, smallvec};
 use timely::dataflow::Scope;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{CapabilitySet, Operator};
@@ -40,8 +41,9 @@ use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 pub(crate) type Time = u64;
 /// Multiplicity of an update.
 pub(crate) type Diff = isize;
-/// An index key: the values of the indexed columns (empty for the whole-table index).
-pub(crate) type Key = Arc<[Value]>;
+/// An index key: the values of the indexed columns (empty for the whole-table index). One
+/// column is kept inline, so an index entry allocates nothing beyond the row it shares.
+pub(crate) type Key = SmallVec<[Value; 1]>;
 /// A shared arrangement of one table by some columns; values are whole rows.
 pub(crate) type IndexTrace = TraceAgent<ValSpine<Key, Row, Time, Diff>>;
 /// Identifies an index: the table and the key columns.
@@ -115,14 +117,10 @@ impl Drop for PressOnDrop {
 
 /// The key of `row` on `cols`, or `None` if any value is null (a null key never matches).
 pub(crate) fn key_of(row: &[Value], cols: &[usize]) -> Option<Key> {
-    let mut k = Vec::with_capacity(cols.len());
-    for &c in cols {
-        if row[c].is_null() {
-            return None;
-        }
-        k.push(row[c].clone());
+    if cols.iter().any(|&c| row[c].is_null()) {
+        return None;
     }
-    Some(Arc::from(k))
+    Some(cols.iter().map(|&c| row[c].clone()).collect())
 }
 
 /// The top-level `col = $slot` or `col IN $slot` conjunct used to seek the root table's index.
@@ -464,7 +462,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                         keys.sort();
                         keys.dedup();
                         keys.into_iter()
-                            .map(move |k| (Arc::from(vec![k]), Arc::clone(&q)))
+                            .map(move |k| (smallvec![k], Arc::clone(&q)))
                             .collect::<Vec<_>>()
                     })
                     .arrange_by_key()
@@ -474,9 +472,8 @@ impl<'s, 'a> Ctx<'s, 'a> {
             }
             None => {
                 let index = self.import(&(shape.table, vec![]));
-                let empty: Key = Arc::from(Vec::new());
                 params
-                    .map(move |q| (Arc::clone(&empty), q))
+                    .map(move |q| (Key::new(), q))
                     .arrange_by_key()
                     .join_core(index, |_k, q: &Q, row: &Row| {
                         Some((Arc::clone(q), Arc::clone(row)))
@@ -533,12 +530,11 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 // instead of O(group) (Materialize's hierarchical top-k, one level).
                 let staged = rows.map(|(q, row)| {
                     let bucket = Value::Number((row.hashed() % TOPK_BUCKETS) as f64);
-                    let key: Key = Arc::from(vec![bucket]);
+                    let key: Key = smallvec![bucket];
                     ((q, key), row)
                 });
-                let empty: Key = Arc::from(Vec::new());
                 let first = top_k(staged, shape.order.clone(), Arc::clone(&k))
-                    .map(move |((q, _), row)| ((q, Arc::clone(&empty)), row));
+                    .map(move |((q, _), row)| ((q, Key::new()), row));
                 rows = top_k(first, shape.order.clone(), k).map(|((q, _), row)| (q, row));
             } else {
                 let g = group.to_vec();
@@ -619,7 +615,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let pc = es.parent_cols.clone();
                 let keyed = input.map(move |(q, row)| {
                     // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
-                    let k = key_of(&row, &pc).unwrap_or_else(|| Arc::from(vec![Value::Null]));
+                    let k = key_of(&row, &pc).unwrap_or_else(|| smallvec![Value::Null]);
                     ((q, k), row)
                 });
                 let out = if *negated {
@@ -798,7 +794,7 @@ fn satisfiable(
         let child = &level.exists[*index].child;
         if let Some((t, slot)) = child.seek {
             let key: Key = match &params[slot] {
-                Param::Value(v) if !v.is_null() => Arc::from(vec![v.clone()]),
+                Param::Value(v) if !v.is_null() => smallvec![v.clone()],
                 _ => return false,
             };
             let rows = fetch(t, &key);
@@ -939,9 +935,9 @@ fn snapshot_only(upper: AntichainRef<'_, Time>, as_of: Time) -> bool {
 impl TopKPlan {
     fn key(&self, q: &Inst) -> Option<Key> {
         match self.slot {
-            None => Some(Arc::from(Vec::new())),
+            None => Some(Key::new()),
             Some(s) => match &q.params[s] {
-                Param::Value(v) if !v.is_null() => Some(Arc::from(vec![v.clone()])),
+                Param::Value(v) if !v.is_null() => Some(smallvec![v.clone()]),
                 _ => None,
             },
         }

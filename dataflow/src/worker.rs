@@ -161,7 +161,7 @@ impl State {
                     t.input.advance_to(version);
                 }
                 for (t, row, d) in changes.iter() {
-                    let pk: Key = Arc::from(self.catalog.pk_of(*t, row));
+                    let pk: Key = self.catalog.pk_of(*t, row).into();
                     if self.mine(pk.hashed()) {
                         self.tables[*t].update((pk, Arc::clone(row)), *d);
                     }

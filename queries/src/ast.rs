@@ -560,8 +560,8 @@ impl LiteralValue {
     pub fn to_value(&self) -> Value {
         match self {
             LiteralValue::Scalar(v) => v.clone(),
-            LiteralValue::Array(items) => Value::Json(serde_json::Value::Array(
-                items.iter().map(Value::to_json).collect(),
+            LiteralValue::Array(items) => Value::Json(std::sync::Arc::new(
+                serde_json::Value::Array(items.iter().map(Value::to_json).collect()),
             )),
         }
     }

@@ -256,8 +256,8 @@ fn js_string_of_value(v: &Value) -> String {
                 js_number_to_string(*n)
             }
         }
-        Value::String(s) => s.clone(),
-        Value::Json(j) => match j {
+        Value::String(s) => s.to_string(),
+        Value::Json(j) => match &**j {
             serde_json::Value::Array(items) => items
                 .iter()
                 .map(|i| js_string_of_value(&Value::from_json(i.clone())))

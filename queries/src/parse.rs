@@ -945,7 +945,7 @@ impl Parser<'_> {
         let lit = match self.peek().clone() {
             Tok::Str(s) => {
                 self.bump();
-                Lit::Value(Value::String(s))
+                Lit::Value(Value::String(s.into()))
             }
             Tok::Num(n) => {
                 self.bump();

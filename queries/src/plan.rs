@@ -374,7 +374,7 @@ struct Planner<'a> {
 }
 
 fn slot_marker(slot: Slot) -> Value {
-    Value::String(format!("${slot}"))
+    Value::String(format!("${slot}").into())
 }
 
 impl<'a> Planner<'a> {
@@ -454,7 +454,7 @@ impl<'a> Planner<'a> {
                     slots.push(self.push(Param::Value(v)));
                 }
                 for (i, (_, v)) in sstart.row.0.iter_mut().enumerate() {
-                    *v = Value::String(format!("$start{i}"));
+                    *v = Value::String(format!("$start{i}").into());
                 }
                 Some(StartPlan {
                     slots,

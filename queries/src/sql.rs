@@ -66,8 +66,8 @@ pub fn to_sql(v: &Value) -> SqlValue {
                 SqlValue::Real(*n)
             }
         }
-        Value::String(s) => SqlValue::Text(s.clone()),
-        Value::Json(j) => match Value::from_json(j.clone()) {
+        Value::String(s) => SqlValue::Text(s.to_string()),
+        Value::Json(j) => match Value::from_json(serde_json::Value::clone(j)) {
             Value::Json(j) => SqlValue::Text(j.to_string()),
             scalar => to_sql(&scalar),
         },
@@ -82,11 +82,11 @@ pub fn from_sql(ty: ColumnType, v: SqlValue) -> Value {
         (ColumnType::Boolean, SqlValue::Real(f)) => Value::Bool(f != 0.0),
         (ColumnType::Json, SqlValue::Text(t)) => serde_json::from_str(&t)
             .map(Value::from_json)
-            .unwrap_or(Value::String(t)),
+            .unwrap_or_else(|_| Value::String(t.into())),
         // Integers are JavaScript numbers on the wire.
         (_, SqlValue::Integer(i)) => Value::Number(i as f64),
         (_, SqlValue::Real(f)) => Value::Number(f),
-        (_, SqlValue::Text(t)) => Value::String(t),
+        (_, SqlValue::Text(t)) => Value::String(t.into()),
     }
 }
 
@@ -377,7 +377,7 @@ impl SqlBuilder<'_> {
                 let glob = like_to_glob(&pattern, ci)?;
                 let l = left(self);
                 let subject = if ci { format!("lower({l})") } else { l };
-                let p = self.param(&Value::String(glob));
+                let p = self.param(&Value::String(glob.into()));
                 let test = format!("{subject} GLOB {p}");
                 if matches!(s.op, SimpleOp::NotLike | SimpleOp::NotILike) {
                     // NOT(NULL) stays NULL, so a null left side is still false.

@@ -23,8 +23,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+pub use smol_str::SmolStr;
 
 /// One column value of a row, as it appears on the wire and in ZQL literals.
+///
+/// Every variant is cheap to clone and the enum is 24 bytes: the engine stores each row once
+/// but copies key and sort columns into several indexes, so strings are [`SmolStr`] (up to 23
+/// bytes inline, longer ones shared by reference count) and JSON documents are shared.
 #[derive(Debug, Clone)]
 pub enum Value {
     /// SQL NULL / JavaScript `null` (and `undefined`, which Zero treats as null).
@@ -34,9 +39,9 @@ pub enum Value {
     /// Every numeric column, timestamps included (epoch milliseconds), as JavaScript numbers.
     Number(f64),
     /// Text-like columns (text, uuid, enum, ...).
-    String(String),
+    String(SmolStr),
     /// `json`/`jsonb`/array columns. Holds arrays and objects in canonical form.
-    Json(serde_json::Value),
+    Json(Arc<serde_json::Value>),
 }
 
 /// A row: column values in the table's column order. Shared by pointer so that several
@@ -54,8 +59,8 @@ impl Value {
             serde_json::Value::Null => Value::Null,
             serde_json::Value::Bool(b) => Value::Bool(b),
             serde_json::Value::Number(n) => Value::Number(json_number_to_f64(&n)),
-            serde_json::Value::String(s) => Value::String(s),
-            other => Value::Json(other),
+            serde_json::Value::String(s) => Value::String(s.into()),
+            other => Value::Json(Arc::new(other)),
         }
     }
 
@@ -65,8 +70,8 @@ impl Value {
             Value::Null => serde_json::Value::Null,
             Value::Bool(b) => serde_json::Value::Bool(*b),
             Value::Number(n) => number_to_json(*n),
-            Value::String(s) => serde_json::Value::String(s.clone()),
-            Value::Json(j) => j.clone(),
+            Value::String(s) => serde_json::Value::String(s.as_str().to_owned()),
+            Value::Json(j) => serde_json::Value::clone(j),
         }
     }
 
@@ -132,7 +137,7 @@ impl Value {
             Value::Bool(b) => View::Bool(*b),
             Value::Number(n) => View::Number(*n),
             Value::String(s) => View::String(s),
-            Value::Json(j) => match j {
+            Value::Json(j) => match &**j {
                 serde_json::Value::Null => View::Null,
                 serde_json::Value::Bool(b) => View::Bool(*b),
                 serde_json::Value::Number(n) => View::Number(json_number_to_f64(n)),
@@ -384,7 +389,7 @@ impl<'de> Deserialize<'de> for Value {
                 Compact::Null => Value::Null,
                 Compact::Bool(b) => Value::Bool(b),
                 Compact::Number(n) => Value::Number(n),
-                Compact::String(s) => Value::String(s),
+                Compact::String(s) => Value::String(s.into()),
                 Compact::Json(text) => serde_json::from_str(&text)
                     .map(Value::from_json)
                     .map_err(serde::de::Error::custom)?,
@@ -428,12 +433,18 @@ impl From<i32> for Value {
 
 impl From<&str> for Value {
     fn from(s: &str) -> Self {
-        Value::String(s.to_owned())
+        Value::String(s.into())
     }
 }
 
 impl From<String> for Value {
     fn from(s: String) -> Self {
+        Value::String(s.into())
+    }
+}
+
+impl From<SmolStr> for Value {
+    fn from(s: SmolStr) -> Self {
         Value::String(s)
     }
 }
@@ -463,6 +474,11 @@ mod tests {
 
     use super::*;
 
+    /// A `Json` value as given, not in canonical form.
+    fn j(v: serde_json::Value) -> Value {
+        Value::Json(Arc::new(v))
+    }
+
     fn h(v: &Value) -> u64 {
         let mut s = DefaultHasher::new();
         v.hash(&mut s);
@@ -470,9 +486,15 @@ mod tests {
     }
 
     #[test]
+    fn values_are_24_bytes() {
+        // Rows are slices of values: every byte here is paid once per column per row.
+        assert_eq!(std::mem::size_of::<Value>(), 24);
+    }
+
+    #[test]
     fn null_sorts_first_and_kinds_are_ordered() {
         let mut vals = vec![
-            Value::Json(json!([1])),
+            j(json!([1])),
             Value::String("a".into()),
             Value::Number(-5.0),
             Value::Bool(true),
@@ -488,7 +510,7 @@ mod tests {
                 Value::Bool(true),
                 Value::Number(-5.0),
                 Value::String("a".into()),
-                Value::Json(json!([1])),
+                j(json!([1])),
             ]
         );
     }
@@ -518,22 +540,22 @@ mod tests {
 
     #[test]
     fn json_scalars_are_their_scalar_values() {
-        assert_eq!(Value::Json(json!(5)), Value::Number(5.0));
-        assert_eq!(h(&Value::Json(json!("x"))), h(&Value::from("x")));
+        assert_eq!(j(json!(5)), Value::Number(5.0));
+        assert_eq!(h(&j(json!("x"))), h(&Value::from("x")));
         assert_eq!(Value::from_json(json!(true)), Value::Bool(true));
         assert!(matches!(Value::from_json(json!([1, 2])), Value::Json(_)));
-        assert!(Value::Json(json!(null)).is_null());
+        assert!(j(json!(null)).is_null());
     }
 
     #[test]
     fn json_objects_compare_independently_of_key_order() {
         let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":2}"#).expect("json");
         let b: serde_json::Value = serde_json::from_str(r#"{"b":2,"a":1}"#).expect("json");
-        assert_eq!(Value::Json(a.clone()), Value::Json(b.clone()));
-        assert_eq!(h(&Value::Json(a)), h(&Value::Json(b)));
-        assert!(Value::Json(json!([1, 2])) < Value::Json(json!([1, 3])));
-        assert!(Value::Json(json!([1])) < Value::Json(json!([1, 0])));
-        assert!(Value::Json(json!([9])) < Value::Json(json!({})));
+        assert_eq!(j(a.clone()), j(b.clone()));
+        assert_eq!(h(&j(a)), h(&j(b)));
+        assert!(j(json!([1, 2])) < j(json!([1, 3])));
+        assert!(j(json!([1])) < j(json!([1, 0])));
+        assert!(j(json!([9])) < j(json!({})));
     }
 
     #[test]
@@ -556,7 +578,7 @@ mod tests {
             Value::Number(3.0),
             Value::Number(2.5),
             Value::from("hi"),
-            Value::Json(json!({"k": [1, "x"]})),
+            j(json!({"k": [1, "x"]})),
         ];
         let text = serde_json::to_string(&vals).expect("serialize");
         assert_eq!(text, r#"[null,true,3,2.5,"hi",{"k":[1,"x"]}]"#);
@@ -579,7 +601,7 @@ mod tests {
             Value::Bool(false),
             Value::Number(-2.5),
             Value::from("héllo"),
-            Value::Json(json!({"a": [1, null, "x"]})),
+            j(json!({"a": [1, null, "x"]})),
         ];
         let bytes = bincode::serialize(&vals).expect("bincode");
         let back: Vec<Value> = bincode::deserialize(&bytes).expect("bincode back");
@@ -593,18 +615,18 @@ mod tests {
     fn ord_eq_and_hash_agree_on_random_values() {
         let pool = vec![
             Value::Null,
-            Value::Json(json!(null)),
+            j(json!(null)),
             Value::Bool(false),
-            Value::Json(json!(false)),
+            j(json!(false)),
             Value::Number(0.0),
             Value::Number(-0.0),
-            Value::Json(json!(0)),
+            j(json!(0)),
             Value::Number(f64::NAN),
             Value::Number(1.0),
             Value::from("a"),
-            Value::Json(json!("a")),
-            Value::Json(json!([0])),
-            Value::Json(json!([0.0])),
+            j(json!("a")),
+            j(json!([0])),
+            j(json!([0.0])),
         ];
         for a in &pool {
             for b in &pool {

@@ -433,8 +433,8 @@ fn values_round_trip_through_the_replica_encoding() {
         (ColumnType::Number, Value::Number(1.5)),
         (ColumnType::Number, Value::Number(1735689600000.0)),
         (ColumnType::String, Value::from("x")),
-        (ColumnType::Json, Value::Json(json!({"a": [1, "b"]}))),
-        (ColumnType::Json, Value::Json(json!([]))),
+        (ColumnType::Json, Value::from_json(json!({"a": [1, "b"]}))),
+        (ColumnType::Json, Value::from_json(json!([]))),
         (ColumnType::String, Value::Null),
     ];
     for (ty, v) in cases {

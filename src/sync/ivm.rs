@@ -958,7 +958,7 @@ fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, J
     for (c, v) in t.columns.iter().zip(row.iter()) {
         if c.name == VERSION_COLUMN {
             if let zero_queries::Value::String(s) = v {
-                version = s.clone();
+                version = s.to_string();
             }
         } else {
             obj.insert(c.name.clone(), v.to_json());
