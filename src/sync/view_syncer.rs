@@ -1418,6 +1418,10 @@ impl ViewSyncer {
                 self.source.end();
             }
             let poke_id = target.to_string();
+            // Small pokes (one part) go out whole once the CVR is written: one socket write
+            // per client instead of two, which is what bounds fan-out to many clients. Larger
+            // ones send their parts now, so the client receives them during the write.
+            let mut held: Vec<(String, Vec<Downstream>)> = Vec::new();
             for id in &ids {
                 let from = self.conns[id].version.clone();
                 let parts = if from.as_ref() == Some(&target) {
@@ -1425,19 +1429,33 @@ impl ViewSyncer {
                 } else {
                     self.catchup(from.as_ref(), &target)?
                 };
-                let conn = &self.conns[id];
-                conn.send(Downstream::PokeStart(PokeStartBody {
+                let mut msgs = Vec::with_capacity(parts.len() + 1);
+                msgs.push(Downstream::PokeStart(PokeStartBody {
                     poke_id: poke_id.clone(),
                     base_cookie: from.as_ref().map(CvrVersion::to_string),
                 }));
-                for p in parts {
-                    conn.send(Downstream::PokePart(p));
+                let small = parts.len() <= 1;
+                msgs.extend(parts.into_iter().map(Downstream::PokePart));
+                if small {
+                    held.push((id.clone(), msgs));
+                } else {
+                    let conn = &self.conns[id];
+                    for m in msgs {
+                        conn.send(m);
+                    }
                 }
             }
             // A client must never hold a cookie the stored CVR does not reach (after a crash
             // it could not resume): end the poke once the record's write is done.
             if let Some(written) = self.durable.take() {
                 let _ = written.await;
+            }
+            for (id, msgs) in held {
+                if let Some(conn) = self.conns.get(&id) {
+                    for m in msgs {
+                        conn.send(m);
+                    }
+                }
             }
             for id in ids {
                 let Some(conn) = self.conns.get_mut(&id) else {
