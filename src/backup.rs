@@ -246,6 +246,7 @@ pub async fn restore(
 pub async fn run(
     cfg: BackupConfig,
     replica_file: PathBuf,
+    log: crate::change_db::LogStore,
     mut watermarks: watch::Receiver<String>,
     backed_up: watch::Sender<String>,
     mut shutdown: watch::Receiver<bool>,
@@ -257,7 +258,16 @@ pub async fn run(
     }
     let mut last_snapshot: Option<Instant> = None;
     loop {
-        match backup_once(&cfg, &store, &prefix, &replica_file, &mut last_snapshot).await {
+        match backup_once(
+            &cfg,
+            &store,
+            &prefix,
+            &replica_file,
+            &log,
+            &mut last_snapshot,
+        )
+        .await
+        {
             Ok(Some(w)) => {
                 backed_up.send_replace(w);
             }
@@ -276,21 +286,19 @@ async fn backup_once(
     store: &Arc<dyn ObjectStore>,
     prefix: &ObjPath,
     replica_file: &Path,
+    log: &crate::change_db::LogStore,
     last_snapshot: &mut Option<Instant>,
 ) -> Result<Option<String>, BackupError> {
     let path = replica_file.to_path_buf();
-    let (rv, watermark, min) = tokio::task::spawn_blocking(move || {
+    let (rv, watermark) = tokio::task::spawn_blocking(move || {
         let conn = replica::open(&path)?;
         let st = replica::read_state(&conn)?
             .ok_or_else(|| BackupError::Data("replica not ready".into()))?;
-        Ok::<_, BackupError>((
-            st.replica_version,
-            st.watermark,
-            changelog::min_version(&conn)?,
-        ))
+        Ok::<_, BackupError>((st.replica_version, st.watermark))
     })
     .await
     .map_err(|e| BackupError::Data(e.to_string()))??;
+    let min = log.min_version(&rv).await.map_err(BackupError::Data)?;
     let all = list(&**store, prefix).await?;
     let mine = all.get(&rv);
     let newest = mine.and_then(|l| {
@@ -340,33 +348,34 @@ async fn backup_once(
     if last_snapshot.is_none() {
         *last_snapshot = Some(Instant::now());
     }
-    // One segment with every transaction after `from`.
-    let path = replica_file.to_path_buf();
-    let f = from.clone();
-    let (body, to) = tokio::task::spawn_blocking(move || {
-        let conn = replica::open(&path)?;
-        let mut body = Vec::new();
-        let mut cursor = f;
-        loop {
-            let batch = changelog::read_after(&conn, &cursor, 1024, 16 << 20)?;
-            if batch.is_empty() {
-                break;
-            }
-            for (v, c) in batch {
-                body.extend_from_slice(
-                    format!(
-                        "{{\"version\":{},\"changes\":{c}}}\n",
-                        serde_json::Value::String(v.clone())
-                    )
-                    .as_bytes(),
-                );
-                cursor = v;
-            }
+    // One segment with every transaction after `from`, up to the replica's watermark (a
+    // change DB may be one transaction ahead of the replica for a moment).
+    let mut body = Vec::new();
+    let mut cursor = from.clone();
+    'read: loop {
+        let batch = log
+            .read_after(&rv, &cursor, 1024, 16 << 20)
+            .await
+            .map_err(BackupError::Data)?
+            .map_err(BackupError::Data)?;
+        if batch.is_empty() {
+            break;
         }
-        Ok::<_, BackupError>((body, cursor))
-    })
-    .await
-    .map_err(|e| BackupError::Data(e.to_string()))??;
+        for (v, c) in batch {
+            if v > watermark {
+                break 'read;
+            }
+            body.extend_from_slice(
+                format!(
+                    "{{\"version\":{},\"changes\":{c}}}\n",
+                    serde_json::Value::String(v.clone())
+                )
+                .as_bytes(),
+            );
+            cursor = v;
+        }
+    }
+    let to = cursor;
     if to == from {
         return Ok(Some(from));
     }

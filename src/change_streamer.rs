@@ -20,7 +20,8 @@
 //!    `{"type":"status","watermark"}` every few seconds while idle. `{"type":"reset"}` says the
 //!    manager's replica was replaced (resync): the subscriber reconnects and gets a snapshot.
 //!
-//! Transactions are read from the replica's durable log, never buffered per subscriber beyond
+//! Transactions are read from the durable log (the replica's, or the change DB's with
+//! `ZERO_CHANGE_DB`: [`crate::change_db::LogStore`]), never buffered per subscriber beyond
 //! one bounded batch; a slow subscriber slows only its own socket (TCP back pressure), and a
 //! reconnect resumes from the subscriber's own committed watermark, so nothing is lost or
 //! applied twice (replay skips versions at or below the watermark).
@@ -135,6 +136,8 @@ pub struct ChangeStreamerOptions {
     pub app_id: String,
     /// `ZERO_SHARD_NUM`.
     pub shard_num: u32,
+    /// Where the transactions are read from (the replica's own log, or `ZERO_CHANGE_DB`).
+    pub log: crate::change_db::LogStore,
 }
 
 struct Shared {
@@ -227,7 +230,6 @@ fn text(c: &Control) -> Message {
 struct LogHead {
     replica_version: String,
     watermark: String,
-    min_version: Option<String>,
 }
 
 fn log_head(path: &Path) -> Result<Option<LogHead>, replica::ReplicaError> {
@@ -243,43 +245,7 @@ fn log_head(path: &Path) -> Result<Option<LogHead>, replica::ReplicaError> {
     Ok(Some(LogHead {
         replica_version: state.replica_version,
         watermark: state.watermark,
-        min_version: crate::changelog::min_version(&tx)?,
     }))
-}
-
-/// Transactions after `after`, if the replica is still of `replica_version`.
-type Batch = Result<Vec<(String, String)>, String>;
-
-fn read_batch(path: &Path, replica_version: &str, after: &str) -> Result<Batch, SessionError> {
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(replica::ReplicaError::from)?;
-    conn.busy_timeout(Duration::from_secs(30))
-        .map_err(replica::ReplicaError::from)?;
-    let tx = conn
-        .unchecked_transaction()
-        .map_err(replica::ReplicaError::from)?;
-    let state = replica::read_state(&tx)?;
-    match state {
-        Some(s) if s.replica_version == replica_version => {}
-        _ => return Ok(Err("the replication manager's replica was replaced".into())),
-    }
-    match crate::changelog::min_version(&tx)? {
-        Some(min) if min.as_str() <= after => {}
-        _ => {
-            return Ok(Err(
-                "the change log no longer reaches back to this watermark".into(),
-            ));
-        }
-    }
-    Ok(Ok(crate::changelog::read_after(
-        &tx,
-        after,
-        BATCH_ENTRIES,
-        BATCH_BYTES,
-    )?))
 }
 
 /// Writes a consistent copy of the replica (without the change log) to `dest`.
@@ -374,7 +340,13 @@ async fn session(socket: WebSocket, st: &Shared) -> Result<(), SessionError> {
             .map_err(|e| SessionError::Other(e.to_string()))??
             .ok_or_else(|| SessionError::Other("replica not ready".into()))?
     };
-    let resumable = match (&hello.replica_version, &hello.watermark, &head.min_version) {
+    let min_version = st
+        .opts
+        .log
+        .min_version(&head.replica_version)
+        .await
+        .map_err(SessionError::Other)?;
+    let resumable = match (&hello.replica_version, &hello.watermark, &min_version) {
         (Some(rv), Some(w), Some(min)) => {
             rv == &head.replica_version && min <= w && w <= &head.watermark
         }
@@ -434,10 +406,12 @@ async fn session(socket: WebSocket, st: &Shared) -> Result<(), SessionError> {
         (made.replica_version, made.watermark)
     };
     loop {
-        let (p, rv, after) = (path.clone(), replica_version.clone(), cursor.clone());
-        let batch = tokio::task::spawn_blocking(move || read_batch(&p, &rv, &after))
+        let batch = st
+            .opts
+            .log
+            .read_after(&replica_version, &cursor, BATCH_ENTRIES, BATCH_BYTES)
             .await
-            .map_err(|e| SessionError::Other(e.to_string()))??;
+            .map_err(SessionError::Other)?;
         let batch = match batch {
             Ok(b) => b,
             Err(why) => {

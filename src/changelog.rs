@@ -7,6 +7,9 @@
 //! change-log entries and watermark. The entry is written in the same SQLite transaction as
 //! the changes, so the log and the replica can never disagree, whenever the process dies.
 //!
+//! With `ZERO_CHANGE_DB` the same entries go to Postgres instead ([`crate::change_db`]) and the
+//! replica keeps no log.
+//!
 //! Tables (ours, next to Zero's `_zero.*` metadata):
 //! - `"_zero.changeStream"`: one row per transaction: `stateVersion`, `changes` (JSON array),
 //!   `writeTimeMs`.

@@ -139,9 +139,27 @@ pub struct Config {
     pub change_streamer_uri: Option<String>,
 
     /// How view syncers find the replication manager: `dedicated` (ZERO_CHANGE_STREAMER_URI) or
-    /// `discover` (not supported here: set ZERO_CHANGE_STREAMER_URI).
+    /// `discover`: a node with sync workers and no ZERO_CHANGE_STREAMER_URI becomes a view
+    /// syncer and reads the manager's address from `"{app}_{shard}/cdc"."replicationState"` in
+    /// ZERO_CHANGE_DB (default: ZERO_UPSTREAM_DB), again after every disconnect.
     #[arg(long, env = "ZERO_CHANGE_STREAMER_MODE", default_value = "dedicated")]
     pub change_streamer_mode: String,
+
+    /// The `host:port` a replication manager publishes for discovering view syncers. Default:
+    /// the IPv4 address of this host's network interface (see
+    /// ZERO_CHANGE_STREAMER_DISCOVERY_INTERFACE_PREFERENCES) and ZERO_CHANGE_STREAMER_PORT.
+    #[arg(long, env = "ZERO_CHANGE_STREAMER_ADDRESS")]
+    pub change_streamer_address: Option<String>,
+
+    /// Interface name prefixes, in order of preference, whose address the replication manager
+    /// publishes when ZERO_CHANGE_STREAMER_ADDRESS is not set.
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STREAMER_DISCOVERY_INTERFACE_PREFERENCES",
+        value_delimiter = ',',
+        default_value = "eth,en"
+    )]
+    pub change_streamer_discovery_interface_preferences: Vec<String>,
 
     /// Number of sync workers; 0 runs only the replication manager (replication, change
     /// streamer, backups; no client sync). Default: cores - 1, at least 1.
@@ -160,13 +178,14 @@ pub struct Config {
     #[arg(long, env = "ZERO_CVR_MAX_CONNS", default_value_t = 30)]
     pub cvr_max_conns: u32,
 
-    /// Postgres database for zero-cache's change log. No effect here: the replication manager
-    /// keeps its change log inside the replica file (atomic with each commit) and backs it up
-    /// with ZERO_LITESTREAM_BACKUP_URL.
+    /// Postgres database for the replication manager's change log (schema `{app}_{shard}/cdc`):
+    /// every committed transaction is stored there before the replica commits and the slot is
+    /// acknowledged, and view syncers catch up from it. Default: the log stays inside the
+    /// replica file. Also where discovering view syncers read the manager's address.
     #[arg(long, env = "ZERO_CHANGE_DB", hide_env_values = true)]
     pub change_db: Option<String>,
 
-    /// Maximum change database connections (no effect: see ZERO_CHANGE_DB).
+    /// Maximum change database connections (the replication manager's pool).
     #[arg(long, env = "ZERO_CHANGE_MAX_CONNS", default_value_t = 5)]
     pub change_max_conns: u32,
 
@@ -492,7 +511,8 @@ pub enum Role {
     SingleNode,
     /// `ZERO_NUM_SYNC_WORKERS=0`: replication, change streamer and backups; no client sync.
     ReplicationManager,
-    /// `ZERO_CHANGE_STREAMER_URI` set: replica from the replication manager, client sync.
+    /// `ZERO_CHANGE_STREAMER_URI` set, or `ZERO_CHANGE_STREAMER_MODE=discover` with sync
+    /// workers: replica from the replication manager, client sync.
     ViewSyncer,
 }
 
@@ -621,6 +641,27 @@ impl Config {
                 });
             }
         }
+        if let Some(u) = &self.change_db {
+            crate::pgconn::UpstreamConfig::parse(u).map_err(|e| ConfigError::Invalid {
+                env: "ZERO_CHANGE_DB",
+                reason: e.to_string(),
+            })?;
+        }
+        if self.change_max_conns == 0 {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_CHANGE_MAX_CONNS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let Some(a) = &self.change_streamer_address
+            && a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_CHANGE_STREAMER_ADDRESS",
+                reason: format!("{a:?} must be host:port (e.g. 10.0.0.5:4849)"),
+            });
+        }
         if self.initial_sync_table_copy_workers == 0 {
             return Err(ConfigError::Invalid {
                 env: "ZERO_INITIAL_SYNC_TABLE_COPY_WORKERS",
@@ -643,6 +684,8 @@ impl Config {
             Role::ViewSyncer
         } else if self.num_sync_workers == Some(0) {
             Role::ReplicationManager
+        } else if self.change_streamer_mode == "discover" {
+            Role::ViewSyncer
         } else {
             Role::SingleNode
         }
@@ -652,6 +695,30 @@ impl Config {
     pub fn change_streamer_port(&self) -> u16 {
         self.change_streamer_port
             .unwrap_or_else(|| self.port.wrapping_add(1))
+    }
+
+    /// The change DB, when `ZERO_CHANGE_DB` is set; only call after [`Config::validate`].
+    pub fn change_db(&self) -> Option<crate::pgconn::UpstreamConfig> {
+        self.change_db.as_deref().map(|u| {
+            crate::pgconn::UpstreamConfig::parse(u).expect("validate() checked ZERO_CHANGE_DB")
+        })
+    }
+
+    /// Where discovering view syncers read the manager's address, and where a manager
+    /// publishes it: `ZERO_CHANGE_DB`, else the upstream database.
+    pub fn discovery_db(&self) -> Result<crate::pgconn::UpstreamConfig, crate::pgconn::UriError> {
+        crate::pgconn::UpstreamConfig::parse(self.change_db.as_deref().unwrap_or(self.upstream()))
+    }
+
+    /// The `host:port` a replication manager publishes for discovery.
+    pub fn change_streamer_address(&self) -> String {
+        self.change_streamer_address.clone().unwrap_or_else(|| {
+            format!(
+                "{}:{}",
+                crate::change_db::host_ip(&self.change_streamer_discovery_interface_preferences),
+                self.change_streamer_port()
+            )
+        })
     }
 
     /// Backup settings, when `ZERO_LITESTREAM_BACKUP_URL` is set.

@@ -23,6 +23,7 @@
 //! - [`zql`]: the replica as a ZQL schema and rows of ZQL values.
 
 pub mod backup;
+pub mod change_db;
 pub mod change_streamer;
 pub mod changelog;
 pub mod config;

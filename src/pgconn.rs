@@ -405,6 +405,90 @@ impl rustls::client::danger::ServerCertVerifier for CaOnly {
     }
 }
 
+/// A small connection pool: at most `max` sessions, opened on demand with this module's URI and
+/// TLS handling, reused while healthy (CVR store, change DB).
+pub struct PgPool {
+    cfg: UpstreamConfig,
+    idle: std::sync::Mutex<Vec<tokio_postgres::Client>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A session borrowed from a [`PgPool`]; returned to it on drop unless closed.
+pub struct Pooled<'a> {
+    pool: &'a PgPool,
+    client: Option<tokio_postgres::Client>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+        {
+            self.pool.idle.lock().expect("pool").push(c);
+        }
+    }
+}
+
+impl PgPool {
+    /// A pool of at most `max` sessions (at least one).
+    pub fn new(cfg: UpstreamConfig, max: usize) -> PgPool {
+        PgPool {
+            cfg,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+        }
+    }
+
+    /// The database the pool connects to (for messages; no password).
+    pub fn display(&self) -> String {
+        self.cfg.display()
+    }
+
+    /// Waits for a free slot, then reuses an idle session or opens one.
+    pub async fn get(&self) -> Result<Pooled<'_>, tokio_postgres::Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        let reused = {
+            let mut idle = self.idle.lock().expect("pool");
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                if !c.is_closed() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let client = match reused {
+            Some(c) => c,
+            None => self.cfg.connect().await?,
+        };
+        Ok(Pooled {
+            pool: self,
+            client: Some(client),
+            _permit: permit,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,9 @@ pub enum ReplicaError {
     /// Upstream changed in a way the replica can only follow by a full resync.
     #[error("{0}")]
     NeedsResync(String),
+    /// The change DB did not take the transaction (it was rolled back in the replica).
+    #[error(transparent)]
+    ChangeDb(#[from] crate::change_db::ChangeDbError),
 }
 
 /// What the replica records about its origin and position.
@@ -351,6 +354,8 @@ pub struct Applier {
     /// The open transaction's calls, when the replica keeps a change log (`changelog`).
     log: Option<Vec<crate::changelog::Change>>,
     logging: bool,
+    /// Where the log goes instead of the replica's own change log (`ZERO_CHANGE_DB`).
+    sink: Option<crate::change_db::ChangeSink>,
 }
 
 impl Applier {
@@ -361,6 +366,7 @@ impl Applier {
         let mut a = Applier {
             log: None,
             logging,
+            sink: None,
             conn,
             tables: BTreeMap::new(),
             by_oid: HashMap::new(),
@@ -381,6 +387,13 @@ impl Applier {
             .map(|t| (t.oid, t.name.clone()))
             .collect();
         self.schema = schema;
+    }
+
+    /// Stores every later transaction in the change DB before its SQLite commit (a failure
+    /// there rolls the replica's transaction back), instead of in the replica's own log.
+    pub fn set_sink(&mut self, sink: crate::change_db::ChangeSink) {
+        self.logging = true;
+        self.sink = Some(sink);
     }
 
     /// The watermark of the last committed transaction.
@@ -568,7 +581,17 @@ impl Applier {
             )?
             .execute(params![version, now_ms()])?;
         if let Some(log) = self.log.take() {
-            crate::changelog::append(&self.conn, &version, &log)?;
+            match &mut self.sink {
+                Some(sink) => {
+                    // Durable in the change DB first: see `change_db` for the restart rule.
+                    if let Err(e) = sink.store(&version, &log) {
+                        self.open = Some(version);
+                        self.rollback()?;
+                        return Err(e.into());
+                    }
+                }
+                None => crate::changelog::append(&self.conn, &version, &log)?,
+            }
         }
         self.conn.execute_batch("COMMIT")?;
         self.watermark = version.clone();

@@ -39,6 +39,29 @@ pub struct ReplicatorConfig {
     /// When set, the slot is acknowledged no further than this watermark (the newest one the
     /// backup holds), so that a restored replica can always continue from the slot.
     pub ack_limit: Option<watch::Receiver<String>>,
+    /// `ZERO_CHANGE_DB` on a replication manager: the change log goes there instead of into
+    /// the replica (see [`crate::change_db`]).
+    pub change_db: Option<ChangeDbTarget>,
+}
+
+/// The change DB a replication manager writes, with its identity there.
+#[derive(Clone)]
+pub struct ChangeDbTarget {
+    /// The pool.
+    pub db: std::sync::Arc<crate::change_db::ChangeDb>,
+    /// This manager's task id (`replicationState.owner`).
+    pub owner: String,
+    /// Its change streamer's `host:port` (`replicationState.ownerAddress`).
+    pub address: String,
+}
+
+impl std::fmt::Debug for ChangeDbTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeDbTarget")
+            .field("owner", &self.owner)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Replication figures for monitoring (`/statz`, logs, tests).
@@ -67,6 +90,10 @@ pub enum ReplicatorError {
     /// Streaming failed permanently.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The change DB cannot be used (another manager took it over, or it holds the log of
+    /// another replica).
+    #[error(transparent)]
+    ChangeDb(#[from] crate::change_db::ChangeDbError),
 }
 
 /// Ensures the upstream is set up and a valid replica exists, syncing (or resyncing) if needed;
@@ -187,19 +214,70 @@ pub async fn run(
             file = %cfg.sync.replica_file.display(),
             "replica ready"
         );
+        // The change DB is reconciled with the replica before anything streams.
+        let claimed = match &cfg.change_db {
+            None => None,
+            Some(t) => match t
+                .db
+                .claim(
+                    &t.owner,
+                    &t.address,
+                    &state.replica_version,
+                    &state.publications,
+                    &state.watermark,
+                    cfg.auto_reset,
+                )
+                .await
+            {
+                Ok(c) => Some(c),
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(e) => {
+                    error!(error = %e, retry_ms = backoff.as_millis() as u64, "change DB unavailable; retrying");
+                    let mut sd = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = sd.wait_for(|s| *s) => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            },
+        };
         let rt = tokio::runtime::Handle::current();
         let thread_cfg = cfg.clone();
         let thread_wm = watermarks.clone();
         let thread_shutdown = shutdown.clone();
         let result = tokio::task::spawn_blocking(move || {
             let conn = replica::open(&thread_cfg.sync.replica_file)?;
-            if thread_cfg.change_log {
+            if thread_cfg.change_log && thread_cfg.change_db.is_none() {
                 crate::changelog::enable(&conn, &state.watermark)?;
             } else {
                 // A log that stops being written would have a gap: drop it.
                 crate::changelog::disable(&conn)?;
             }
             let mut applier = Applier::new(conn, &state);
+            if let (Some(t), Some(claimed)) = (&thread_cfg.change_db, claimed) {
+                let n = claimed.pending.len();
+                for (version, json) in claimed.pending {
+                    let changes: Vec<crate::changelog::Change> = serde_json::from_str(&json)
+                        .map_err(|e| {
+                            StreamError::Data(format!("change DB entry {version}: {e}"))
+                        })?;
+                    crate::changelog::replay(&mut applier, &version, &changes)?;
+                }
+                if n > 0 {
+                    info!(
+                        transactions = n,
+                        watermark = %applier.watermark(),
+                        "replica caught up with the change DB"
+                    );
+                }
+                applier.set_sink(crate::change_db::ChangeSink::new(
+                    rt.clone(),
+                    t.db.clone(),
+                    t.owner.clone(),
+                ));
+            }
             let r = stream_changes(
                 &rt,
                 &thread_cfg,
@@ -214,6 +292,9 @@ pub async fn run(
         .map_err(|e| ReplicatorError::Stream(StreamError::Data(format!("stream thread: {e}"))))??;
         match result {
             Ok(StreamOutcome::Shutdown) => return Ok(()),
+            Err(StreamError::Replica(ReplicaError::ChangeDb(e))) if e.is_fatal() => {
+                return Err(e.into());
+            }
             Err(StreamError::ResetRequired(why)) => {
                 if !cfg.auto_reset {
                     return Err(ReplicatorError::ResetDisabled(why));

@@ -2,10 +2,11 @@
 //! (see [`Role`]) and stops everything when the shutdown future completes.
 //!
 //! - Single node: replicator + sync server.
-//! - Replication manager (`ZERO_NUM_SYNC_WORKERS=0`): replicator with the change log, change
-//!   streamer on `ZERO_CHANGE_STREAMER_PORT`, backups; no client sync.
-//! - View syncer (`ZERO_CHANGE_STREAMER_URI`): subscriber (replica from the manager) + sync
-//!   server.
+//! - Replication manager (`ZERO_NUM_SYNC_WORKERS=0`): replicator with the change log (in the
+//!   replica, or in `ZERO_CHANGE_DB`), change streamer on `ZERO_CHANGE_STREAMER_PORT` (address
+//!   published for discovery), backups; no client sync.
+//! - View syncer (`ZERO_CHANGE_STREAMER_URI`, or `ZERO_CHANGE_STREAMER_MODE=discover`):
+//!   subscriber (replica from the manager) + sync server.
 
 use std::future::Future;
 
@@ -38,6 +39,9 @@ pub enum ServerError {
     /// The change streamer could not serve.
     #[error("change streamer: {0}")]
     ChangeStreamer(std::io::Error),
+    /// The change DB cannot be used.
+    #[error(transparent)]
+    ChangeDb(#[from] crate::change_db::ChangeDbError),
 }
 
 /// Builds the replication manager's settings from the configuration.
@@ -65,6 +69,7 @@ pub fn replicator_config(config: &Config) -> Result<ReplicatorConfig, ServerErro
         change_log: config.role() == Role::ReplicationManager,
         backup: config.backup(),
         ack_limit: None,
+        change_db: None,
     })
 }
 
@@ -80,11 +85,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         role = ?role,
         "starting zero-cache"
     );
-    if config.change_streamer_mode == "discover" && role != Role::ReplicationManager {
-        tracing::warn!(
-            "ZERO_CHANGE_STREAMER_MODE=discover is not supported: set ZERO_CHANGE_STREAMER_URI on view syncers"
-        );
-    }
     let (wm_tx, wm_rx) = watch::channel(String::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
@@ -106,11 +106,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let main: tokio::task::JoinHandle<Result<(), ServerError>> = match role {
         Role::ViewSyncer => {
+            let source = match &config.change_streamer_uri {
+                Some(uri) => crate::subscriber::StreamerSource::Uri(uri.clone()),
+                None => crate::subscriber::StreamerSource::Discover {
+                    db: Box::new(config.discovery_db()?),
+                    schema: crate::change_db::cdc_schema(&config.app_id, config.shard_num),
+                },
+            };
             let scfg = crate::subscriber::SubscriberConfig {
-                uri: config
-                    .change_streamer_uri
-                    .clone()
-                    .expect("the view-syncer role has a URI"),
+                source,
                 replica_file: config.replica_file.clone(),
                 app_id: config.app_id.clone(),
                 shard_num: config.shard_num,
@@ -128,12 +132,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                 config.change_streamer_port(),
             );
+            let schema = crate::change_db::cdc_schema(&config.app_id, config.shard_num);
+            let address = config.change_streamer_address();
+            let owner = format!(
+                "{address}/{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            );
+            let log = match config.change_db() {
+                Some(cdb) => {
+                    let db = crate::change_db::ChangeDb::open(
+                        cdb,
+                        schema.clone(),
+                        config.change_max_conns as usize,
+                    )
+                    .await?;
+                    info!(change_db = %db.display(), schema = %schema, address = %address, "change log in the change DB");
+                    rcfg.change_db = Some(replicator::ChangeDbTarget {
+                        db: db.clone(),
+                        owner: owner.clone(),
+                        address: address.clone(),
+                    });
+                    crate::change_db::LogStore::ChangeDb(db)
+                }
+                None => {
+                    // The log stays in the replica; the address is still published (in the
+                    // upstream database, Zero's default change DB) for discovering view syncers.
+                    let db_cfg = config.discovery_db()?;
+                    let (wm, sd) = (wm_rx.clone(), stop_rx.clone());
+                    let (schema, owner, address) = (schema.clone(), owner.clone(), address.clone());
+                    tasks.push(tokio::spawn(publish_address(
+                        db_cfg, schema, owner, address, wm, sd,
+                    )));
+                    crate::change_db::LogStore::Replica(config.replica_file.clone())
+                }
+            };
             let streamer = crate::change_streamer::bind(
                 crate::change_streamer::ChangeStreamerOptions {
                     addr,
                     replica_file: config.replica_file.clone(),
                     app_id: config.app_id.clone(),
                     shard_num: config.shard_num,
+                    log: log.clone(),
                 },
                 wm_rx.clone(),
             )
@@ -151,14 +191,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             if let Some(b) = config.backup() {
                 rcfg.ack_limit = Some(backed_rx.clone());
                 let (file, wm, sd) = (config.replica_file.clone(), wm_rx.clone(), stop_rx.clone());
+                let log = log.clone();
                 tasks.push(tokio::spawn(async move {
-                    if let Err(e) = crate::backup::run(b, file, wm, backed_tx, sd).await {
+                    if let Err(e) = crate::backup::run(b, file, log, wm, backed_tx, sd).await {
                         tracing::error!(error = %e, "backups stopped");
                     }
                 }));
             }
             tasks.push(tokio::spawn(purge_change_log(
-                config.replica_file.clone(),
+                log,
                 rcfg.ack_limit.clone(),
                 wm_rx.clone(),
                 stop_rx.clone(),
@@ -198,7 +239,7 @@ const CHANGE_LOG_RETENTION: std::time::Duration = std::time::Duration::from_secs
 /// Purges the change log every minute: entries older than [`CHANGE_LOG_RETENTION`] and, with
 /// backups, only those the backup already holds.
 async fn purge_change_log(
-    replica_file: std::path::PathBuf,
+    log: crate::change_db::LogStore,
     backed_up: Option<watch::Receiver<String>>,
     watermarks: watch::Receiver<String>,
     mut stop: watch::Receiver<bool>,
@@ -215,16 +256,10 @@ async fn purge_change_log(
         if upto.is_empty() {
             continue;
         }
-        let file = replica_file.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let conn = crate::replica::open(&file)?;
-            let before = crate::replica::now_ms() - CHANGE_LOG_RETENTION.as_millis() as i64;
-            crate::changelog::purge(&conn, &upto, before)
-        })
-        .await;
-        match r {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(entries = n, "change log purged"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "purging the change log failed"),
+        let before = crate::replica::now_ms() - CHANGE_LOG_RETENTION.as_millis() as i64;
+        match log.purge(&upto, before).await {
+            Ok(n) if n > 0 => tracing::debug!(entries = n, "change log purged"),
+            Err(e) => tracing::warn!(error = %e, "purging the change log failed"),
             _ => {}
         }
     }
@@ -251,6 +286,36 @@ pub fn raise_open_files_limit() -> Option<u64> {
         }
     }
     Some(cur)
+}
+
+/// Publishes the change streamer's address in `"{app}_{shard}/cdc"."replicationState"` of
+/// the upstream database once the replica is ready, for view syncers in discover mode (a
+/// manager with `ZERO_CHANGE_DB` publishes it there when it claims the log). Failures are
+/// logged: dedicated view syncers do not need it.
+async fn publish_address(
+    db: crate::pgconn::UpstreamConfig,
+    schema: String,
+    owner: String,
+    address: String,
+    mut watermarks: watch::Receiver<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        r = watermarks.wait_for(|w| !w.is_empty()) => { if r.is_err() { return; } }
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    let wm = watermarks.borrow().clone();
+    let r = async {
+        let db = crate::change_db::ChangeDb::open(db, schema, 1).await?;
+        db.publish_address(&owner, &address, &wm).await
+    }
+    .await;
+    match r {
+        Ok(()) => info!(address = %address, "change streamer address published for discovery"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot publish the change streamer address for discovery")
+        }
+    }
 }
 
 /// Installs the `tracing` subscriber for the configured level and format.

@@ -25,8 +25,8 @@ use crate::replica::{self, Applier, ReplicaError, ReplicaState};
 /// Settings of the view-syncer role's replica.
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
-    /// `ZERO_CHANGE_STREAMER_URI` (`http://host:port`).
-    pub uri: String,
+    /// Where the change streamer is.
+    pub source: StreamerSource,
     /// Local replica file.
     pub replica_file: PathBuf,
     /// `ZERO_APP_ID`.
@@ -35,6 +35,37 @@ pub struct SubscriberConfig {
     pub shard_num: u32,
     /// Where to restore a missing replica from before subscribing (`ZERO_LITESTREAM_BACKUP_URL`).
     pub backup: Option<crate::backup::BackupConfig>,
+}
+
+/// How the view syncer finds the replication manager's change streamer.
+#[derive(Debug, Clone)]
+pub enum StreamerSource {
+    /// `ZERO_CHANGE_STREAMER_URI` (`http://host:port`).
+    Uri(String),
+    /// `ZERO_CHANGE_STREAMER_MODE=discover`: the address the manager published in `schema`
+    /// (`"{app}_{shard}/cdc"`) of `db` (`ZERO_CHANGE_DB`, else upstream), read again before
+    /// every connection so that a manager that moved is found.
+    Discover {
+        /// The database to read.
+        db: Box<crate::pgconn::UpstreamConfig>,
+        /// Its cdc schema.
+        schema: String,
+    },
+}
+
+impl StreamerSource {
+    async fn url(&self) -> Result<String, SubscriberError> {
+        match self {
+            StreamerSource::Uri(u) => stream_url(u),
+            StreamerSource::Discover { db, schema } => {
+                let uri = crate::change_db::discover(db, schema)
+                    .await
+                    .map_err(SubscriberError::Transient)?;
+                info!(uri = %uri, "discovered the replication manager");
+                stream_url(&uri)
+            }
+        }
+    }
 }
 
 /// Errors that stop the view-syncer role.
@@ -76,7 +107,9 @@ pub async fn run(
     watermarks: watch::Sender<String>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SubscriberError> {
-    let url = stream_url(&cfg.uri)?;
+    if let StreamerSource::Uri(u) = &cfg.source {
+        stream_url(u)?;
+    }
     if let Some(b) = &cfg.backup
         && existing(&cfg.replica_file)?.is_none()
     {
@@ -95,7 +128,11 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
-        match session(&cfg, &url, &watermarks, shutdown.clone()).await {
+        let r = match cfg.source.url().await {
+            Ok(url) => session(&cfg, &url, &watermarks, shutdown.clone()).await,
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(()) => return Ok(()),
             Err(SubscriberError::Transient(e)) => {
                 warn!(error = %e, retry_ms = backoff.as_millis() as u64, "change stream interrupted; reconnecting");

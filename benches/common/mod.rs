@@ -85,6 +85,7 @@ pub(crate) fn replicator_config(
         change_log: false,
         backup: None,
         ack_limit: None,
+        change_db: None,
     }
 }
 

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tracing::{debug, info, warn};
 
 use super::cvr::{Cvr, CvrDelta, CvrError, CvrVersion, RowRecord};
-use crate::pgconn::UpstreamConfig;
+use crate::pgconn::{PgPool, UpstreamConfig};
 
 /// A boxed future, so that backends can be trait objects.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -529,74 +529,6 @@ impl CvrBackend for SqliteBackend {
     }
 }
 
-/// A small connection pool: at most `max` sessions, opened on demand with `pgconn`'s URI and
-/// TLS handling, reused while healthy.
-struct PgPool {
-    cfg: UpstreamConfig,
-    idle: Mutex<Vec<tokio_postgres::Client>>,
-    permits: Arc<Semaphore>,
-}
-
-struct Pooled<'a> {
-    pool: &'a PgPool,
-    client: Option<tokio_postgres::Client>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl std::ops::Deref for Pooled<'_> {
-    type Target = tokio_postgres::Client;
-    fn deref(&self) -> &Self::Target {
-        self.client.as_ref().expect("present until drop")
-    }
-}
-
-impl std::ops::DerefMut for Pooled<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.client.as_mut().expect("present until drop")
-    }
-}
-
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take()
-            && !c.is_closed()
-        {
-            self.pool.idle.lock().expect("pool").push(c);
-        }
-    }
-}
-
-impl PgPool {
-    async fn get(&self) -> Result<Pooled<'_>, CvrError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the pool's semaphore is never closed");
-        let reused = {
-            let mut idle = self.idle.lock().expect("pool");
-            let mut found = None;
-            while let Some(c) = idle.pop() {
-                if !c.is_closed() {
-                    found = Some(c);
-                    break;
-                }
-            }
-            found
-        };
-        let client = match reused {
-            Some(c) => c,
-            None => self.cfg.connect().await?,
-        };
-        Ok(Pooled {
-            pool: self,
-            client: Some(client),
-            _permit: permit,
-        })
-    }
-}
-
 /// Client view records in Postgres (`ZERO_CVR_DB`), schema `{app}_{shard}/cvr`.
 pub struct PgBackend {
     pool: PgPool,
@@ -616,11 +548,7 @@ impl PgBackend {
         max_conns: usize,
     ) -> Result<PgBackend, CvrError> {
         let b = PgBackend {
-            pool: PgPool {
-                cfg,
-                idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_conns)),
-            },
+            pool: PgPool::new(cfg, max_conns),
             schema,
             max_conns,
         };

@@ -54,3 +54,6 @@ mod sync_auth;
 
 /// Replication manager + view syncers as separate processes; backup and restore.
 mod roles;
+
+/// `ZERO_CHANGE_DB`, change-streamer discovery, kill -9 of the manager.
+mod change_db;

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use crate::support::{TestDb, replica_rows, replica_schema, test_db, try_replica_state};
 use crate::sync_e2e::{ViewProcess, issue};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("free port")
         .local_addr()
@@ -21,12 +21,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Node {
-    child: Child,
-    port: u16,
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
 }
 
-fn spawn(db: &TestDb, envs: &[(&str, String)]) -> Child {
+pub(crate) fn spawn(db: &TestDb, envs: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_zero-cache"));
     cmd.env("ZERO_UPSTREAM_DB", &db.uri)
         .env("ZERO_LOG_LEVEL", "warn")
@@ -43,7 +43,7 @@ fn spawn(db: &TestDb, envs: &[(&str, String)]) -> Child {
     cmd.spawn().expect("spawn zero-cache")
 }
 
-fn manager(db: &TestDb, replica: &Path, cs_port: u16, extra: &[(&str, String)]) -> Node {
+pub(crate) fn manager(db: &TestDb, replica: &Path, cs_port: u16, extra: &[(&str, String)]) -> Node {
     let port = free_port();
     let mut envs = vec![
         ("ZERO_REPLICA_FILE", replica.display().to_string()),
@@ -76,7 +76,7 @@ fn view_syncer(db: &TestDb, replica: &Path, cs_port: u16, port: u16) -> Node {
     }
 }
 
-async fn wait_http_ok(port: u16, path: &str) {
+pub(crate) async fn wait_http_ok(port: u16, path: &str) {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -95,7 +95,7 @@ async fn wait_http_ok(port: u16, path: &str) {
     }
 }
 
-async fn wait_replica(path: &Path) {
+pub(crate) async fn wait_replica(path: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while try_replica_state(path).is_none() {
         assert!(
@@ -108,7 +108,7 @@ async fn wait_replica(path: &Path) {
 }
 
 /// Waits until `path` has the same `issue` rows as upstream.
-async fn wait_rows_equal(db: &TestDb, path: &Path) {
+pub(crate) async fn wait_rows_equal(db: &TestDb, path: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let want: i64 = db
@@ -134,7 +134,7 @@ async fn wait_rows_equal(db: &TestDb, path: &Path) {
     }
 }
 
-async fn allow_issue(db: &TestDb) {
+pub(crate) async fn allow_issue(db: &TestDb) {
     let rules = json!({"tables": {
         "issue": {"row": {"select": [["allow", {"type": "and", "conditions": []}]]}},
         "comment": {"row": {"select": [["allow", {"type": "and", "conditions": []}]]}},
@@ -145,15 +145,15 @@ async fn allow_issue(db: &TestDb) {
     .await;
 }
 
-const SCHEMA: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+pub(crate) const SCHEMA: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
      CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
      INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL);";
 
-fn one(id: &str, title: &str, n: i64) -> Json {
+pub(crate) fn one(id: &str, title: &str, n: i64) -> Json {
     issue(id, title, Some(n), Json::Null, json!([]))
 }
 
-fn inode(p: &Path) -> u64 {
+pub(crate) fn inode(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).expect("replica").ino()
 }
@@ -235,7 +235,7 @@ async fn manager_and_two_view_syncers_serve_real_clients_through_kills_and_resta
     c2.stop().await;
 }
 
-async fn stderr_of(mut child: Child) -> (std::process::ExitStatus, String) {
+pub(crate) async fn stderr_of(mut child: Child) -> (std::process::ExitStatus, String) {
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("process exits by itself")

@@ -124,6 +124,7 @@ impl TestDb {
             change_log: false,
             backup: None,
             ack_limit: None,
+            change_db: None,
         }
     }
 }
