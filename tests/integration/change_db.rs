@@ -463,3 +463,44 @@ async fn change_db_errors_are_clear_and_purge_moves_the_log_start() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].0, "03");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_change_db_view_syncers_discover_the_manager_through_upstream() {
+    let db = test_db().await;
+    db.exec(SCHEMA).await;
+    let dir = db.dir.path().to_path_buf();
+    let (m_file, v_file) = (dir.join("m.db"), dir.join("v.db"));
+    let cs = free_port();
+    let _m = manager(
+        &db,
+        &m_file,
+        cs,
+        &[("ZERO_CHANGE_STREAMER_ADDRESS", format!("127.0.0.1:{cs}"))],
+    );
+    wait_replica(&m_file).await;
+    // The log stays in the replica; the address is published in the upstream database.
+    let port = free_port();
+    let _v = spawn(
+        &db,
+        &[
+            ("ZERO_REPLICA_FILE", v_file.display().to_string()),
+            ("ZERO_CHANGE_STREAMER_MODE", "discover".into()),
+            ("ZERO_PORT", port.to_string()),
+        ],
+    );
+    wait_http_ok(port, "/keepalive").await;
+    db.exec("INSERT INTO issue VALUES ('i2', 'two', true, 2, NULL);")
+        .await;
+    wait_rows_equal(&db, &v_file).await;
+    assert!(has_sqlite_log(&m_file));
+    let addr: String = db
+        .client
+        .query_one(
+            &format!(r#"SELECT "ownerAddress" FROM {CDC}."replicationState""#),
+            &[],
+        )
+        .await
+        .expect("replicationState")
+        .get(0);
+    assert_eq!(addr, format!("127.0.0.1:{cs}"));
+}
