@@ -81,6 +81,14 @@ pub struct QueryDiff {
     pub patches: Vec<RowPatch>,
 }
 
+/// A synced row's identity in a query result: table and primary-key values.
+type Slot = (TableId, Vec<Value>);
+/// The versions of one synced row with their multiplicity; almost always a single entry.
+type Counts = Vec<(Row, Diff)>;
+/// Hash map for the per-version output bookkeeping, whose keys are the engine's own data
+/// (not attacker-chosen), so a fast non-DoS-resistant hash is fine.
+type FastMap<K, V> = foldhash::HashMap<K, V>;
+
 struct TemplateInfo {
     live: usize,
 }
@@ -97,7 +105,7 @@ struct Instance {
     hydrated: bool,
     /// Synced rows with their multiplicity (a row reachable by several paths counts several
     /// times), by table and primary key.
-    rows: HashMap<(TableId, Vec<Value>), BTreeMap<Row, Diff>>,
+    rows: FastMap<Slot, Counts>,
 }
 
 /// The incremental view engine. See the crate documentation for the model.
@@ -303,7 +311,7 @@ impl Engine {
                         joining: Vec::new(),
                         hydrates_at: None,
                         hydrated: false,
-                        rows: HashMap::new(),
+                        rows: FastMap::default(),
                     },
                 );
                 self.template_info
@@ -482,6 +490,11 @@ impl Engine {
 
     fn receive(&mut self, msg: Out) {
         match msg {
+            Out::Many(msgs) => {
+                for m in msgs {
+                    self.receive(m);
+                }
+            }
             Out::Diffs(data) => {
                 for (rec, t, d) in data {
                     self.buffered.entry(t).or_default().push((rec, d));
@@ -500,13 +513,11 @@ impl Engine {
     }
 
     fn finish_version(&mut self, v: Time, diffs: Vec<(OutRec, Diff)>, out: &mut Vec<QueryDiff>) {
-        let mut per_inst: HashMap<u64, HashMap<(TableId, Row), Diff>> = HashMap::new();
+        // Grouped by instance without hashing rows: a hydration brings tens of thousands of
+        // records, and hashing each whole row (twice) cost more than the dataflow itself.
+        let mut per_inst: FastMap<u64, Vec<(TableId, Row, Diff)>> = FastMap::default();
         for ((iid, t, row), d) in diffs {
-            *per_inst
-                .entry(iid)
-                .or_default()
-                .entry((t, row))
-                .or_default() += d;
+            per_inst.entry(iid).or_default().push((t, row, d));
         }
         // Only instances with changes, a hydration or a late subscriber have anything to say,
         // so the per-version cost does not grow with the number of idle queries.
@@ -525,28 +536,42 @@ impl Engine {
             }
             let mut patches = Vec::new();
             if let Some(changes) = per_inst.remove(&iid) {
-                let mut touched: BTreeSet<(TableId, Vec<Value>)> = BTreeSet::new();
-                let mut before: HashMap<(TableId, Vec<Value>), Option<Row>> = HashMap::new();
-                for ((t, row), d) in changes {
-                    if d == 0 {
-                        continue;
-                    }
-                    let pk = catalog.pk_of(t, &row);
-                    let slot = (t, pk);
-                    if !before.contains_key(&slot) {
-                        before.insert(slot.clone(), visible(inst.rows.get(&slot)));
-                    }
-                    let e = inst.rows.entry(slot.clone()).or_default();
-                    *e.entry(row.clone()).or_default() += d;
-                    e.retain(|_, c| *c != 0);
-                    if e.is_empty() {
-                        inst.rows.remove(&slot);
-                    }
-                    touched.insert(slot);
-                }
-                for slot in touched {
-                    let old = before.remove(&slot).flatten();
-                    let new = visible(inst.rows.get(&slot));
+                // Sorted by slot, so each slot's updates are adjacent and patches come out in
+                // slot order.
+                let mut keyed: Vec<(Slot, Row, Diff)> = changes
+                    .into_iter()
+                    .filter(|(_, _, d)| *d != 0)
+                    .map(|(t, row, d)| ((t, catalog.pk_of(t, &row)), row, d))
+                    .collect();
+                keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let mut it = keyed.into_iter().peekable();
+                while let Some((slot, row, d)) = it.next() {
+                    let (old, new) = match inst.rows.get_mut(&slot) {
+                        Some(m) => {
+                            let old = visible(Some(m));
+                            add_count(m, row, d);
+                            while let Some((_, r, d)) = it.next_if(|x| x.0 == slot) {
+                                add_count(m, r, d);
+                            }
+                            let new = visible(Some(m));
+                            if m.is_empty() {
+                                inst.rows.remove(&slot);
+                            }
+                            (old, new)
+                        }
+                        None => {
+                            let mut m = Vec::with_capacity(1);
+                            add_count(&mut m, row, d);
+                            while let Some((_, r, d)) = it.next_if(|x| x.0 == slot) {
+                                add_count(&mut m, r, d);
+                            }
+                            let new = visible(Some(&m));
+                            if !m.is_empty() {
+                                inst.rows.insert(slot.clone(), m);
+                            }
+                            (None, new)
+                        }
+                    };
                     let table = Arc::clone(&catalog.tables[slot.0].name);
                     match (old, new) {
                         (old, Some(row)) if old.as_ref() != Some(&row) => {
@@ -622,9 +647,31 @@ impl Engine {
     }
 }
 
-/// The row a client holds for a primary key: the one with a positive count.
-fn visible(m: Option<&BTreeMap<Row, Diff>>) -> Option<Row> {
-    m?.iter().find(|(_, c)| **c > 0).map(|(r, _)| Arc::clone(r))
+/// The row a client holds for a primary key: the one with a positive count (the least such
+/// row, should the dataflow ever hold two versions at once).
+fn visible(m: Option<&Counts>) -> Option<Row> {
+    m?.iter()
+        .filter(|(_, c)| *c > 0)
+        .map(|(r, _)| r)
+        .min()
+        .map(Arc::clone)
+}
+
+/// Adds `d` to `row`'s count in `m`, dropping rows whose count reaches zero. The same row
+/// usually arrives as the same allocation, which is compared first.
+fn add_count(m: &mut Counts, row: Row, d: Diff) {
+    match m
+        .iter_mut()
+        .position(|(r, _)| Arc::ptr_eq(r, &row) || **r == *row)
+    {
+        Some(i) => {
+            m[i].1 += d;
+            if m[i].1 == 0 {
+                m.swap_remove(i);
+            }
+        }
+        None => m.push((row, d)),
+    }
 }
 
 fn all_puts(catalog: &Catalog, inst: &Instance) -> Vec<RowPatch> {

@@ -23,7 +23,8 @@
 //!   renders the current result as Zero's hierarchical view; [`Engine::rows`] lists it flat.
 //! * **Threads.** Timely workers run on their own threads ([`EngineConfig::workers`]); every
 //!   command goes to every worker in the same order, and each worker reports its output and
-//!   its frontiers on one channel, so the API is synchronous and the caller bridges it to
+//!   its frontiers on one channel, in one message per timely step (so the engine thread wakes
+//!   once per step, not per template), so the API is synchronous and the caller bridges it to
 //!   async code with channels or a blocking task.
 //!
 //! ```no_run

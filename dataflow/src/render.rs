@@ -447,7 +447,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
             let children = self.scan(&es.child, params);
             let cc = es.child_cols.clone();
             let keys = children.flat_map(move |(q, row)| key_of(&row, &cc).map(|k| (q, k)));
-            return self.lookup(keys, shape.table, &es.parent_cols);
+            return self.lookup(keys, shape.table, &es.parent_cols, true);
         }
         match driving(shape) {
             Some((col, slot)) => {
@@ -483,15 +483,22 @@ impl<'s, 'a> Ctx<'s, 'a> {
     }
 
     /// Child rows of `table` whose `cols` equal one of `keys` (null keys never match).
+    ///
+    /// With `dedup`, each row comes once per instance however many parents share its key,
+    /// which a limit (`top_k` counts multiplicities) needs. Without it a row counts once per
+    /// parent: every other consumer only asks whether a row is there (filters, semijoins on
+    /// distinct keys, the output's positive count), and skipping the `distinct` saves a
+    /// reduce and two arrangements per level, on hydration and on every version.
     fn lookup(
         &mut self,
         keys: Coll<'s, (Q, Key)>,
         table: TableId,
         cols: &[usize],
+        dedup: bool,
     ) -> Coll<'s, (Q, Row)> {
         let index = self.import(&(table, cols.to_vec()));
-        keys.distinct()
-            .map(|(q, k)| (k, q))
+        let keys = if dedup { keys.distinct() } else { keys };
+        keys.map(|(q, k)| (k, q))
             .arrange_by_key()
             .join_core(index, |_k, q: &Q, row: &Row| {
                 Some((Arc::clone(q), Arc::clone(row)))
@@ -604,7 +611,8 @@ impl<'s, 'a> Ctx<'s, 'a> {
                     .unwrap_or(&input)
                     .clone()
                     .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)));
-                let cand = self.lookup(keys, es.child.table, &es.child_cols);
+                let dedup = es.cap.is_some() || es.child.limit.is_some();
+                let cand = self.lookup(keys, es.child.table, &es.child_cols, dedup);
                 let child = self.level(&es.child, cand, &es.child_cols, es.cap);
                 let cc = es.child_cols.clone();
                 let capped = child.rows.clone().map(move |(q, row)| {
@@ -662,7 +670,8 @@ impl<'s, 'a> Ctx<'s, 'a> {
             let keys = out
                 .clone()
                 .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)));
-            let cand = self.lookup(keys, rel.child.table, &rel.child_cols);
+            let dedup = rel.child.limit.is_some();
+            let cand = self.lookup(keys, rel.child.table, &rel.child_cols, dedup);
             let child = self.level(&rel.child, cand, &rel.child_cols, None);
             let rows = child.rows.clone();
             self.emit(&rel.child, &child, rows, outs);

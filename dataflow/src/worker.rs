@@ -5,7 +5,9 @@
 //! each change and each parameter row is introduced on exactly one worker, chosen by hash,
 //! while every input is *advanced* on every worker.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
@@ -58,6 +60,10 @@ pub(crate) enum Out {
         worker: usize,
         frontier: Option<Time>,
     },
+    /// Everything one worker step produced, in order: one message (and one wake-up of the
+    /// engine thread) per step instead of one per output batch and frontier change, which
+    /// on a busy machine cost more than the step itself.
+    Many(Vec<Out>),
 }
 
 struct Template {
@@ -80,11 +86,17 @@ struct State {
     probe: ProbeHandle<Time>,
     templates: HashMap<u64, Template>,
     sealed: Time,
-    out: Sender<Out>,
+    /// Output of the current step, sent as one [`Out::Many`] after it.
+    out: Rc<RefCell<Vec<Out>>>,
 }
 
 /// Runs one worker until the engine drops its command channel.
-pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>, out: Sender<Out>) {
+pub(crate) fn run(
+    worker: &mut Worker,
+    catalog: Arc<Catalog>,
+    rx: Receiver<Cmd>,
+    sender: Sender<Out>,
+) {
     let mut tables = Vec::new();
     let mut indexes = Indexes::default();
     let probe = ProbeHandle::new();
@@ -111,7 +123,7 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
         probe,
         templates: HashMap::new(),
         sealed: 0,
-        out,
+        out: Rc::new(RefCell::new(Vec::new())),
     };
     for id in st.catalog.relationship_indexes.clone() {
         st.ensure_index(worker, &id);
@@ -133,11 +145,15 @@ pub(crate) fn run(worker: &mut Worker, catalog: Arc<Catalog>, rx: Receiver<Cmd>,
         let f = st.probe.with_frontier(|f| f.first().copied());
         if reported != Some(f) {
             reported = Some(f);
-            let _ = st.out.send(Out::Frontier {
+            st.out.borrow_mut().push(Out::Frontier {
                 tid: TABLES,
                 worker: st.index,
                 frontier: f,
             });
+        }
+        let step = std::mem::take(&mut *st.out.borrow_mut());
+        if !step.is_empty() {
+            let _ = sender.send(Out::Many(step));
         }
     }
 }
@@ -190,7 +206,7 @@ impl State {
                 let dataflow = worker.next_dataflow_index();
                 let mut input: InputSession<Time, Q, Diff> = InputSession::new();
                 let sealed = self.sealed;
-                let out = self.out.clone();
+                let out = Rc::clone(&self.out);
                 let index = self.index;
                 let peers = self.peers;
                 let indexes = &mut self.indexes;
@@ -204,12 +220,12 @@ impl State {
                             .inner
                             .sink(Pipeline, "Output", move |(input, frontier)| {
                                 input.for_each(|_cap, data| {
-                                    let _ = out.send(Out::Diffs(std::mem::take(data)));
+                                    out.borrow_mut().push(Out::Diffs(std::mem::take(data)));
                                 });
                                 let f = frontier.frontier().first().copied();
                                 if reported != Some(f) {
                                     reported = Some(f);
-                                    let _ = out.send(Out::Frontier {
+                                    out.borrow_mut().push(Out::Frontier {
                                         tid,
                                         worker: index,
                                         frontier: f,
