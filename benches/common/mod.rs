@@ -36,11 +36,21 @@ pub(crate) fn scale_from_env() -> Scale {
 
 /// A private Postgres in `dir/pg` (fsync off), removed when the process exits.
 pub(crate) fn start_postgres(dir: &Path, settings: Vec<(String, String)>) -> DevPostgres {
+    start_postgres_durable(dir, settings, false)
+}
+
+/// [`start_postgres`] with a choice of durability: `fsync` on is what a production server runs
+/// (fsync and full page writes on, synchronous commit at its default).
+pub(crate) fn start_postgres_durable(
+    dir: &Path,
+    settings: Vec<(String, String)>,
+    fsync: bool,
+) -> DevPostgres {
     let pg = DevPostgres::start(
         &dir.join("pg"),
         &DevPgOptions {
             port: None,
-            fsync: false,
+            fsync,
             remove_on_drop: true,
             settings,
             hba: None,

@@ -2,7 +2,8 @@
 //   node multi.mjs <server URL> <clients> <mutations per client> <in flight per client> <prefix> [all|none]
 // ("none": no client materializes a query; confirmations still arrive with each poke)
 // Output lines: {"ready": clients} when every view is complete; {"done": n, "ms", "times": [...]}
-// when every mutation is server-confirmed (times: client call → confirmation, ms); then
+// when every mutation is server-confirmed (times: client call → confirmation, ms; start/end:
+// wall clock of the first call and the last confirmation, epoch ms); then
 // {"views": [...]} once every client's view has all rows: each view as [id, title, n] rows.
 import {Zero} from '@rocicorp/zero';
 import {schema, mutators} from './app.mjs';
@@ -47,6 +48,9 @@ if (!withViews) {
 }
 const before = latest[0].length;
 out({ready: clients});
+// MULTI_START_AT (epoch ms) lines up several processes' first calls.
+const startAt = Number(process.env.MULTI_START_AT ?? 0);
+if (startAt > Date.now()) await new Promise(r => setTimeout(r, startAt - Date.now()));
 
 const times = [];
 const t0 = performance.now();
@@ -65,7 +69,8 @@ await Promise.all(
     await Promise.all(Array.from({length: inflight}, worker));
   }),
 );
-out({done: times.length, ms: performance.now() - t0, times});
+const t1 = performance.now();
+out({done: times.length, ms: t1 - t0, start: performance.timeOrigin + t0, end: performance.timeOrigin + t1, times});
 if (withViews) {
   const total = before + clients * per;
   await waitFor(() => latest.every(l => l.length >= total), 60_000);
