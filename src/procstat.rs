@@ -15,6 +15,25 @@ fn status_bytes(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Has jemalloc (the binaries' allocator) return freed pages to the system from a background
+/// thread. Without it, memory freed after a peak (loading the replica into the view engine)
+/// stays resident until later allocations happen to purge it.
+pub fn start_allocator_purging() {
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
+}
+
+/// Bytes in live allocations and bytes the allocator keeps resident, from jemalloc's
+/// statistics (zero in a program that runs on another allocator): the split between what the
+/// program holds and what fragmentation and retained pages add to its RSS.
+pub fn heap_bytes() -> (u64, u64) {
+    let _ = tikv_jemalloc_ctl::epoch::advance();
+    let read = |r: Result<usize, _>| r.map_or(0, |b| b as u64);
+    (
+        read(tikv_jemalloc_ctl::stats::allocated::read()),
+        read(tikv_jemalloc_ctl::stats::resident::read()),
+    )
+}
+
 /// Resident memory now.
 pub fn rss_bytes() -> u64 {
     status_bytes("VmRSS:")

@@ -21,6 +21,10 @@ use zero_dataflow::{Engine, EngineConfig, Op, TableChange};
 use zero_queries::ast::Ast;
 use zero_queries::schema::Schema;
 
+// The server's allocator, so peak memory is what the server would use.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "analyze-query",

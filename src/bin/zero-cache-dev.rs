@@ -9,7 +9,13 @@ use zero_cache::config::Config;
 use zero_cache::demo;
 use zero_cache::devpg::{DevPgOptions, DevPostgres};
 
+// jemalloc returns freed pages to the system and fragments less than glibc's malloc under the
+// engine's many small, long-lived allocations (rows, index keys), which is most of the RSS.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
+    zero_cache::procstat::start_allocator_purging();
     let _ = dotenvy::dotenv();
     let data_dir =
         PathBuf::from(std::env::var("ZERO_DEV_DATA_DIR").unwrap_or_else(|_| ".zero-dev".into()));

@@ -2,8 +2,14 @@
 
 use zero_cache::config::Config;
 
+// jemalloc returns freed pages to the system and fragments less than glibc's malloc under the
+// engine's many small, long-lived allocations (rows, index keys), which is most of the RSS.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    zero_cache::procstat::start_allocator_purging();
     let config = Config::from_env_and_args();
     zero_cache::server::init_logging(&config);
     let open_files = zero_cache::server::raise_open_files_limit();

@@ -35,6 +35,7 @@ use zero_queries::schema::{Column, ColumnType, Schema, TableSchema};
 use crate::schema::PublishedSchema;
 use crate::sync::cvr::RowId;
 use crate::sync::source::{SyncedRow, VERSION_COLUMN};
+use crate::sync::table_rows::TableRows;
 use crate::upstream::quote_ident;
 use crate::zql;
 
@@ -203,8 +204,8 @@ struct Ready {
     state_version: String,
     published: PublishedSchema,
     tables: BTreeMap<String, TableInfo>,
-    /// Current rows per table by canonical replica key: exactly the `Row`s fed to the engine.
-    rows: HashMap<String, HashMap<String, Row>>,
+    /// Current rows per table by primary key: exactly the `Row`s fed to the engine.
+    rows: HashMap<String, TableRows>,
     slots: Vec<Slot>,
 }
 
@@ -329,7 +330,7 @@ impl Service {
             self.stats.rows.store(
                 self.ready
                     .as_ref()
-                    .map_or(0, |r| r.rows.values().map(HashMap::len).sum()),
+                    .map_or(0, |r| r.rows.values().map(TableRows::len).sum()),
                 Ordering::Relaxed,
             );
             self.stats.shapes.store(
@@ -592,7 +593,7 @@ impl Service {
             .tables
             .retain(|name, _| !self.internal.iter().any(|p| name.starts_with(p.as_str())));
         let mut tables = BTreeMap::new();
-        let mut rows: HashMap<String, HashMap<String, Row>> = HashMap::new();
+        let mut rows: HashMap<String, TableRows> = HashMap::new();
         let mut total = 0usize;
         for (name, t) in schema.tables.iter_mut() {
             t.columns.push(Column {
@@ -620,9 +621,9 @@ impl Service {
             );
             let table_rows = zql::read_table(&conn, t)?;
             total += table_rows.len();
-            let mut map = HashMap::with_capacity(table_rows.len());
+            let mut map = TableRows::new(key_cols.clone(), table_rows.len());
             for r in table_rows {
-                map.insert(canon_key(&key_cols, &r), r);
+                map.insert(r);
             }
             rows.insert(name.clone(), map);
             tables.insert(
@@ -801,19 +802,16 @@ impl Service {
                 .iter()
                 .map(|k| json_to_sql(key_obj.get(k).unwrap_or(&Json::Null)))
                 .collect();
-            let canon = {
-                let vals: Vec<Json> = info
-                    .key_cols
-                    .iter()
-                    .zip(&params)
-                    .map(|(&i, p)| {
-                        zql::value_from_sqlite(info.schema.columns[i].ty, p.clone()).to_json()
-                    })
-                    .collect();
-                Json::Array(vals).to_string()
+            let key: Vec<zero_queries::Value> = info
+                .key_cols
+                .iter()
+                .zip(&params)
+                .map(|(&i, p)| zql::value_from_sqlite(info.schema.columns[i].ty, p.clone()))
+                .collect();
+            let Some(table_rows) = ready.rows.get_mut(&table) else {
+                continue;
             };
-            let table_rows = ready.rows.entry(table.clone()).or_default();
-            if let Some(old) = table_rows.remove(&canon) {
+            if let Some(old) = table_rows.remove(&key) {
                 changes.push(TableChange {
                     table: table.clone(),
                     op: Op::Delete,
@@ -835,9 +833,8 @@ impl Service {
                 })
                 .optional()?;
             if let Some(new) = new {
-                // The row's key may be written differently in the change log (e.g. 1 vs 1.0).
-                let canon = canon_key(&info.key_cols, &new);
-                table_rows.insert(canon, new.clone());
+                // Keys compare as values: the change log may write one differently (1 vs 1.0).
+                table_rows.insert(new.clone());
                 changes.push(TableChange {
                     table,
                     op: Op::Insert,
@@ -864,10 +861,6 @@ fn json_to_sql(v: &Json) -> SqlValue {
     }
 }
 
-fn canon_key(key_cols: &[usize], row: &Row) -> String {
-    Json::Array(key_cols.iter().map(|&i| row[i].to_json()).collect()).to_string()
-}
-
 /// A new engine for client primary keys `keys`, loaded with every current row at `version`.
 fn new_slot(
     ready: &Ready,
@@ -887,7 +880,7 @@ fn new_slot(
     let mut engine = Engine::new(EngineConfig { workers }, &schema)?;
     let mut changes = Vec::new();
     for (table, rows) in &ready.rows {
-        for r in rows.values() {
+        for r in rows.iter() {
             changes.push(TableChange {
                 table: table.clone(),
                 op: Op::Insert,

@@ -37,6 +37,7 @@ pub mod mutate;
 pub mod protocol;
 pub mod schema_check;
 pub mod source;
+mod table_rows;
 pub mod view_syncer;
 
 use std::collections::HashMap;
