@@ -355,9 +355,22 @@ impl ChangeDb {
             log = self.t("changeLog"),
         );
         let now = crate::replica::now_ms();
-        let row = c
-            .query_one(&sql, &[&version, &changes_json, &owner, &now])
+        // Typed parameters: one round trip, no separate prepare.
+        use tokio_postgres::types::Type;
+        let rows = c
+            .query_typed(
+                &sql,
+                &[
+                    (&version, Type::TEXT),
+                    (&changes_json, Type::TEXT),
+                    (&owner, Type::TEXT),
+                    (&now, Type::INT8),
+                ],
+            )
             .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ChangeDbError::Data("no result from the log append".into()))?;
         if row.get::<_, i64>(0) == 0 {
             let (o, a) = self.owner().await?;
             return Err(ChangeDbError::Superseded {
