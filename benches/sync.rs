@@ -214,9 +214,12 @@ fn start_server(pg_uri: &str, replica: &std::path::Path, port: u16) -> Child {
         .env("ZERO_REPLICA_FILE", replica)
         .env("ZERO_PORT", port.to_string())
         .env("ZERO_ADMIN_PASSWORD", "bench")
-        .env("ZERO_LOG_LEVEL", "error")
+        .env(
+            "ZERO_LOG_LEVEL",
+            std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()

@@ -657,6 +657,17 @@ impl Service {
             slots: Vec::new(),
         };
         self.seq += 1;
+        // Legacy queries run with the permission rules applied: prepare those shapes, in the
+        // empty engine, so their indexes fill as the rows load.
+        let perms = permissions
+            .as_deref()
+            .and_then(|t| zero_queries::permissions::Permissions::from_json_str(t).ok())
+            .unwrap_or_default();
+        let prepared: Vec<Ast> = self
+            .prepared
+            .iter()
+            .map(|a| zero_queries::permissions::transform_query(a, &perms, None))
+            .collect();
         let default_keys: Arc<BTreeMap<String, Vec<String>>> = Arc::new(BTreeMap::new());
         let mut key_sets: Vec<Arc<BTreeMap<String, Vec<String>>>> = vec![default_keys];
         for q in self.queries.values() {
@@ -664,29 +675,16 @@ impl Service {
                 key_sets.push(q.keys.clone());
             }
         }
-        for keys in key_sets {
-            ready
-                .slots
-                .push(new_slot(&ready, &schema, keys, self.workers, self.seq)?);
-        }
-        if !self.prepared.is_empty() {
-            // Legacy queries run with the permission rules applied; prepare that shape.
-            let perms = permissions
-                .as_deref()
-                .and_then(|t| zero_queries::permissions::Permissions::from_json_str(t).ok())
-                .unwrap_or_default();
-            let asts: Vec<Ast> = self
-                .prepared
-                .iter()
-                .map(|a| zero_queries::permissions::transform_query(a, &perms, None))
-                .collect();
-            let t = std::time::Instant::now();
-            prepare_shapes(&mut ready, &asts);
-            info!(
-                shapes = asts.len(),
-                ms = t.elapsed().as_millis() as u64,
-                "view engine prepared the stored queries' shapes"
-            );
+        for (i, keys) in key_sets.into_iter().enumerate() {
+            let prepare: &[Ast] = if i == 0 { &prepared } else { &[] };
+            ready.slots.push(new_slot(
+                &ready,
+                &schema,
+                keys,
+                self.workers,
+                self.seq,
+                prepare,
+            )?);
         }
         let qids: Vec<String> = self.queries.keys().cloned().collect();
         self.pending.clear();
@@ -868,6 +866,7 @@ fn new_slot(
     keys: Arc<BTreeMap<String, Vec<String>>>,
     workers: usize,
     version: u64,
+    prepare: &[Ast],
 ) -> Result<Slot, LoadError> {
     let mut schema = schema.clone();
     for (t, k) in keys.iter() {
@@ -878,6 +877,19 @@ fn new_slot(
         }
     }
     let mut engine = Engine::new(EngineConfig { workers }, &schema)?;
+    if !prepare.is_empty() {
+        let t = std::time::Instant::now();
+        for ast in prepare {
+            if let Err(e) = engine.prepare(ast) {
+                debug!(error = %e, "a stored query's shape could not be prepared");
+            }
+        }
+        info!(
+            shapes = prepare.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "view engine prepared the stored queries' shapes"
+        );
+    }
     let mut changes = Vec::new();
     for (table, rows) in &ready.rows {
         for r in rows.iter() {
@@ -931,7 +943,7 @@ fn start_query(
                 t.primary_key = info.schema.primary_key.clone();
             }
         }
-        let slot = new_slot(ready, &schema, q.keys.clone(), workers, version)
+        let slot = new_slot(ready, &schema, q.keys.clone(), workers, version, &[])
             .map_err(|e| e.to_string())?;
         ready.slots.push(slot);
     }
