@@ -233,12 +233,9 @@ pub async fn run(
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
                     error!(error = %e, retry_ms = backoff.as_millis() as u64, "change DB unavailable; retrying");
-                    let mut sd = shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = sd.wait_for(|s| *s) => return Ok(()),
+                    if !wait_before_retry(&mut backoff, &shutdown).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
             },
@@ -305,15 +302,24 @@ pub async fn run(
             }
             Err(e) => {
                 error!(error = %e, retry_ms = backoff.as_millis() as u64, "replication stream failed; reconnecting");
-                let mut sd = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = sd.wait_for(|s| *s) => return Ok(()),
+                if !wait_before_retry(&mut backoff, &shutdown).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         }
         backoff = Duration::from_millis(100);
     }
+}
+
+/// Sleeps for `backoff` and doubles it (up to 10 s), so a flapping upstream or change DB is
+/// retried without a busy loop; false when shutdown was asked for meanwhile.
+async fn wait_before_retry(backoff: &mut Duration, shutdown: &watch::Receiver<bool>) -> bool {
+    let mut sd = shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = sd.wait_for(|s| *s) => return false,
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    true
 }
