@@ -76,14 +76,6 @@ async fn kill_9_at_random_points_loses_and_repeats_nothing() {
     let checked = check_change_log(&db.replica_file());
     assert!(checked > 20_000, "checked only {checked} rows");
     // No leftover slots: exactly one slot serves this database.
-    let slots: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .expect("slots")
-        .get(0);
+    let slots = db.replication_slot_count().await;
     assert_eq!(slots, 1, "stale replication slots left behind");
 }

@@ -180,15 +180,7 @@ async fn manager_and_two_view_syncers_serve_real_clients_through_kills_and_resta
     c1.wait_for(&expect).await;
     c2.wait_for(&expect).await;
     // The view syncers have no replication slot of their own: only the manager's exists.
-    let slots: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .expect("slots")
-        .get(0);
+    let slots = db.replication_slot_count().await;
     assert_eq!(slots, 1);
 
     db.exec("INSERT INTO issue VALUES ('i2', 'two', true, 2, NULL);")

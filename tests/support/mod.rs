@@ -101,6 +101,19 @@ impl TestDb {
         });
     }
 
+    /// Replication slots of this database: a role that should not own a slot, or a restart
+    /// that leaks one, shows up here.
+    pub async fn replication_slot_count(&self) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+                &[],
+            )
+            .await
+            .expect("slots")
+            .get(0)
+    }
+
     /// The replica file path in the scratch folder.
     pub fn replica_file(&self) -> PathBuf {
         self.dir.path().join("replica.db")
