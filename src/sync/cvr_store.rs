@@ -55,6 +55,12 @@ struct GroupQueue {
     waiters: Vec<oneshot::Sender<()>>,
 }
 
+/// Groups stored per transaction at most: a version that touches ten thousand groups is
+/// written in a few transactions, so the first groups' pokes end (and their sockets are
+/// written) while the later groups' records are still being stored, instead of every poke
+/// waiting for one long transaction.
+const MAX_BATCH_GROUPS: usize = 1000;
+
 /// The process's CVR store: a backend plus the background writer.
 pub struct CvrStore {
     backend: Arc<dyn CvrBackend>,
@@ -146,6 +152,9 @@ impl CvrStore {
                 let mut batch = Vec::new();
                 let mut waiters = Vec::new();
                 for q in queues.values_mut() {
+                    if batch.len() >= MAX_BATCH_GROUPS {
+                        break;
+                    }
                     if let Some(d) = q.next.take() {
                         batch.push(Arc::new(d));
                         waiters.append(&mut q.waiters);
@@ -470,8 +479,11 @@ impl SqliteBackend {
         }
         {
             let mut put = tx.prepare_cached(
-                r#"INSERT OR REPLACE INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+                r#"INSERT INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                   ON CONFLICT ("clientGroupID", "table", "rowKey") DO UPDATE SET
+                     "rowVersion" = excluded."rowVersion", "patchVersion" = excluded."patchVersion",
+                     "refCounts" = excluded."refCounts""#,
             )?;
             for ((table, key), r) in &d.rows {
                 let (pv, refs) = row_columns(r);

@@ -135,8 +135,11 @@ impl RequestInfo {
                 .map(str::to_string)
         };
         RequestInfo {
+            // The WebSocket handshake's own headers are never forwarded; the protocol header
+            // carries the whole initConnection, which every connection would otherwise keep.
             headers: h
                 .iter()
+                .filter(|(k, _)| !k.as_str().starts_with("sec-websocket-"))
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
                 .collect(),
             cookie: get(axum::http::header::COOKIE),

@@ -221,7 +221,7 @@ async fn connection(
     let conn_id = shared.next_conn_id();
     shared.dispatch(
         &group,
-        GroupCmd::Connect(Connect {
+        GroupCmd::Connect(Box::new(Connect {
             client_id: client_id.clone(),
             wsid: wsid.clone(),
             conn_id,
@@ -230,7 +230,7 @@ async fn connection(
             user_id: params.user_id.clone(),
             request: request.clone(),
             out: out_tx.clone(),
-        }),
+        })),
     );
     let mut pusher = Pusher {
         shared: shared.clone(),
@@ -298,22 +298,22 @@ async fn write_loop(
             Ok(Some(m)) => m,
         };
         match m {
-            Outbound::Msg(m) => {
+            m @ (Outbound::Msg(_) | Outbound::Frames(_)) => {
                 // A poke is several messages: write what is queued, then flush once.
-                if sink.feed(text(&m)).await.is_err() {
+                if !feed(&mut sink, m).await {
                     return;
                 }
                 let mut close = None;
                 while let Ok(next) = rx.try_recv() {
                     match next {
-                        Outbound::Msg(m) => {
-                            if sink.feed(text(&m)).await.is_err() {
-                                return;
-                            }
-                        }
                         c @ Outbound::Close(_) => {
                             close = Some(c);
                             break;
+                        }
+                        m => {
+                            if !feed(&mut sink, m).await {
+                                return;
+                            }
                         }
                     }
                 }
@@ -330,6 +330,22 @@ async fn write_loop(
                 return;
             }
         }
+    }
+}
+
+/// Queues a message's frames on the socket without flushing; false when the socket failed.
+async fn feed(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Outbound) -> bool {
+    match m {
+        Outbound::Msg(m) => sink.feed(text(&m)).await.is_ok(),
+        Outbound::Frames(frames) => {
+            for f in frames {
+                if sink.feed(Message::Text(f.into())).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        Outbound::Close(_) => true,
     }
 }
 

@@ -34,6 +34,7 @@ use zero_queries::schema::{Column, ColumnType, Schema, TableSchema};
 
 use crate::schema::PublishedSchema;
 use crate::sync::cvr::RowId;
+use crate::sync::protocol::RowJson;
 use crate::sync::source::{SyncedRow, VERSION_COLUMN};
 use crate::sync::table_rows::TableRows;
 use crate::upstream::quote_ident;
@@ -45,7 +46,7 @@ pub(crate) struct PatchRow {
     /// The row's CVR identity.
     pub id: RowId,
     /// `(_0_version, contents)` when the row is (still) in the result; `None` when it left.
-    pub put: Option<(String, Json)>,
+    pub put: Option<(String, RowJson)>,
 }
 
 /// What happened to one subscribed query.
@@ -957,7 +958,7 @@ fn start_query(
         .map_err(|e| e.to_string())
 }
 
-fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, Json) {
+fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, RowJson) {
     let mut obj = serde_json::Map::new();
     let mut version = String::new();
     for (c, v) in t.columns.iter().zip(row.iter()) {
@@ -973,7 +974,11 @@ fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, J
     for k in &t.primary_key {
         key.insert(k.clone(), obj.get(k).cloned().unwrap_or(Json::Null));
     }
-    (Json::Object(key).to_string(), version, Json::Object(obj))
+    (
+        Json::Object(key).to_string(),
+        version,
+        RowJson::new(&Json::Object(obj)),
+    )
 }
 
 fn patch_row(schema: &Schema, p: &RowPatch) -> Option<PatchRow> {

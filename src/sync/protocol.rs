@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value as Json;
+use serde_json::value::RawValue;
 
 /// `ttl` the server assumes when a `put` carries none (`DEFAULT_TTL_MS`).
 pub const DEFAULT_TTL_MS: f64 = 300_000.0;
@@ -247,6 +250,48 @@ pub enum QueriesPatchOp {
     },
 }
 
+/// A row's JSON text, rendered once per replica version and shared by every client group
+/// that is sent the row: a poke copies the text into its frame instead of cloning and
+/// serializing a JSON value per client.
+#[derive(Clone)]
+pub struct RowJson(Arc<RawValue>);
+
+impl RowJson {
+    /// Renders `value` (an object of the row's columns).
+    pub fn new(value: &Json) -> RowJson {
+        let raw = serde_json::value::to_raw_value(value).expect("JSON values serialize");
+        RowJson(Arc::from(raw))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The row as a JSON value (for callers that inspect it).
+    pub fn to_value(&self) -> Json {
+        serde_json::from_str(self.get()).expect("rendered from a JSON value")
+    }
+}
+
+impl std::fmt::Debug for RowJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl PartialEq for RowJson {
+    fn eq(&self, other: &RowJson) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for RowJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
 /// A row change sent to clients.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -257,7 +302,7 @@ pub enum RowPatchOp {
         #[serde(rename = "tableName")]
         table_name: String,
         /// Row as JSON, without `_0_version`.
-        value: Json,
+        value: RowJson,
     },
     /// The row left every query of the group.
     Del {
@@ -437,8 +482,9 @@ pub enum Downstream {
     Connected(ConnectedBody),
     /// A poke begins.
     PokeStart(PokeStartBody),
-    /// A part of a poke.
-    PokePart(PokePartBody),
+    /// A part of a poke (boxed: it is by far the largest body, and queued messages take the
+    /// size of the largest).
+    PokePart(Box<PokePartBody>),
     /// A poke ends.
     PokeEnd(PokeEndBody),
     /// Liveness reply.
@@ -555,7 +601,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Downstream::PokePart(part).to_text(),
+            Downstream::PokePart(Box::new(part)).to_text(),
             r#"["pokePart",{"pokeID":"00:02","desiredQueriesPatches":{"c":[{"op":"put","hash":"h"}]}}]"#
         );
         assert_eq!(

@@ -18,6 +18,7 @@ use zero_queries::sql::{self, SqlValue, Statement};
 use crate::schema::{PublishedSchema, ReplicaTable, ZqlType};
 use crate::sync::cvr::RowId;
 use crate::sync::fetch::error_chain;
+use crate::sync::protocol::RowJson;
 
 /// Column carrying the version of the commit that last wrote a row.
 pub const VERSION_COLUMN: &str = "_0_version";
@@ -48,8 +49,8 @@ pub struct SyncedRow {
     pub key: String,
     /// `_0_version`.
     pub version: String,
-    /// The row as the client receives it (no `_0_version`).
-    pub value: Json,
+    /// The row as the client receives it (no `_0_version`), rendered once.
+    pub value: RowJson,
 }
 
 impl SyncedRow {
@@ -112,6 +113,18 @@ pub struct ReaderPool {
     path: PathBuf,
     idle: Mutex<Vec<(Connection, u64)>>,
     max_idle: usize,
+    /// The replica's tables and query schema (with the replica's own keys) for the latest
+    /// published schema, shared by every group whose client keys equal the replica's: a copy
+    /// per group would cost each of ten thousand groups its own.
+    shared_schema: Mutex<Option<Arc<SourceSchema>>>,
+}
+
+/// A published schema as the SQL source uses it.
+#[derive(Debug)]
+struct SourceSchema {
+    published: PublishedSchema,
+    tables: BTreeMap<String, ReplicaTable>,
+    schema: Schema,
 }
 
 /// A connection taken from a [`ReaderPool`]; it goes back when dropped.
@@ -149,6 +162,7 @@ impl ReaderPool {
             path,
             idle: Mutex::new(Vec::new()),
             max_idle: max_idle.max(1),
+            shared_schema: Mutex::new(None),
         })
     }
 
@@ -189,11 +203,11 @@ pub struct SqlViewSource {
     readers: Arc<ReaderPool>,
     /// The pinned snapshot (inside `BEGIN`) between `begin` and `end`.
     conn: Option<PooledReader>,
-    published: Option<PublishedSchema>,
-    tables: BTreeMap<String, ReplicaTable>,
+    /// The published schema, its tables and the query schema (shared through the pool when
+    /// the client keys are the replica's).
+    schema: Arc<SourceSchema>,
     /// Primary keys from the client schema, which override the replica's row keys.
     client_keys: BTreeMap<String, Vec<String>>,
-    schema: Schema,
     queries: HashMap<String, (Ast, BTreeSet<String>)>,
 }
 
@@ -206,10 +220,12 @@ impl SqlViewSource {
         SqlViewSource {
             readers,
             conn: None,
-            published: None,
-            tables: BTreeMap::new(),
+            schema: Arc::new(SourceSchema {
+                published: PublishedSchema::default(),
+                tables: BTreeMap::new(),
+                schema: Schema::default(),
+            }),
             client_keys,
-            schema: Schema::default(),
             queries: HashMap::new(),
         }
     }
@@ -230,38 +246,33 @@ impl SqlViewSource {
         }
     }
 
-    fn rebuild_schema(&mut self) {
-        let mut tables = serde_json::Map::new();
-        for (name, t) in &self.tables {
-            let mut cols = serde_json::Map::new();
-            for c in &t.columns {
-                let ty = match c.kind.zql_type() {
-                    ZqlType::Number => "number",
-                    ZqlType::Boolean => "boolean",
-                    ZqlType::String => "string",
-                    ZqlType::Json => "json",
-                };
-                cols.insert(c.name.clone(), serde_json::json!({ "type": ty }));
+    /// Sets the schema for `published`: the pool's shared one when this group's client keys
+    /// do not change any table's key, else one of its own.
+    fn set_schema(&mut self, published: &PublishedSchema) {
+        let tables = published.replica_tables();
+        let own_keys = self
+            .client_keys
+            .iter()
+            .any(|(t, k)| tables.get(t).is_some_and(|rt| &rt.key != k));
+        if !own_keys {
+            let mut shared = self.readers.shared_schema.lock().expect("schema cache");
+            if let Some(s) = shared.as_ref()
+                && &s.published == published
+            {
+                self.schema = s.clone();
+                return;
             }
-            cols.insert(VERSION_COLUMN.into(), serde_json::json!({"type": "string"}));
-            let pk = self
-                .client_keys
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| t.key.clone());
-            tables.insert(
-                name.clone(),
-                serde_json::json!({"columns": cols, "primaryKey": pk}),
-            );
+            let s = Arc::new(build_schema(published, tables, &BTreeMap::new()));
+            *shared = Some(s.clone());
+            self.schema = s;
+            return;
         }
-        match Schema::from_json_value(&serde_json::json!({ "tables": tables })) {
-            Ok(s) => self.schema = s,
-            Err(e) => warn!(error = %e, "replica schema could not be loaded for queries"),
-        }
+        self.schema = Arc::new(build_schema(published, tables, &self.client_keys));
     }
 
     fn key_of(&self, table: &str) -> Vec<String> {
         self.schema
+            .schema
             .table(table)
             .map(|t| t.primary_key.clone())
             .unwrap_or_default()
@@ -269,11 +280,12 @@ impl SqlViewSource {
 
     fn evaluate(&self, ast: &Ast) -> Result<Vec<SyncedRow>, SourceError> {
         let conn = self.conn()?;
-        let nodes = sql::evaluate(ast, &self.schema, |stmt: &Statement| run(conn, stmt))
+        let schema = &self.schema.schema;
+        let nodes = sql::evaluate(ast, schema, |stmt: &Statement| run(conn, stmt))
             .map_err(|e| SourceError::Query(error_chain(&e)))?;
         let mut out = Vec::new();
         for (table, row) in sql::synced_rows(&nodes) {
-            let Some(t) = self.schema.table(&table) else {
+            let Some(t) = schema.table(&table) else {
                 continue;
             };
             let mut obj = serde_json::Map::new();
@@ -293,10 +305,52 @@ impl SqlViewSource {
                 table,
                 key: Json::Object(key).to_string(),
                 version,
-                value: Json::Object(obj),
+                value: RowJson::new(&Json::Object(obj)),
             });
         }
         Ok(out)
+    }
+}
+
+/// The query schema of the replica's `tables`, with `client_keys` overriding their keys.
+fn build_schema(
+    published: &PublishedSchema,
+    tables: BTreeMap<String, ReplicaTable>,
+    client_keys: &BTreeMap<String, Vec<String>>,
+) -> SourceSchema {
+    let mut out = serde_json::Map::new();
+    for (name, t) in &tables {
+        let mut cols = serde_json::Map::new();
+        for c in &t.columns {
+            let ty = match c.kind.zql_type() {
+                ZqlType::Number => "number",
+                ZqlType::Boolean => "boolean",
+                ZqlType::String => "string",
+                ZqlType::Json => "json",
+            };
+            cols.insert(c.name.clone(), serde_json::json!({ "type": ty }));
+        }
+        cols.insert(VERSION_COLUMN.into(), serde_json::json!({"type": "string"}));
+        let pk = client_keys
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| t.key.clone());
+        out.insert(
+            name.clone(),
+            serde_json::json!({"columns": cols, "primaryKey": pk}),
+        );
+    }
+    let schema = match Schema::from_json_value(&serde_json::json!({ "tables": out })) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "replica schema could not be loaded for queries");
+            Schema::default()
+        }
+    };
+    SourceSchema {
+        published: published.clone(),
+        tables,
+        schema,
     }
 }
 
@@ -373,10 +427,8 @@ impl ViewSource for SqlViewSource {
                 changed = Some(set);
             }
         }
-        if self.published.as_ref() != Some(&state.schema) {
-            self.tables = state.schema.replica_tables();
-            self.published = Some(state.schema.clone());
-            self.rebuild_schema();
+        if self.schema.published != state.schema || self.schema.tables.is_empty() {
+            self.set_schema(&state.schema);
             changed = None;
         }
         self.conn = Some(conn);
@@ -424,7 +476,7 @@ impl ViewSource for SqlViewSource {
     }
 
     fn lookup(&mut self, table: &str, key: &str) -> Result<Option<Json>, SourceError> {
-        let Some(t) = self.schema.table(table) else {
+        let Some(t) = self.schema.schema.table(table) else {
             return Ok(None);
         };
         let key: serde_json::Map<String, Json> =
@@ -485,7 +537,7 @@ impl ViewSource for SqlViewSource {
     }
 
     fn tables(&self) -> &BTreeMap<String, ReplicaTable> {
-        &self.tables
+        &self.schema.tables
     }
 
     fn active(&self) -> bool {
@@ -495,7 +547,10 @@ impl ViewSource for SqlViewSource {
     fn set_client_keys(&mut self, keys: BTreeMap<String, Vec<String>>) {
         if keys != self.client_keys {
             self.client_keys = keys;
-            self.rebuild_schema();
+            let published = self.schema.published.clone();
+            if !self.schema.tables.is_empty() {
+                self.set_schema(&published);
+            }
         }
     }
 

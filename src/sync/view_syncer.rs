@@ -27,7 +27,7 @@ use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
     DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind, InitConnectionBody,
     MAX_TTL_MS, MutationPatchOp, PART_MAX_ENTRIES, PokeEndBody, PokePartBody, PokeStartBody,
-    QueriesPatchOp, RowPatchOp, UpQueriesPatchOp, Upstream,
+    QueriesPatchOp, RowJson, RowPatchOp, UpQueriesPatchOp, Upstream,
 };
 use super::schema_check::check_client_schema;
 use super::source::{SourceError, SqlViewSource, SyncedRow, ViewSource};
@@ -40,6 +40,9 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 pub enum Outbound {
     /// A message.
     Msg(Downstream),
+    /// Messages already rendered as text frames (a poke: rendered once by its group, written
+    /// together with one flush).
+    Frames(Vec<String>),
     /// Send the error message (if any), then close the socket.
     Close(Option<Downstream>),
 }
@@ -68,8 +71,9 @@ pub struct Connect {
 /// Commands to a group's view-syncer.
 #[derive(Debug)]
 pub enum GroupCmd {
-    /// A new connection (replaces one of the same client).
-    Connect(Connect),
+    /// A new connection (replaces one of the same client). Boxed: every group's command
+    /// channel allocates its slots at the size of the largest command.
+    Connect(Box<Connect>),
     /// A message from a connection.
     Message {
         /// Sender.
@@ -138,8 +142,9 @@ pub(crate) struct ViewSyncer {
     cvr: Cvr,
     source: Box<dyn ViewSource>,
     conns: HashMap<String, Conn>,
-    /// Row contents read at the current snapshot (saves re-reading them for pokes).
-    fresh: HashMap<RowId, Json>,
+    /// Row contents read at the current snapshot (saves re-reading them for pokes), as
+    /// rendered once by the engine for every group.
+    fresh: HashMap<RowId, RowJson>,
     permissions_text: Option<String>,
     permissions: Permissions,
     /// Transformed custom queries: the AST, or the error the API server returned.
@@ -319,6 +324,7 @@ impl ViewSyncer {
     async fn handle(&mut self, cmd: GroupCmd) {
         match cmd {
             GroupCmd::Connect(c) => {
+                let c = *c;
                 if let Some(old) = self.conns.remove(&c.client_id) {
                     debug!(client = %c.client_id, old = %old.wsid, "connection replaced");
                     old.close(None);
@@ -1420,52 +1426,71 @@ impl ViewSyncer {
             let poke_id = target.to_string();
             // Small pokes (one part) go out whole once the CVR is written: one socket write
             // per client instead of two, which is what bounds fan-out to many clients. Larger
-            // ones send their parts now, so the client receives them during the write.
-            let mut held: Vec<(String, Vec<Downstream>)> = Vec::new();
+            // ones send their parts now, so the client receives them during the write. Frames
+            // are rendered here, once per distinct starting version (clients of a group that
+            // are at the same version get the same text).
+            let mut held: Vec<(String, Vec<String>)> = Vec::new();
+            let mut rendered: Vec<(Option<CvrVersion>, Vec<String>)> = Vec::new();
             for id in &ids {
                 let from = self.conns[id].version.clone();
-                let parts = if from.as_ref() == Some(&target) {
-                    Vec::new()
-                } else {
-                    self.catchup(from.as_ref(), &target)?
-                };
-                let mut msgs = Vec::with_capacity(parts.len() + 1);
-                msgs.push(Downstream::PokeStart(PokeStartBody {
-                    poke_id: poke_id.clone(),
-                    base_cookie: from.as_ref().map(CvrVersion::to_string),
-                }));
-                let small = parts.len() <= 1;
-                msgs.extend(parts.into_iter().map(Downstream::PokePart));
-                if small {
-                    held.push((id.clone(), msgs));
-                } else {
-                    let conn = &self.conns[id];
-                    for m in msgs {
-                        conn.send(m);
+                let frames = match rendered.iter().find(|(f, _)| *f == from) {
+                    Some((_, frames)) => frames.clone(),
+                    None => {
+                        let parts = if from.as_ref() == Some(&target) {
+                            Vec::new()
+                        } else {
+                            self.catchup(from.as_ref(), &target)?
+                        };
+                        let mut frames = Vec::with_capacity(parts.len() + 2);
+                        frames.push(
+                            Downstream::PokeStart(PokeStartBody {
+                                poke_id: poke_id.clone(),
+                                base_cookie: from.as_ref().map(CvrVersion::to_string),
+                            })
+                            .to_text(),
+                        );
+                        frames.extend(
+                            parts
+                                .into_iter()
+                                .map(|p| Downstream::PokePart(Box::new(p)).to_text()),
+                        );
+                        rendered.push((from, frames.clone()));
+                        frames
                     }
+                };
+                if frames.len() <= 2 {
+                    held.push((id.clone(), frames));
+                } else {
+                    let _ = self.conns[id].out.send(Outbound::Frames(frames));
                 }
             }
+            let end = Downstream::PokeEnd(PokeEndBody {
+                poke_id: poke_id.clone(),
+                cookie: poke_id.clone(),
+                cancel: false,
+            })
+            .to_text();
             // A client must never hold a cookie the stored CVR does not reach (after a crash
             // it could not resume): end the poke once the record's write is done.
             if let Some(written) = self.durable.take() {
                 let _ = written.await;
             }
-            for (id, msgs) in held {
-                if let Some(conn) = self.conns.get(&id) {
-                    for m in msgs {
-                        conn.send(m);
-                    }
+            for (id, mut frames) in held {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    frames.push(end.clone());
+                    let _ = conn.out.send(Outbound::Frames(frames));
+                    conn.version = Some(target.clone());
+                    conn.poked = true;
                 }
             }
             for id in ids {
                 let Some(conn) = self.conns.get_mut(&id) else {
                     continue;
                 };
-                conn.send(Downstream::PokeEnd(PokeEndBody {
-                    poke_id: poke_id.clone(),
-                    cookie: poke_id.clone(),
-                    cancel: false,
-                }));
+                if conn.version.as_ref() == Some(&target) && conn.poked {
+                    continue;
+                }
+                let _ = conn.out.send(Outbound::Frames(vec![end.clone()]));
                 conn.version = Some(target.clone());
                 conn.poked = true;
             }
@@ -1573,7 +1598,7 @@ impl ViewSyncer {
             if present {
                 let value = match self.fresh.get(&id) {
                     Some(v) => Some(v.clone()),
-                    None => self.source.lookup(&table, &key)?,
+                    None => self.source.lookup(&table, &key)?.map(|v| RowJson::new(&v)),
                 };
                 match value {
                     Some(value) => part.rows_patch.push(RowPatchOp::Put {
