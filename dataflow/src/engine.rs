@@ -91,6 +91,8 @@ type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 struct TemplateInfo {
     live: usize,
+    /// Built by [`Engine::prepare`]: kept (and ready) while no query of the shape is live.
+    pinned: bool,
 }
 
 struct Instance {
@@ -235,19 +237,48 @@ impl Engine {
         Ok(())
     }
 
-    /// Builds the shared indexes that queries shaped like `ast` read (literals do not matter),
-    /// without adding a query. A host that knows its app's common queries calls this while it
-    /// loads the replica, so the first client query of such a shape hydrates in milliseconds
-    /// instead of paying for arranging a whole table. Indexes the schema's relationships need
-    /// are built by [`Engine::new`] already.
+    /// Builds the dataflow of queries shaped like `ast` (literals do not matter) and the shared
+    /// indexes it reads, without adding a query, and keeps it while no such query is live. A
+    /// host that knows its app's common queries calls this while it loads the replica, so the
+    /// first client query of such a shape hydrates like any later one instead of paying for
+    /// arranging a whole table or rendering the shape's operators, which stops every other
+    /// query's next version meanwhile. Indexes the schema's relationships need are built by
+    /// [`Engine::new`] already.
     pub fn prepare(&mut self, ast: &Ast) -> Result<(), EngineError> {
         validate(ast, &self.catalog.schema)?;
         let ast = complete_ordering(ast, &self.catalog.schema)?;
         let (shape, _) = compile(&ast, &self.catalog)?;
-        let shape = Arc::new(shape);
-        self.send(&|| Cmd::Prepare {
-            shape: Arc::clone(&shape),
-        })
+        let tid = self.template_for(Arc::new(shape))?;
+        if let Some(info) = self.template_info.get_mut(&tid) {
+            info.pinned = true;
+        }
+        Ok(())
+    }
+
+    /// The template of `shape`, creating its dataflow if there is none.
+    fn template_for(&mut self, shape: Arc<QueryShape>) -> Result<u64, EngineError> {
+        if let Some(t) = self.templates.get(&shape) {
+            return Ok(*t);
+        }
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        let s = Arc::clone(&shape);
+        self.send(&|| Cmd::CreateTemplate {
+            tid,
+            shape: Arc::clone(&s),
+        })?;
+        for w in 0..self.workers {
+            self.frontiers.insert((tid, w), Some(0));
+        }
+        self.templates.insert(shape, tid);
+        self.template_info.insert(
+            tid,
+            TemplateInfo {
+                live: 0,
+                pinned: false,
+            },
+        );
+        Ok(tid)
     }
 
     /// Registers query `id`. Its first result arrives with the next applied version (use an
@@ -260,25 +291,7 @@ impl Engine {
         validate(ast, &self.catalog.schema)?;
         let ast = complete_ordering(ast, &self.catalog.schema)?;
         let (shape, params) = compile(&ast, &self.catalog)?;
-        let shape = Arc::new(shape);
-        let tid = match self.templates.get(&shape) {
-            Some(t) => *t,
-            None => {
-                let tid = self.next_tid;
-                self.next_tid += 1;
-                let s = Arc::clone(&shape);
-                self.send(&|| Cmd::CreateTemplate {
-                    tid,
-                    shape: Arc::clone(&s),
-                })?;
-                for w in 0..self.workers {
-                    self.frontiers.insert((tid, w), Some(0));
-                }
-                self.templates.insert(shape, tid);
-                self.template_info.insert(tid, TemplateInfo { live: 0 });
-                tid
-            }
-        };
+        let tid = self.template_for(Arc::new(shape))?;
         let key = (tid, params);
         let iid = match self.instance_by_params.get(&key) {
             Some(i) => {
@@ -328,7 +341,7 @@ impl Engine {
 
     /// Unregisters query `id`. An instance with no queries left is retracted at the next
     /// version, and a template with no instances left is dropped at once, which frees its
-    /// state. Returns whether the query existed.
+    /// state (unless [`Engine::prepare`] built it). Returns whether the query existed.
     pub fn remove_query(&mut self, id: &str) -> Result<bool, EngineError> {
         let Some(iid) = self.queries.remove(id) else {
             return Ok(false);
@@ -354,7 +367,7 @@ impl Engine {
             .pending_params
             .iter()
             .position(|(t, q, d)| *t == inst.tid && q.id == iid && *d > 0);
-        if info.live == 0 {
+        if info.live == 0 && !info.pinned {
             let tid = inst.tid;
             self.template_info.remove(&tid);
             self.templates.retain(|_, t| *t != tid);
@@ -686,7 +699,19 @@ fn all_puts(catalog: &Catalog, inst: &Instance) -> Vec<RowPatch> {
             })
         })
         .collect();
-    v.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    // In table and primary-key order, as `rows` gives them (formatting each row to sort by it
+    // cost more than the rest of a late subscriber's hydration).
+    v.sort_by(|a, b| match (a, b) {
+        (
+            RowPatch::Put {
+                table: ta, pk: ka, ..
+            },
+            RowPatch::Put {
+                table: tb, pk: kb, ..
+            },
+        ) => ta.cmp(tb).then_with(|| ka.cmp(kb)),
+        _ => std::cmp::Ordering::Equal,
+    });
     v
 }
 

@@ -41,8 +41,6 @@ pub(crate) enum Cmd {
     CreateTemplate { tid: u64, shape: Arc<QueryShape> },
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
-    /// Build the shared indexes a shape reads, ahead of its first query.
-    Prepare { shape: Arc<QueryShape> },
 }
 
 /// The pseudo template id under which workers report the table arrangements' frontier, so
@@ -200,7 +198,6 @@ impl State {
                 self.sealed = version;
                 self.compact();
             }
-            Cmd::Prepare { shape } => self.ensure_indexes(worker, &shape),
             Cmd::CreateTemplate { tid, shape } => {
                 self.ensure_indexes(worker, &shape);
                 let dataflow = worker.next_dataflow_index();

@@ -212,3 +212,59 @@ fn long_update_streams_keep_results_exact() {
     want_sorted.sort();
     assert_eq!(got, want_sorted);
 }
+
+#[test]
+fn a_prepared_shape_is_built_before_its_first_query_and_kept_after_its_last() {
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
+    let q = |s: &str| parse_query(s, &schema).expect("query");
+    // Prepared in the empty engine, as the sync server does while it loads the replica.
+    e.prepare(&q("issue.orderBy('modified', 'desc').limit(5)"))
+        .expect("prepare");
+    assert_eq!(e.template_count(), 1, "the shape's dataflow exists already");
+    assert_eq!(e.instance_count(), 0);
+    e.apply(1, vec![insert(issue("i1", 1.0)), insert(issue("i2", 2.0))])
+        .expect("apply");
+    assert!(e.step_until(1).expect("step").is_empty());
+
+    // A query of that shape (another limit) uses it, and hydrates from the rows loaded before.
+    e.add_query("top", &q("issue.orderBy('modified', 'desc').limit(1)"))
+        .expect("add");
+    assert_eq!(
+        e.template_count(),
+        1,
+        "no new dataflow for a prepared shape"
+    );
+    e.apply(2, vec![]).expect("apply");
+    let diffs = e.step_until(2).expect("step");
+    assert_eq!(diffs.len(), 1);
+    assert!(diffs[0].initial);
+    assert!(
+        matches!(&diffs[0].patches[..], [RowPatch::Put { pk, .. }] if pk[0] == Value::from("i2"))
+    );
+
+    // Removing the last query keeps the prepared dataflow, which stays current.
+    assert!(e.remove_query("top").expect("remove"));
+    assert_eq!(e.template_count(), 1);
+    e.apply(3, vec![insert(issue("i3", 3.0))]).expect("apply");
+    assert!(e.step_until(3).expect("step").is_empty());
+    e.add_query("again", &q("issue.orderBy('modified', 'desc').limit(2)"))
+        .expect("add");
+    e.apply(4, vec![]).expect("apply");
+    let diffs = e.step_until(4).expect("step");
+    assert_eq!(diffs.len(), 1);
+    let mut ids: Vec<Value> = diffs[0]
+        .patches
+        .iter()
+        .filter_map(|p| match p {
+            RowPatch::Put { pk, .. } => Some(pk[0].clone()),
+            RowPatch::Del { .. } => None,
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![Value::from("i2"), Value::from("i3")]);
+    // Preparing a shape that is already there changes nothing.
+    e.prepare(&q("issue.orderBy('modified', 'desc').limit(9)"))
+        .expect("prepare");
+    assert_eq!(e.template_count(), 1);
+}
