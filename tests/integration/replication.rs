@@ -91,3 +91,43 @@ async fn lag_reports_travel_through_the_stream() {
     assert!(stats.transactions.load(Ordering::Relaxed) >= 1);
     r.stop().await.expect("clean stop");
 }
+
+/// Transactions that arrive together (here a backlog of 300 after a restart) are committed to
+/// the replica together: fewer SQLite commits and watermarks than transactions, and the
+/// replica still equals upstream with every row at or below the watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_transactions_is_committed_in_groups() {
+    use std::sync::atomic::Ordering;
+    let db = test_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, n int);").await;
+    let mut r = start(db.replicator_config());
+    r.ready().await;
+    r.stop().await.expect("clean stop");
+    let mut sql = String::new();
+    for i in 0..300 {
+        sql.push_str(&format!(
+            "BEGIN; INSERT INTO t VALUES ({i}, {i}); UPDATE t SET n = n + 1 WHERE id = {}; COMMIT;",
+            i / 2
+        ));
+    }
+    // 300 transactions (a multi-statement query would be one without the explicit ones).
+    db.exec(&sql).await;
+    let cfg = db.replicator_config();
+    let stats = std::sync::Arc::clone(&cfg.stats);
+    let mut r = start(cfg);
+    r.ready().await;
+    wait_equal(&db, Duration::from_secs(20)).await;
+    let txns = stats.transactions.load(Ordering::Relaxed);
+    let commits = stats.commits.load(Ordering::Relaxed);
+    assert!(txns >= 300, "{txns} transactions applied");
+    assert!(
+        commits < txns,
+        "{commits} replica commits for {txns} transactions"
+    );
+    let above: i64 = support::replica_query(
+        &db.replica_file(),
+        "SELECT count(*) FROM t WHERE \"_0_version\" > (SELECT \"stateVersion\" FROM \"_zero.replicationState\")",
+    );
+    assert_eq!(above, 0);
+    r.stop().await.expect("clean stop");
+}
