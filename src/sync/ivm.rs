@@ -122,6 +122,9 @@ pub(crate) struct EngineStats {
     pub shapes: AtomicUsize,
     /// Rows loaded in the engine (0 until the replica is loaded).
     pub rows: AtomicUsize,
+    /// Engines (one per distinct set of client primary keys; each holds every row, so more
+    /// than one costs the replica's memory again).
+    pub engines: AtomicUsize,
 }
 
 /// The handle view-syncers use.
@@ -204,6 +207,9 @@ struct Ready {
     replica_version: String,
     state_version: String,
     published: PublishedSchema,
+    /// `published` as the replica stores it: each watermark compares the text instead of
+    /// parsing the schema again.
+    published_text: String,
     tables: BTreeMap<String, TableInfo>,
     /// Current rows per table by primary key: exactly the `Row`s fed to the engine.
     rows: HashMap<String, TableRows>,
@@ -281,6 +287,8 @@ impl Service {
             }
             let mut out = Outbox::default();
             let mut watermark = false;
+            let started = std::time::Instant::now();
+            let commands = batch.len();
             for cmd in batch {
                 match cmd {
                     Cmd::Stop => return,
@@ -316,11 +324,17 @@ impl Service {
                     }
                 }
             }
+            let commands_ms = started.elapsed().as_secs_f64() * 1000.0;
             if let Err(e) = self.step(watermark, &mut out) {
                 warn!(error = %e, "view engine could not advance; rebuilding at the next watermark");
                 self.ready = None;
             }
+            let step_ms = started.elapsed().as_secs_f64() * 1000.0;
             self.send(out);
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            if ms >= 20.0 {
+                debug!(commands, commands_ms, step_ms, ms, "slow view engine round");
+            }
             self.stats.queries.store(
                 self.queries.values().filter(|q| q.running).count(),
                 Ordering::Relaxed,
@@ -332,6 +346,10 @@ impl Service {
                 self.ready
                     .as_ref()
                     .map_or(0, |r| r.rows.values().map(TableRows::len).sum()),
+                Ordering::Relaxed,
+            );
+            self.stats.engines.store(
+                self.ready.as_ref().map_or(0, |r| r.slots.len()),
                 Ordering::Relaxed,
             );
             self.stats.shapes.store(
@@ -648,11 +666,15 @@ impl Service {
             .optional()
             .ok()
             .flatten();
+        let published_text = read_watermark(&conn)?
+            .map(|(_, _, text)| text)
+            .unwrap_or_default();
         conn.execute_batch("COMMIT")?;
         let mut ready = Ready {
             replica_version: state.replica_version.clone(),
             state_version: state.watermark.clone(),
             published: state.schema.clone(),
+            published_text,
             tables,
             rows,
             slots: Vec::new(),
@@ -740,14 +762,20 @@ impl Service {
         conn: &Connection,
         out: &mut Outbox,
     ) -> Result<Option<Vec<TableChange>>, LoadError> {
-        let Some(state) = crate::replica::read_state(conn)? else {
+        let Some((replica_version, watermark, schema_text)) = read_watermark(conn)? else {
             return Ok(Some(Vec::new()));
         };
         let ready = self.ready.as_mut().expect("ready");
-        if state.replica_version != ready.replica_version || state.schema != ready.published {
+        if replica_version != ready.replica_version {
             return Ok(None);
         }
-        if state.watermark <= ready.state_version {
+        if schema_text != ready.published_text {
+            match serde_json::from_str::<PublishedSchema>(&schema_text) {
+                Ok(schema) if schema == ready.published => ready.published_text = schema_text,
+                _ => return Ok(None),
+            }
+        }
+        if watermark <= ready.state_version {
             return Ok(Some(Vec::new()));
         }
         let mut entries: Vec<(String, String, String)> = Vec::new();
@@ -841,10 +869,30 @@ impl Service {
                 });
             }
         }
-        ready.state_version = state.watermark;
+        ready.state_version = watermark;
         debug!(changes = changes.len(), state_version = %ready.state_version, "replica changes for the view engine");
         Ok(Some(changes))
     }
+}
+
+/// The replica's identity, watermark and published schema (as stored text), or `None` before
+/// its metadata exists. Read on every watermark, so the schema is compared, not parsed.
+fn read_watermark(conn: &Connection) -> Result<Option<(String, String, String)>, LoadError> {
+    let has: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('_zero.replicationConfig', '_zero.replicationState', '_zero.upstreamSchema')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    if has != 3 {
+        return Ok(None);
+    }
+    Ok(conn
+        .prepare_cached(
+            r#"SELECT c."replicaVersion", s."stateVersion", u."schema"
+               FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?)
 }
 
 fn json_to_sql(v: &Json) -> SqlValue {
@@ -971,7 +1019,7 @@ fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, R
         }
     }
     let mut key = serde_json::Map::new();
-    for k in &t.primary_key {
+    for k in sorted_key(&t.primary_key) {
         key.insert(k.clone(), obj.get(k).cloned().unwrap_or(Json::Null));
     }
     (
@@ -979,6 +1027,14 @@ fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, R
         version,
         RowJson::new(&Json::Object(obj)),
     )
+}
+
+/// A row key's columns in name order: a row's key string (its CVR identity) is the same
+/// whichever order the replica or the client lists its primary key in.
+pub(crate) fn sorted_key(pk: &[String]) -> Vec<&String> {
+    let mut cols: Vec<&String> = pk.iter().collect();
+    cols.sort_unstable();
+    cols
 }
 
 fn patch_row(schema: &Schema, p: &RowPatch) -> Option<PatchRow> {
@@ -993,8 +1049,11 @@ fn patch_row(schema: &Schema, p: &RowPatch) -> Option<PatchRow> {
         }
         RowPatch::Del { table, pk } => {
             let t = schema.table(table)?;
+            let mut pairs: Vec<(&String, &zero_queries::Value)> =
+                t.primary_key.iter().zip(pk).collect();
+            pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
             let mut key = serde_json::Map::new();
-            for (k, v) in t.primary_key.iter().zip(pk) {
+            for (k, v) in pairs {
                 key.insert(k.clone(), v.to_json());
             }
             Some(PatchRow {

@@ -250,10 +250,12 @@ impl SqlViewSource {
     /// do not change any table's key, else one of its own.
     fn set_schema(&mut self, published: &PublishedSchema) {
         let tables = published.replica_tables();
-        let own_keys = self
-            .client_keys
-            .iter()
-            .any(|(t, k)| tables.get(t).is_some_and(|rt| &rt.key != k));
+        // Column order does not count (Zero's clients send their keys sorted).
+        let own_keys = self.client_keys.iter().any(|(t, k)| {
+            tables
+                .get(t)
+                .is_some_and(|rt| rt.key.len() != k.len() || !k.iter().all(|c| rt.key.contains(c)))
+        });
         if !own_keys {
             let mut shared = self.readers.shared_schema.lock().expect("schema cache");
             if let Some(s) = shared.as_ref()
@@ -298,7 +300,7 @@ impl SqlViewSource {
                 }
             }
             let mut key = serde_json::Map::new();
-            for k in &t.primary_key {
+            for k in crate::sync::ivm::sorted_key(&t.primary_key) {
                 key.insert(k.clone(), obj.get(k).cloned().unwrap_or(Json::Null));
             }
             out.push(SyncedRow {

@@ -185,6 +185,10 @@ pub(crate) struct ViewSyncer {
     lmid_since: Option<String>,
     /// The latest replica version flagged with such a change.
     lmid_changed: Option<String>,
+    /// The last LMID / mutation-result read, by its bounds (`from` state, `upto`): an engine
+    /// message that only changed LMIDs reads them to decide whether to poke, and the poke's
+    /// catch-up asks for the same range; kept until the message is handled.
+    lmid_read: Option<(Option<String>, String, PokePartBody)>,
 }
 
 impl ViewSyncer {
@@ -230,6 +234,7 @@ impl ViewSyncer {
             durable: None,
             lmid_since: None,
             lmid_changed: None,
+            lmid_read: None,
         })
     }
 
@@ -523,10 +528,19 @@ impl ViewSyncer {
             Err(e) => Err(ErrorBody::new(ErrorKind::Internal, e.to_string())),
         };
         let keys = checked.map_err(OpError::Client)?;
-        // Only keys that differ from the replica's select another engine.
+        // Only keys that differ from the replica's select another engine. Order does not
+        // count: Zero's clients send their primary keys sorted (so a table keyed (b, a)
+        // upstream arrives as (a, b)), and row keys are written in sorted column order.
+        let same_columns =
+            |a: &[String], b: &[String]| a.len() == b.len() && a.iter().all(|c| b.contains(c));
         let differing: BTreeMap<String, Vec<String>> = keys
             .iter()
-            .filter(|(t, k)| self.source.tables().get(*t).is_some_and(|rt| &rt.key != *k))
+            .filter(|(t, k)| {
+                self.source
+                    .tables()
+                    .get(*t)
+                    .is_some_and(|rt| !same_columns(&rt.key, k))
+            })
             .map(|(t, k)| (t.clone(), k.clone()))
             .collect();
         self.source.end();
@@ -1032,9 +1046,11 @@ impl ViewSyncer {
     /// unwanted queries are dropped from the CVR and the engine, new (or newly transformed)
     /// ones are subscribed and their rows awaited; then every client is poked.
     async fn sync(&mut self) -> Result<(), OpError> {
+        self.lmid_read = None;
         let r = self.sync_inner().await;
         self.source.end();
         self.fresh.clear();
+        self.lmid_read = None;
         r
     }
 
@@ -1163,6 +1179,13 @@ impl ViewSyncer {
     /// Applies every engine message that is already queued after `first`, then flushes the CVR
     /// and pokes: each message leaves the group at one replica version, so the poke does too.
     async fn on_engine(&mut self, first: EngineMsg) {
+        if self.conns.is_empty() {
+            // Nobody to poke (the group outlives its last connection by KEEPALIVE): let the
+            // groups of this worker that have clients apply the version and queue their CVR
+            // writes first, so their pokes do not wait behind this one's bookkeeping.
+            tokio::task::yield_now().await;
+        }
+        self.lmid_read = None;
         let mut r = self.apply_engine_msg(first);
         while r.is_ok()
             && let Ok(m) = self.engine_rx.try_recv()
@@ -1186,6 +1209,7 @@ impl ViewSyncer {
         };
         self.source.end();
         self.fresh.clear();
+        self.lmid_read = None;
         if let Err(e) = r {
             self.fail_all(e);
         }
@@ -1327,18 +1351,28 @@ impl ViewSyncer {
         from: Option<&CvrVersion>,
         poke_id: &str,
     ) -> Result<PokePartBody, SourceError> {
+        let after = from.map(|v| v.state.clone()).unwrap_or_default();
+        let bound = self.cvr.processed.clone().unwrap_or_else(|| "~".into());
+        let bounds = (from.map(|v| v.state.clone()), bound);
+        if let Some((f, u, part)) = &self.lmid_read
+            && (f, u) == (&bounds.0, &bounds.1)
+        {
+            return Ok(PokePartBody {
+                poke_id: poke_id.to_string(),
+                ..part.clone()
+            });
+        }
         let mut part = PokePartBody {
             poke_id: poke_id.to_string(),
             ..Default::default()
         };
-        let after = from.map(|v| v.state.clone()).unwrap_or_default();
         let shard = &self.shared.shard_schema;
         let clients = zero_queries::sql::quote_ident(&format!("{shard}.clients"));
         let mutations = zero_queries::sql::quote_ident(&format!("{shard}.mutations"));
         let g = SqlValue::Text(self.id.clone());
         let a = SqlValue::Text(after.clone());
         // Nothing newer than the version the group's rows are at: a poke is one replica state.
-        let upto = SqlValue::Text(self.cvr.processed.clone().unwrap_or_else(|| "~".into()));
+        let upto = SqlValue::Text(bounds.1.clone());
         if let Ok(rows) = self.source.query_json(
             &format!(r#"SELECT "clientID", "lastMutationID" FROM {clients} WHERE "clientGroupID" = ?1 AND "_0_version" > ?2 AND "_0_version" <= ?3"#),
             &[g.clone(), a.clone(), upto.clone()],
@@ -1385,6 +1419,7 @@ impl ViewSyncer {
                 }
             }
         }
+        self.lmid_read = Some((bounds.0, bounds.1, part.clone()));
         Ok(part)
     }
 
@@ -1472,9 +1507,17 @@ impl ViewSyncer {
             .to_text();
             // A client must never hold a cookie the stored CVR does not reach (after a crash
             // it could not resume): end the poke once the record's write is done.
+            let waited = Instant::now();
             if let Some(written) = self.durable.take() {
                 let _ = written.await;
             }
+            debug!(
+                client_group = %self.id,
+                poke = %poke_id,
+                clients = ids.len(),
+                cvr_wait_ms = waited.elapsed().as_secs_f64() * 1000.0,
+                "poke end"
+            );
             for (id, mut frames) in held {
                 if let Some(conn) = self.conns.get_mut(&id) {
                     frames.push(end.clone());

@@ -671,3 +671,59 @@ async fn truncate_and_schema_change_rebuild_the_engine_without_losing_clients() 
     c.close().await;
     server.stop_sync().await.stop().await.expect("stop");
 }
+
+/// Zero's clients send primary keys sorted: a table keyed `("labelID", "issueID")` upstream
+/// arrives as `["issueID", "labelID"]`. That is the same key, so the group's queries run in the
+/// process's one engine (a second one would hold every row again), and row ids read the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_key_in_another_column_order_shares_the_engine() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE \"issueLabel\" (\"labelID\" text NOT NULL, \"issueID\" text NOT NULL, note text,
+           PRIMARY KEY (\"labelID\", \"issueID\"));
+         INSERT INTO \"issueLabel\" VALUES ('l1', 'i1', 'x'), ('l2', 'i1', 'y');",
+    )
+    .await;
+    let mut server = start_server(&db).await;
+    allow_all(&db, &mut server, &["issueLabel"]).await;
+    let schema = json!({"tables": {"issueLabel": {"columns": {
+        "labelID": {"type": "string"}, "issueID": {"type": "string"}, "note": {"type": "string"}},
+        "primaryKey": ["issueID", "labelID"]}}});
+    let query = json!([{"op": "put", "hash": "q1", "ttl": 60000,
+        "ast": {"table": "issueLabel", "orderBy": [["issueID", "asc"], ["labelID", "asc"]]}}]);
+    let mut c = connect(
+        server.addr,
+        ConnectOpts::new("c1", "g1", init(query, Some(schema))),
+    )
+    .await
+    .ok();
+    let _config = c.poke().await;
+    let hydrate = c.poke().await;
+    assert_eq!(hydrate.puts().len(), 2, "{:?}", hydrate.parts);
+    let e = engine_stats(server.addr).await;
+    assert_eq!(e["engines"], 1, "one engine for the replica's keys: {e}");
+    assert_eq!(e["queries"], 1, "{e}");
+
+    db.exec("DELETE FROM \"issueLabel\" WHERE \"labelID\" = 'l2'")
+        .await;
+    let p = c.poke().await;
+    assert_eq!(
+        p.dels(),
+        vec![(
+            "issueLabel".to_string(),
+            json!({"issueID": "i1", "labelID": "l2"})
+        )]
+    );
+    db.exec("UPDATE \"issueLabel\" SET note = 'z' WHERE \"labelID\" = 'l1'")
+        .await;
+    let p = c.poke().await;
+    assert_eq!(
+        p.puts(),
+        vec![(
+            "issueLabel".to_string(),
+            json!({"labelID": "l1", "issueID": "i1", "note": "z"})
+        )]
+    );
+    c.close().await;
+    server.stop_sync().await.stop().await.expect("stop");
+}
