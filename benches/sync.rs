@@ -7,7 +7,9 @@
 //! views, and the server's RSS with 50 clients. Each is printed with its median, p95 and target.
 //!
 //! `cargo bench --bench sync` (set `BENCH_SCALE=small` for a quick run; `SYNC_BENCH=clients`
-//! runs only the many-clients scenario, `BENCH_CLIENTS` sets its size, default 10,000).
+//! runs only the many-clients scenario, `BENCH_CLIENTS` sets its size, default 10,000;
+//! `BENCH_TRACE=1` prints when each hydration's query change went out and its poke came back,
+//! and wall-clock times of each update's steps to line up with `BENCH_SERVER_LOG=debug`).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -374,6 +376,13 @@ async fn real_clients(
             };
             let armed = d.call(expect).await;
             assert_eq!(armed["armed"], true);
+            if std::env::var("BENCH_TRACE").is_ok_and(|v| v == "1") {
+                // Lines up with the driver's `trace update` line and the server's log.
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                eprintln!("trace update {q}: sent@{:.3}", wall.as_secs_f64() * 1000.0);
+            }
             let t = Instant::now();
             pgc.execute(sql, &[&params[0], &params[1]])
                 .await

@@ -87,6 +87,33 @@ const queries = {
       .limit(50),
 };
 
+// BENCH_TRACE=1: each hydration also reports (on stderr) when the client sent its
+// changeDesiredQueries and when the poke that completed it began and ended, which splits the
+// client's time into its query-change throttle, the server, and the client's own processing.
+const trace = process.env.BENCH_TRACE === '1' ? [] : null;
+if (trace) {
+  const Base = globalThis.WebSocket;
+  globalThis.WebSocket = class extends Base {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener('message', e => {
+        const s = typeof e.data === 'string' ? e.data : '';
+        if (s.startsWith('["pokeStart"') || s.startsWith('["pokeEnd"')) {
+          trace.push([s.slice(2, 11), performance.now(), s.length]);
+        } else if (s.startsWith('["pokePart"')) {
+          trace.push(['pokePart', performance.now(), s.length]);
+        }
+      });
+    }
+    send(data) {
+      if (typeof data === 'string' && data.startsWith('["changeDesiredQueries"')) {
+        trace.push(['changeDQ', performance.now(), data.length]);
+      }
+      super.send(data);
+    }
+  };
+}
+
 let n = 0;
 const newZero = () =>
   new Zero({server, schema, userID: `bench${n++}`, kvStore: 'mem', logLevel: 'error'});
@@ -114,6 +141,13 @@ let armed = null;
 const check = () => {
   if (armed && armed()) {
     armed = null;
+    if (trace) {
+      // Wall-clock milliseconds, to line up with the server's log timestamps.
+      const wall = t => (performance.timeOrigin + t).toFixed(3);
+      const ev = trace.map(([k, t, len]) => `${k}@${wall(t)}(${len}B)`).join(' ');
+      process.stderr.write(`trace update: ${ev} done@${wall(performance.now())}\n`);
+      trace.length = 0;
+    }
     reply({done: true});
   }
 };
@@ -126,7 +160,14 @@ const handlers = {
     const z = newZero();
     // Connect (and warm the connection) with a tiny query first.
     await hydrate(z.query.label.where('id', 'none'));
+    if (trace) trace.length = 0;
+    const t0 = performance.now();
     const {view, ms} = await hydrate(queries[q](z, arg));
+    if (trace) {
+      const done = performance.now();
+      const ev = trace.map(([k, t, len]) => `${k}@${(t - t0).toFixed(1)}(${len}B)`).join(' ');
+      process.stderr.write(`trace ${q}: ${ev} complete@${(done - t0).toFixed(1)}\n`);
+    }
     view.destroy();
     z.close();
     return {ms};
@@ -149,6 +190,7 @@ const handlers = {
         many.every(s => s.data.some(i => i.labels.some(l => l.id === id && l.name === v))),
     };
     armed = preds[kind];
+    if (trace) trace.length = 0;
     return {armed: true};
   },
   async many({count}) {
