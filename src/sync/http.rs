@@ -190,12 +190,13 @@ async fn connection(
         let _ = socket.send(Message::Close(None)).await;
         return;
     }
-    let auth = match auth::resolve(
+    // Boxed: a JWKS fetch's state is large, and every connection's task would carry its size.
+    let auth = match Box::pin(auth::resolve(
         shared.jwt.as_deref(),
         None,
         params.user_id.as_deref(),
         params.auth_token.as_deref(),
-    )
+    ))
     .await
     {
         Ok(a) => a,
@@ -645,12 +646,12 @@ async fn read_loop(
                     "clientID": m.client_id, "upToMutationID": m.id}),
             ),
             Ok(Upstream::UpdateAuth(a)) => {
-                match auth::resolve(
+                match Box::pin(auth::resolve(
                     shared.jwt.as_deref(),
                     pusher.auth.as_ref(),
                     pusher.user_id.as_deref(),
                     Some(&a.auth),
-                )
+                ))
                 .await
                 {
                     Ok(next) => {

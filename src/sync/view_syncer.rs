@@ -620,7 +620,8 @@ impl ViewSyncer {
             return true;
         }
         let ctx = self.query_context(Some(client_id));
-        match endpoint.transform(&ctx, &[]).await {
+        // Boxed: an API call's state is large, and every group's task would carry its size.
+        match Box::pin(endpoint.transform(&ctx, &[])).await {
             Err(f) if f.is_auth_error() => {
                 warn!(client_group = %self.id, client = %client_id, "the API server refused the token");
                 if let Some(c) = self.conns.remove(client_id) {
@@ -687,7 +688,8 @@ impl ViewSyncer {
         };
         let ids: Vec<String> = pending.iter().map(|(h, _, _)| h.clone()).collect();
         let ctx = self.query_context(None);
-        let result = endpoint.transform(&ctx, &pending).await;
+        // Boxed (see `validate_connection`).
+        let result = Box::pin(endpoint.transform(&ctx, &pending)).await;
         match result {
             Ok(results) => {
                 let mut errors: Vec<Json> = Vec::new();
@@ -799,7 +801,7 @@ impl ViewSyncer {
         if let Some(endpoint) = self.shared.query_endpoint.clone() {
             for id in opaque {
                 let ctx = self.query_context(Some(&id));
-                if let Err(f) = endpoint.transform(&ctx, &[]).await
+                if let Err(f) = Box::pin(endpoint.transform(&ctx, &[])).await
                     && f.is_auth_error()
                 {
                     failed.push((id, Downstream::ErrorJson(f.transform_body(&[]))));
