@@ -348,9 +348,6 @@ pub struct Applier {
     schema: PublishedSchema,
     /// Watermark of the open transaction, if any.
     open: Option<String>,
-    /// Version of the last transaction ended with [`Applier::end_transaction`] whose SQLite
-    /// transaction is not committed yet ([`Applier::flush`]).
-    unflushed: Option<String>,
     /// Position of the next change-log entry in the open transaction.
     pos: i64,
     watermark: String,
@@ -375,7 +372,6 @@ impl Applier {
             by_oid: HashMap::new(),
             schema: PublishedSchema::default(),
             open: None,
-            unflushed: None,
             pos: 0,
             watermark: state.watermark.clone(),
         };
@@ -415,17 +411,14 @@ impl Applier {
         self.by_oid.get(&oid).and_then(|n| self.tables.get(n))
     }
 
-    /// Starts the SQLite transaction for an upstream transaction committing at `version`, or
-    /// continues the one of the transactions ended but not flushed yet.
+    /// Starts the SQLite transaction for an upstream transaction committing at `version`.
     pub fn begin(&mut self, version: String) -> Result<(), ReplicaError> {
         if self.open.is_some() {
             return Err(ReplicaError::Inconsistent(
                 "begin inside an open transaction".into(),
             ));
         }
-        if self.unflushed.is_none() {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
         self.open = Some(version);
         self.pos = 0;
         self.log = self.logging.then(Vec::new);
@@ -578,18 +571,6 @@ impl Applier {
 
     /// Commits the open transaction and makes its version the watermark.
     pub fn commit(&mut self) -> Result<String, ReplicaError> {
-        let version = self.end_transaction()?;
-        self.flush()?;
-        Ok(version)
-    }
-
-    /// Ends the open upstream transaction (state version, change log; with a change DB the
-    /// transaction is stored there now) but leaves the SQLite transaction open, so that the
-    /// next [`Applier::begin`] continues it: several upstream transactions that arrived
-    /// together then cost one SQLite commit and one watermark. The replica equals upstream at
-    /// the last ended transaction once [`Applier::flush`] commits; until then nothing of them
-    /// is visible, and a rollback drops them all (the slot was not acknowledged for them).
-    pub fn end_transaction(&mut self) -> Result<String, ReplicaError> {
         let version = self
             .open
             .take()
@@ -612,30 +593,15 @@ impl Applier {
                 None => crate::changelog::append(&self.conn, &version, &log)?,
             }
         }
-        self.unflushed = Some(version.clone());
-        Ok(version)
-    }
-
-    /// Commits the transactions ended since the last flush and makes the last one's version
-    /// the watermark; returns it, or `None` when there was nothing to commit.
-    pub fn flush(&mut self) -> Result<Option<String>, ReplicaError> {
-        let Some(version) = self.unflushed.take() else {
-            return Ok(None);
-        };
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            // Still open: the caller's rollback drops it.
-            self.unflushed = Some(version);
-            return Err(e.into());
-        }
+        self.conn.execute_batch("COMMIT")?;
         self.watermark = version.clone();
-        Ok(Some(version))
+        Ok(version)
     }
 
     /// Abandons the open transaction (the connection to upstream broke mid-transaction).
     pub fn rollback(&mut self) -> Result<(), ReplicaError> {
         self.log = None;
-        let unflushed = self.unflushed.take().is_some();
-        if self.open.take().is_some() || unflushed {
+        if self.open.take().is_some() {
             self.conn.execute_batch("ROLLBACK")?;
             // Cached statements may describe tables whose DDL was rolled back.
             self.conn.flush_prepared_statement_cache();

@@ -73,9 +73,6 @@ pub struct ReplicationStats {
     pub last_lag_ms: std::sync::atomic::AtomicI64,
     /// Transactions applied to the replica.
     pub transactions: std::sync::atomic::AtomicU64,
-    /// SQLite commits (and published watermarks) they took: fewer than `transactions` when
-    /// transactions arriving together were committed together.
-    pub commits: std::sync::atomic::AtomicU64,
 }
 
 /// Errors that stop the replication manager.

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::FutureExt;
 use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -55,9 +54,6 @@ struct Relation {
     map: Vec<Option<usize>>,
     columns: Vec<RelationColumn>,
 }
-
-/// Most upstream transactions committed together in one replica commit ([`stream_changes`]).
-const GROUP_COMMIT_MAX: usize = 64;
 
 /// Streams changes from `slot` into the applier until shutdown or an error. `watermarks`
 /// receives each committed watermark.
@@ -135,28 +131,23 @@ pub fn stream_changes(
         stats,
         pending: None,
     };
-    // Transactions that arrive together are committed together: each is ended inside one
-    // SQLite transaction, which is committed (and the slot acknowledged, and the watermark
-    // published) once no further event is waiting, or after `GROUP_COMMIT_MAX` of them.
-    // Under a stream of small transactions this saves a SQLite commit, an engine step and a
-    // poke per group for every transaction but the last of each group.
-    let mut unflushed: Option<(WireLsn, usize)> = None;
     let result = loop {
-        let mut ev = None;
-        if let Some((end_lsn, n)) = unflushed {
-            if n < GROUP_COMMIT_MAX {
-                // `recv` only reads a channel, so a pending poll drops nothing.
-                ev = client.recv().now_or_never();
+        let ev = rt.block_on(async {
+            tokio::select! {
+                ev = client.recv() => Some(ev),
+                _ = shutdown.wait_for(|s| *s) => None,
             }
-            if ev.is_none() {
-                unflushed = None;
-                match applier.flush() {
-                    Ok(Some(_)) => {
-                        stats.commits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(None) => {}
-                    Err(e) => break Err(e.into()),
-                }
+        });
+        let Some(ev) = ev else {
+            break Ok(StreamOutcome::Shutdown);
+        };
+        let ev = match ev {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break Err(StreamError::Data("replication stream ended".into())),
+            Err(e) => break Err(e.into()),
+        };
+        match s.handle(ev, applier, start) {
+            Ok(Some(end_lsn)) => {
                 match &rcfg.ack_limit {
                     None => client.update_applied_lsn(end_lsn),
                     Some(limit) => {
@@ -168,32 +159,6 @@ pub fn stream_changes(
                     }
                 }
                 watermarks.send_replace(applier.watermark().to_string());
-            }
-        }
-        let ev = match ev {
-            Some(ev) => ev,
-            None => {
-                let ev = rt.block_on(async {
-                    tokio::select! {
-                        ev = client.recv() => Some(ev),
-                        _ = shutdown.wait_for(|s| *s) => None,
-                    }
-                });
-                let Some(ev) = ev else {
-                    break Ok(StreamOutcome::Shutdown);
-                };
-                ev
-            }
-        };
-        let ev = match ev {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break Err(StreamError::Data("replication stream ended".into())),
-            Err(e) => break Err(e.into()),
-        };
-        match s.handle(ev, applier, start) {
-            Ok(Some(end_lsn)) => {
-                let n = unflushed.map_or(0, |(_, n)| n);
-                unflushed = Some((end_lsn, n + 1));
             }
             Ok(None) => {}
             Err(e) => break Err(e),
@@ -266,7 +231,7 @@ impl Stream<'_> {
                     debug!(lsn = %Lsn(lsn.0), "skipped transaction already in the replica");
                     return Ok(Some(end_lsn));
                 }
-                let v = applier.end_transaction()?;
+                let v = applier.commit()?;
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     watermark = %v,
