@@ -9,7 +9,6 @@
 //! comma-separated subset of `hydrate,update,pages,rename,many` runs only those scenarios, plus
 //! the ones they build on: `update` needs `hydrate`, `rename` needs `pages`).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use zero_cache::replica;
@@ -169,6 +168,11 @@ async fn main() {
             row,
         }));
     }
+    let (live_rows, _) = heap_mb();
+    println!(
+        "(replica rows read: live heap +{:.0} MB)",
+        live_rows - live_before
+    );
     engine.apply(1, changes).expect("load");
     engine.step_until(1).expect("load");
     let load_s = t.elapsed().as_secs_f64();
@@ -188,6 +192,23 @@ async fn main() {
         "engine memory for the loaded dataset: RSS +{settled_mb:.0} MB = {:.1}x the replica file (allocator resident {resident:.0} MB)  target: <= 1.5x",
         settled_mb / replica_mb,
     );
+    let stats = engine.index_stats().expect("index stats");
+    let total: usize = stats.iter().map(|s| s.bytes).sum();
+    println!(
+        "shared indexes: {:.0} MB in containers (row payloads not counted)",
+        total as f64 / 1048576.0
+    );
+    for s in &stats {
+        println!(
+            "  {:<60} {:>7.1} MB  {:>2} batches {:>8} keys {:>8} vals {:>8} updates",
+            s.name,
+            s.bytes as f64 / 1048576.0,
+            s.batches,
+            s.keys,
+            s.vals,
+            s.updates
+        );
+    }
     let mut b = Bench {
         engine,
         schema: query_schema,
@@ -245,14 +266,14 @@ async fn main() {
     // One-row update with Q1, Q2, Q3 live: an open issue moves to the top of Q1.
     let mut times = Vec::new();
     let open: Vec<usize> = (0..issues.len())
-        .filter(|&i| issues[i][open_col] == Value::Bool(true))
+        .filter(|&i| issues[i].get(open_col) == Value::Bool(true))
         .collect();
     for k in 0..if run_update { 50 } else { 0 } {
         let i = open[k * 37 % open.len()];
         let old = issues[i].clone();
         let mut new = old.to_vec();
         new[modified_col] = Value::Number(2e12 + k as f64);
-        let new: Row = Arc::from(new);
+        let new = Row::from(new);
         issues[i] = new.clone();
         times.push(b.change(update("issue", old, new)).0);
     }
@@ -263,22 +284,21 @@ async fn main() {
     // 50 Q1 queries on different pages (start cursors 100 rows apart), hydrated together.
     let mut sorted: Vec<&Row> = issues
         .iter()
-        .filter(|r| r[open_col] == Value::Bool(true))
+        .filter(|r| r.get(open_col) == Value::Bool(true))
         .collect();
     sorted.sort_by(|a, b| {
-        b[modified_col]
-            .cmp(&a[modified_col])
-            .then_with(|| a[id_col].cmp(&b[id_col]))
+        b.cmp_cols(modified_col, a, modified_col)
+            .then_with(|| a.cmp_cols(id_col, b, id_col))
     });
     let pages: Vec<(String, Ast)> = (0..50)
         .map(|p| {
             let row = sorted[(p * 100).min(sorted.len() - 1)];
-            let id = match &row[id_col] {
+            let id = match row.get(id_col) {
                 Value::String(s) => s.clone(),
                 _ => unreachable!("issue ids are strings"),
             };
-            let modified = match &row[modified_col] {
-                Value::Number(n) => *n,
+            let modified = match row.get(modified_col) {
+                Value::Number(n) => n,
                 _ => unreachable!("modified is a number"),
             };
             let zql = format!(
@@ -301,7 +321,7 @@ async fn main() {
     let name_col = label_table.column_index("name").expect("name");
     let bug = labels
         .iter()
-        .find(|r| r[name_col] == Value::String("bug".into()))
+        .find(|r| r.get(name_col) == Value::String("bug".into()))
         .expect("label bug")
         .clone();
     let mut times = Vec::new();
@@ -310,7 +330,7 @@ async fn main() {
     for k in 0..if run_rename { 10 } else { 0 } {
         let mut new = current.to_vec();
         new[name_col] = Value::String(format!("bug-{k}").into());
-        let new: Row = Arc::from(new);
+        let new = Row::from(new);
         let (ms, n) = b.change(update("label", current.clone(), new.clone()));
         current = new;
         times.push(ms);
@@ -379,7 +399,7 @@ async fn main() {
         let old = issues[i].clone();
         let mut new = old.to_vec();
         new[modified_col] = Value::Number(3e12 + k as f64);
-        let new: Row = Arc::from(new);
+        let new = Row::from(new);
         issues[i] = new.clone();
         times.push(b.change(update("issue", old, new)).0);
     }

@@ -11,7 +11,6 @@
 //!   detail page (related comments with creators, labels through a junction);
 //! * a one-row update (an issue edit, a new comment) until every live query's patches are out.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use zero_dataflow::{Engine, EngineConfig, Op, TableChange};
@@ -63,12 +62,12 @@ fn ins(table: &str, row: Vec<Value>) -> TableChange {
     TableChange {
         table: table.into(),
         op: Op::Insert,
-        row: Arc::from(row),
+        row: Row::from(row),
     }
 }
 
 fn issue_row(rng: &mut Rng, i: u64, modified: u64) -> Row {
-    Arc::from(vec![
+    Row::from(vec![
         s(format!("i{i}")),
         s(format!("Issue number {i}")),
         Value::Bool(rng.next(3) != 0),
@@ -266,7 +265,7 @@ fn main() -> Result<(), zero_dataflow::EngineError> {
         let old = issue_row_at(&issue_rows, i);
         let mut new: Vec<Value> = old.to_vec();
         new[3] = n(1_000_000_000 + k);
-        let new: Row = Arc::from(new);
+        let new = Row::from(new);
         issue_rows[usize::try_from(i).expect("small index")] = new.clone();
         version += 1;
         let t = Instant::now();

@@ -81,6 +81,75 @@ pub struct QueryDiff {
     pub patches: Vec<RowPatch>,
 }
 
+/// The size of one shared index (summed over workers): what its batches hold, for finding
+/// where the engine's memory goes. Row payloads are shared by every index of a table and are
+/// not counted here; `bytes` is the batches' own containers (keys, values, offsets, times).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Table and key columns (and ordering, for a sorted index).
+    pub name: String,
+    /// Batches in the index's spines.
+    pub batches: usize,
+    /// Distinct keys over all batches.
+    pub keys: usize,
+    /// Values over all batches.
+    pub vals: usize,
+    /// Stored (time, diff) pairs; values whose update equals the previous one store none.
+    pub updates: usize,
+    /// Bytes of the containers' capacity, plus key values kept out of line.
+    pub bytes: usize,
+}
+
+impl IndexStats {
+    pub(crate) fn named(name: String) -> Self {
+        IndexStats {
+            name,
+            ..IndexStats::default()
+        }
+    }
+
+    pub(crate) fn add<K, V>(
+        &mut self,
+        st: &differential_dataflow::trace::implementations::ord_neu::val_batch::OrdValStorage<
+            crate::lean::LeanLayout<K, V>,
+        >,
+    ) where
+        K: KeySize + Ord + Clone + 'static,
+        V: Ord + Clone + 'static,
+    {
+        use std::mem::size_of;
+        let offs = |o: &differential_dataflow::trace::implementations::OffsetList| {
+            o.smol.capacity() * 4 + o.chonk.capacity() * 8
+        };
+        self.batches += 1;
+        self.keys += st.keys.len();
+        self.vals += st.vals.vals.len();
+        self.updates += st.upds.times.0.len();
+        self.bytes += st.keys.capacity() * size_of::<K>()
+            + st.keys.iter().map(KeySize::heap).sum::<usize>()
+            + offs(&st.vals.offs)
+            + st.vals.vals.capacity() * size_of::<V>()
+            + offs(&st.upds.offs)
+            + st.upds.times.0.capacity() * size_of::<Time>()
+            + st.upds.diffs.0.capacity() * size_of::<Diff>();
+    }
+}
+
+/// Heap bytes a key keeps outside the batch's key vector.
+pub(crate) trait KeySize {
+    fn heap(&self) -> usize;
+}
+
+impl KeySize for crate::render::Key {
+    fn heap(&self) -> usize {
+        if self.spilled() {
+            self.capacity() * std::mem::size_of::<Value>()
+        } else {
+            0
+        }
+    }
+}
+
 /// A synced row's identity in a query result: table and primary-key values.
 type Slot = (TableId, Vec<Value>);
 /// The versions of one synced row with their multiplicity; almost always a single entry.
@@ -217,6 +286,29 @@ impl Engine {
     /// The engine's view of the schema.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The size of every shared index, summed over workers, largest first.
+    pub fn index_stats(&self) -> Result<Vec<IndexStats>, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(&|| Cmd::Stats(tx.clone()))?;
+        drop(tx);
+        let mut by_name: BTreeMap<String, IndexStats> = BTreeMap::new();
+        for worker in rx {
+            for s in worker {
+                let e = by_name
+                    .entry(s.name.clone())
+                    .or_insert_with(|| IndexStats::named(s.name.clone()));
+                e.batches += s.batches;
+                e.keys += s.keys;
+                e.vals += s.vals;
+                e.updates += s.updates;
+                e.bytes += s.bytes;
+            }
+        }
+        let mut out: Vec<IndexStats> = by_name.into_values().collect();
+        out.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+        Ok(out)
     }
 
     /// Number of distinct query shapes running (one dataflow each).
@@ -667,16 +759,13 @@ fn visible(m: Option<&Counts>) -> Option<Row> {
         .filter(|(_, c)| *c > 0)
         .map(|(r, _)| r)
         .min()
-        .map(Arc::clone)
+        .cloned()
 }
 
 /// Adds `d` to `row`'s count in `m`, dropping rows whose count reaches zero. The same row
 /// usually arrives as the same allocation, which is compared first.
 fn add_count(m: &mut Counts, row: Row, d: Diff) {
-    match m
-        .iter_mut()
-        .position(|(r, _)| Arc::ptr_eq(r, &row) || **r == *row)
-    {
+    match m.iter_mut().position(|(r, _)| r.same(&row) || *r == row) {
         Some(i) => {
             m[i].1 += d;
             if m[i].1 == 0 {

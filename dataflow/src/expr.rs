@@ -10,10 +10,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
-use zero_queries::Value;
 use zero_queries::ast::SimpleOp;
 use zero_queries::eval::LikePattern;
 use zero_queries::value::ValueKind;
+use zero_queries::{Row, Value};
 
 use crate::plan::{Param, Pred, PredArg};
 
@@ -97,14 +97,18 @@ pub fn eval_op(op: SimpleOp, lhs: &Value, rhs: &Param, likes: &mut LikeCache) ->
 ///
 /// # Panics
 /// On an EXISTS node: the renderer splits those off into joins before filtering.
-pub fn eval_pred(pred: &Pred, row: &[Value], params: &[Param], likes: &mut LikeCache) -> bool {
+pub fn eval_pred(pred: &Pred, row: &Row, params: &[Param], likes: &mut LikeCache) -> bool {
     match pred {
         Pred::Const(b) => *b,
         Pred::And(v) => v.iter().all(|p| eval_pred(p, row, params, likes)),
         Pred::Or(v) => v.iter().any(|p| eval_pred(p, row, params, likes)),
         Pred::Cmp { left, op, right } => {
+            let col;
             let lhs = match left {
-                PredArg::Col(c) => &row[*c],
+                PredArg::Col(c) => {
+                    col = row.get(*c);
+                    &col
+                }
                 PredArg::Slot(s) => match &params[*s] {
                     Param::Value(v) => v,
                     // An array on the left equals nothing Zero compares it with.
@@ -132,17 +136,17 @@ pub enum SortPart {
 pub type SortKey = SmallVec<[SortPart; 2]>;
 
 /// The sort key of `row` under `order` (which already ends with the primary key).
-pub fn sort_key(order: &[(usize, bool)], row: &[Value]) -> SortKey {
+pub fn sort_key(order: &[(usize, bool)], row: &Row) -> SortKey {
     order
         .iter()
-        .map(|&(c, desc)| part(row[c].clone(), desc))
+        .map(|&(c, desc)| part(row.get(c), desc))
         .collect()
 }
 
 /// `sort_key(order, a).cmp(&sort_key(order, b))` without building the keys.
-pub fn compare_rows(order: &[(usize, bool)], a: &[Value], b: &[Value]) -> Ordering {
+pub fn compare_rows(order: &[(usize, bool)], a: &Row, b: &Row) -> Ordering {
     for &(c, desc) in order {
-        let o = a[c].cmp(&b[c]);
+        let o = a.cmp_cols(c, b, c);
         let o = if desc { o.reverse() } else { o };
         if o != Ordering::Equal {
             return o;
@@ -152,11 +156,11 @@ pub fn compare_rows(order: &[(usize, bool)], a: &[Value], b: &[Value]) -> Orderi
 }
 
 /// `key.cmp(&sort_key(order, row))` without building the row's key.
-pub fn compare_key_row(key: &[SortPart], order: &[(usize, bool)], row: &[Value]) -> Ordering {
+pub fn compare_key_row(key: &[SortPart], order: &[(usize, bool)], row: &Row) -> Ordering {
     for (part, &(c, _)) in key.iter().zip(order) {
         let o = match part {
-            SortPart::Asc(v) => v.cmp(&row[c]),
-            SortPart::Desc(Reverse(v)) => row[c].cmp(v),
+            SortPart::Asc(v) => row.cmp_col(c, v).reverse(),
+            SortPart::Desc(Reverse(v)) => row.cmp_col(c, v),
         };
         if o != Ordering::Equal {
             return o;
@@ -188,7 +192,7 @@ pub fn start_bound(order: &[(usize, bool)], start: &Param) -> Option<(SortKey, b
 }
 
 /// Whether `row` is at or after (or strictly after, if exclusive) a `start` cursor.
-pub fn after_start(order: &[(usize, bool)], row: &[Value], start: &Param) -> bool {
+pub fn after_start(order: &[(usize, bool)], row: &Row, start: &Param) -> bool {
     let Some((bound, exclusive)) = start_bound(order, start) else {
         return true;
     };
@@ -304,7 +308,7 @@ mod tests {
     #[test]
     fn sort_keys_and_start() {
         let order = [(1, true), (0, false)];
-        let r = |id: f64, m: Option<f64>| vec![Value::Number(id), Value::from(m)];
+        let r = |id: f64, m: Option<f64>| Row::from(vec![Value::Number(id), Value::from(m)]);
         let mut rows = [
             r(1.0, Some(5.0)),
             r(2.0, None),
@@ -314,7 +318,7 @@ mod tests {
         rows.sort_by_key(|x| sort_key(&order, x));
         let ids: Vec<f64> = rows
             .iter()
-            .map(|x| x[0].as_f64().expect("number"))
+            .map(|x| x.get(0).as_f64().expect("number"))
             .collect();
         assert_eq!(
             ids,

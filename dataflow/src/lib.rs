@@ -103,10 +103,11 @@
 pub mod engine;
 pub mod error;
 pub mod expr;
+mod lean;
 pub mod plan;
 pub mod reference;
 mod render;
 mod worker;
 
-pub use engine::{Engine, EngineConfig, Op, QueryDiff, RowPatch, TableChange};
+pub use engine::{Engine, EngineConfig, IndexStats, Op, QueryDiff, RowPatch, TableChange};
 pub use error::EngineError;

@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use zero_queries::Value;
 use zero_queries::ast::{
     Ast, Condition, CorrelatedSubquery, Direction, ExistsOp, LiteralValue, Operand, SimpleOp,
     System, ValuePosition,
 };
 use zero_queries::schema::Schema;
 use zero_queries::validate::simplify_condition;
+use zero_queries::{Row, Value};
 
 use crate::error::EngineError;
 
@@ -119,8 +119,8 @@ impl Catalog {
     }
 
     /// The primary-key values of `row` in table `t`.
-    pub fn pk_of(&self, t: TableId, row: &[Value]) -> Vec<Value> {
-        self.tables[t].pk.iter().map(|&c| row[c].clone()).collect()
+    pub fn pk_of(&self, t: TableId, row: &Row) -> Vec<Value> {
+        self.tables[t].pk.iter().map(|&c| row.get(c)).collect()
     }
 
     fn column(&self, t: TableId, name: &str) -> Result<usize, EngineError> {

@@ -130,7 +130,7 @@ impl Evaluator<'_> {
     }
 
     /// Children of `row` through `r` (null keys never match), unfiltered.
-    fn children(&mut self, parent: TableId, row: &[Value], r: &CorrelatedSubquery) -> Vec<Row> {
+    fn children(&mut self, parent: TableId, row: &Row, r: &CorrelatedSubquery) -> Vec<Row> {
         let child = self
             .cat
             .table_id(&r.subquery.table)
@@ -149,16 +149,16 @@ impl Evaluator<'_> {
             .collect();
         let mut k = Vec::new();
         for c in pc {
-            if row[c].is_null() {
+            if row.is_null(c) {
                 return Vec::new();
             }
-            k.push(row[c].clone());
+            k.push(row.get(c));
         }
         let tables = self.tables;
         let idx = self.index.entry((child, cc.clone())).or_insert_with(|| {
             let mut m: HashMap<Vec<Value>, Vec<Row>> = HashMap::new();
             for r in tables.rows.get(child).into_iter().flatten() {
-                m.entry(cc.iter().map(|&c| r[c].clone()).collect())
+                m.entry(cc.iter().map(|&c| r.get(c)).collect())
                     .or_default()
                     .push(r.clone());
             }
@@ -204,7 +204,7 @@ impl Evaluator<'_> {
         &mut self,
         c: &CorrelatedSubqueryCondition,
         t: TableId,
-        row: &[Value],
+        row: &Row,
     ) -> Vec<Row> {
         if c.related.subquery.limit == Some(0) {
             return Vec::new();
@@ -217,13 +217,13 @@ impl Evaluator<'_> {
         self.select(&c.related.subquery, child, cand, true)
     }
 
-    fn cond(&mut self, c: &Condition, t: TableId, row: &[Value]) -> bool {
+    fn cond(&mut self, c: &Condition, t: TableId, row: &Row) -> bool {
         match c {
             Condition::And { conditions } => conditions.iter().all(|c| self.cond(c, t, row)),
             Condition::Or { conditions } => conditions.iter().any(|c| self.cond(c, t, row)),
             Condition::Simple(s) => {
                 let lhs = match &s.left {
-                    ValuePosition::Column { name } => row[col(self.cat, t, name)].clone(),
+                    ValuePosition::Column { name } => row.get(col(self.cat, t, name)),
                     ValuePosition::Literal { value } => match value {
                         LiteralValue::Scalar(v) => v.clone(),
                         LiteralValue::Array(_) => {
@@ -340,9 +340,6 @@ fn part(v: Value, desc: bool) -> SortPart {
     }
 }
 
-fn key(order: &[(usize, bool)], row: &[Value]) -> SortKey {
-    order
-        .iter()
-        .map(|&(c, d)| part(row[c].clone(), d))
-        .collect()
+fn key(order: &[(usize, bool)], row: &Row) -> SortKey {
+    order.iter().map(|&(c, d)| part(row.get(c), d)).collect()
 }

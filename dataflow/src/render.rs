@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, ShutdownButton, TraceAgent};
 use differential_dataflow::trace::cursor::cursor_list;
-use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::wrappers::frontier::TraceFrontier;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
@@ -35,6 +34,7 @@ use crate::expr::{
     LikeCache, SortKey, after_start, compare_key_row, compare_rows, eval_pred, sort_key,
     start_bound,
 };
+use crate::lean::LeanSpine;
 use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 
 /// Dataflow time: the engine's version counter.
@@ -45,12 +45,12 @@ pub(crate) type Diff = isize;
 /// column is kept inline, so an index entry allocates nothing beyond the row it shares.
 pub(crate) type Key = SmallVec<[Value; 1]>;
 /// A shared arrangement of one table by some columns; values are whole rows.
-pub(crate) type IndexTrace = TraceAgent<ValSpine<Key, Row, Time, Diff>>;
+pub(crate) type IndexTrace = TraceAgent<LeanSpine<Key, Row>>;
 /// Identifies an index: the table and the key columns.
 pub(crate) type IndexId = (TableId, Vec<usize>);
 /// A shared arrangement whose values under each key are `(sort key, row)`, so they are stored
 /// in ORDER BY order and a top-k is a prefix scan.
-pub(crate) type SortedTrace = TraceAgent<ValSpine<Key, (SortKey, Row), Time, Diff>>;
+pub(crate) type SortedTrace = TraceAgent<LeanSpine<Key, (SortKey, Row)>>;
 /// Identifies a sorted index: table, key columns, ordering.
 pub(crate) type SortedId = (TableId, Vec<usize>, Vec<(usize, bool)>);
 type Imported<'s> = Arranged<'s, TraceFrontier<IndexTrace>>;
@@ -116,11 +116,11 @@ impl Drop for PressOnDrop {
 }
 
 /// The key of `row` on `cols`, or `None` if any value is null (a null key never matches).
-pub(crate) fn key_of(row: &[Value], cols: &[usize]) -> Option<Key> {
-    if cols.iter().any(|&c| row[c].is_null()) {
+pub(crate) fn key_of(row: &Row, cols: &[usize]) -> Option<Key> {
+    if cols.iter().any(|&c| row.is_null(c)) {
         return None;
     }
-    Some(cols.iter().map(|&c| row[c].clone()).collect())
+    Some(cols.iter().map(|&c| row.get(c)).collect())
 }
 
 /// The top-level `col = $slot` or `col IN $slot` conjunct used to seek the root table's index.
@@ -467,7 +467,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                     })
                     .arrange_by_key()
                     .join_core(index, |_k, q: &Q, row: &Row| {
-                        Some((Arc::clone(q), Arc::clone(row)))
+                        Some((Arc::clone(q), row.clone()))
                     })
             }
             None => {
@@ -476,7 +476,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                     .map(move |q| (Key::new(), q))
                     .arrange_by_key()
                     .join_core(index, |_k, q: &Q, row: &Row| {
-                        Some((Arc::clone(q), Arc::clone(row)))
+                        Some((Arc::clone(q), row.clone()))
                     })
             }
         }
@@ -501,7 +501,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         keys.map(|(q, k)| (k, q))
             .arrange_by_key()
             .join_core(index, |_k, q: &Q, row: &Row| {
-                Some((Arc::clone(q), Arc::clone(row)))
+                Some((Arc::clone(q), row.clone()))
             })
     }
 
@@ -546,7 +546,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
             } else {
                 let g = group.to_vec();
                 let keyed = rows.map(move |(q, row)| {
-                    let key: Key = g.iter().map(|&c| row[c].clone()).collect();
+                    let key: Key = g.iter().map(|&c| row.get(c)).collect();
                     ((q, key), row)
                 });
                 rows = top_k(keyed, shape.order.clone(), k).map(|((q, _), row)| (q, row));
@@ -616,7 +616,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let child = self.level(&es.child, cand, &es.child_cols, es.cap);
                 let cc = es.child_cols.clone();
                 let capped = child.rows.clone().map(move |(q, row)| {
-                    let k: Key = cc.iter().map(|&c| row[c].clone()).collect();
+                    let k: Key = cc.iter().map(|&c| row.get(c)).collect();
                     ((q, k), row)
                 });
                 let child_keys = capped.clone().map(|(qk, _)| qk).distinct();
@@ -741,13 +741,8 @@ const TOUCH_CHECK_LIMIT: usize = 1024;
 
 /// Whether `row` passes `filter` ignoring its EXISTS conditions (taken as satisfiable): a
 /// child row that fails this, before and after a change, cannot change the EXISTS above it.
-fn could_pass(
-    filter: Option<&Pred>,
-    row: &[Value],
-    params: &[Param],
-    likes: &mut LikeCache,
-) -> bool {
-    fn go(p: &Pred, row: &[Value], params: &[Param], likes: &mut LikeCache) -> bool {
+fn could_pass(filter: Option<&Pred>, row: &Row, params: &[Param], likes: &mut LikeCache) -> bool {
+    fn go(p: &Pred, row: &Row, params: &[Param], likes: &mut LikeCache) -> bool {
         if !p.has_exists() {
             return eval_pred(p, row, params, likes);
         }
@@ -765,7 +760,7 @@ fn could_pass(
 fn touch_matters(
     level: &ProbeLevel,
     trace: usize,
-    row: &[Value],
+    row: &Row,
     params: &[Param],
     likes: &mut LikeCache,
 ) -> bool {
@@ -838,7 +833,7 @@ type Fetch<'a> = dyn FnMut(usize, &Key) -> Arc<Vec<Row>> + 'a;
 fn eval_probe(
     level: &ProbeLevel,
     pred: &Pred,
-    row: &[Value],
+    row: &Row,
     params: &[Param],
     likes: &mut LikeCache,
     fetch: &mut Fetch<'_>,
@@ -893,7 +888,7 @@ fn touch_rows<'s>(arr: Imported<'s>, trace: usize, as_of: Time) -> Coll<'s, Left
                             while let Some(v) = c.get_val(b) {
                                 c.map_times(b, |t, _| {
                                     if *t > as_of {
-                                        rows.entry(*t).or_default().push(Arc::clone(v));
+                                        rows.entry(*t).or_default().push(v.clone());
                                     }
                                 });
                                 c.step_val(b);
@@ -918,18 +913,18 @@ fn touch_rows<'s>(arr: Imported<'s>, trace: usize, as_of: Time) -> Coll<'s, Left
 /// kept in a window is the same `Arc`, and equal rows in two allocations (a row deleted and
 /// inserted unchanged) give a `-1` and a `+1` that cancel downstream.
 fn window_diff(old: &[Row], new: &[Row]) -> Vec<(Row, Diff)> {
-    let addr = |r: &Row| Arc::as_ptr(r).cast::<Value>() as usize;
+    let addr = |r: &Row| r.addr();
     let olds: std::collections::HashSet<usize> = old.iter().map(addr).collect();
     let news: std::collections::HashSet<usize> = new.iter().map(addr).collect();
     let mut out = Vec::new();
     for r in old {
         if !news.contains(&addr(r)) {
-            out.push((Arc::clone(r), -1));
+            out.push((r.clone(), -1));
         }
     }
     for r in new {
         if !olds.contains(&addr(r)) {
-            out.push((Arc::clone(r), 1));
+            out.push((r.clone(), 1));
         }
     }
     out
@@ -1025,7 +1020,7 @@ where
                                             .or_default()
                                             .entry(key.clone())
                                             .or_default()
-                                            .push(((val.0.clone(), Arc::clone(&val.1)), *d));
+                                            .push(((val.0.clone(), val.1.clone()), *d));
                                     });
                                     c.step_val(b);
                                 }
@@ -1068,7 +1063,7 @@ where
                                     Left::Param(q) => q,
                                     Left::Touch(i, row) => {
                                         if touched.len() <= TOUCH_CHECK_LIMIT {
-                                            touched.push((*i, Arc::clone(row)));
+                                            touched.push((*i, row.clone()));
                                         }
                                         return false;
                                     }
@@ -1134,7 +1129,7 @@ where
                                             }
                                         });
                                         if sum > 0 {
-                                            rows.push(Arc::clone(v));
+                                            rows.push(v.clone());
                                         }
                                         c.step_val(st);
                                     }
@@ -1202,7 +1197,7 @@ where
                                             if *d < 0 {
                                                 dels.push(row);
                                             } else {
-                                                ins.push(Arc::clone(row));
+                                                ins.push(row.clone());
                                             }
                                         }
                                         if ins.is_empty() && dels.is_empty() {
@@ -1279,7 +1274,7 @@ where
                                                     )
                                                 })
                                             {
-                                                new.push(Arc::clone(row));
+                                                new.push(row.clone());
                                                 if new.len() >= k {
                                                     break;
                                                 }

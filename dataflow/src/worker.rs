@@ -22,7 +22,9 @@ use timely::progress::frontier::AntichainRef;
 use timely::worker::Worker;
 use zero_queries::Row;
 
-use crate::expr::sort_key;
+use crate::engine::IndexStats;
+use crate::expr::{SortKey, sort_key};
+use crate::lean::LeanBatcher;
 use crate::plan::{Catalog, QueryShape, TableId};
 use crate::render::{
     Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, Time, key_of,
@@ -41,6 +43,8 @@ pub(crate) enum Cmd {
     CreateTemplate { tid: u64, shape: Arc<QueryShape> },
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
+    /// Report the size of every shared index.
+    Stats(Sender<Vec<IndexStats>>),
 }
 
 /// The pseudo template id under which workers report the table arrangements' frontier, so
@@ -104,7 +108,10 @@ pub(crate) fn run(
             let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
             let arranged = input
                 .to_collection(scope)
-                .arrange_by_key_named(&format!("Index({},pk)", info.name));
+                .arrange_named::<LeanBatcher<Key, Row>, _>(
+                    &format!("Index({},pk)", info.name),
+                    LeanBatcher::new,
+                );
             arranged.stream.clone().probe_with(&probe);
             indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
             tables.push(input);
@@ -177,7 +184,7 @@ impl State {
                 for (t, row, d) in changes.iter() {
                     let pk: Key = self.catalog.pk_of(*t, row).into();
                     if self.mine(pk.hashed()) {
-                        self.tables[*t].update((pk, Arc::clone(row)), *d);
+                        self.tables[*t].update((pk, row.clone()), *d);
                     }
                 }
                 for (tid, q, d) in params.iter() {
@@ -197,6 +204,9 @@ impl State {
                 }
                 self.sealed = version;
                 self.compact();
+            }
+            Cmd::Stats(reply) => {
+                let _ = reply.send(self.stats());
             }
             Cmd::CreateTemplate { tid, shape } => {
                 self.ensure_indexes(worker, &shape);
@@ -279,6 +289,33 @@ impl State {
         }
     }
 
+    /// The size of every shared index on this worker.
+    fn stats(&self) -> Vec<IndexStats> {
+        let mut out = Vec::new();
+        for ((t, cols), tr) in &self.indexes.by_key {
+            let mut s = IndexStats::named(format!("{}{cols:?}", self.catalog.tables[*t].name));
+            tr.map_spans(|span| {
+                if let Some(b) = &span.inner {
+                    s.add(&b.storage);
+                }
+            });
+            out.push(s);
+        }
+        for ((t, cols, order), tr) in &self.indexes.sorted {
+            let mut s = IndexStats::named(format!(
+                "{}{cols:?} sorted {order:?}",
+                self.catalog.tables[*t].name
+            ));
+            tr.map_spans(|span| {
+                if let Some(b) = &span.inner {
+                    s.add(&b.storage);
+                }
+            });
+            out.push(s);
+        }
+        out
+    }
+
     fn ensure_indexes(&mut self, worker: &mut Worker, shape: &QueryShape) {
         let (by_key, sorted) = needed_indexes(shape, self.peers);
         for id in by_key {
@@ -317,9 +354,9 @@ impl State {
                 .flat_map_ref(move |_pk, row: &Row| {
                     // Rows with a null in the key can never be looked up, so leave them out
                     // (the whole-table index has no columns and keeps every row).
-                    key_of(row, &c).map(|k| (k, Arc::clone(row)))
+                    key_of(row, &c).map(|k| (k, row.clone()))
                 })
-                .arrange_by_key_named(&name);
+                .arrange_named::<LeanBatcher<Key, Row>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });
@@ -356,9 +393,9 @@ impl State {
             );
             let idx = arr
                 .flat_map_ref(move |_pk, row: &Row| {
-                    key_of(row, &cols).map(|k| (k, (sort_key(&order, row), Arc::clone(row))))
+                    key_of(row, &cols).map(|k| (k, (sort_key(&order, row), row.clone())))
                 })
-                .arrange_by_key_named(&name);
+                .arrange_named::<LeanBatcher<Key, (SortKey, Row)>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });

@@ -1,8 +1,6 @@
 //! The engine's bookkeeping: sharing of instances and templates, removal, late subscribers,
 //! and the errors callers can cause.
 
-use std::sync::Arc;
-
 use zero_dataflow::{Engine, EngineConfig, EngineError, Op, RowPatch, TableChange};
 use zero_queries::parse::parse_query;
 use zero_queries::schema::Schema;
@@ -17,7 +15,7 @@ fn schema() -> Schema {
 }
 
 fn issue(id: &str, modified: f64) -> Row {
-    Arc::from(vec![
+    Row::from(vec![
         Value::from(id),
         Value::from("t"),
         Value::Bool(true),
@@ -200,7 +198,7 @@ fn long_update_streams_keep_results_exact() {
     }
     e.step_until(299).expect("step");
     let mut want: Vec<Row> = rows.clone();
-    want.sort_by(|a, b| b[3].cmp(&a[3]));
+    want.sort_by(|a, b| b.cmp_cols(3, a, 3));
     want.truncate(3);
     let got: Vec<Row> = e
         .rows("top")

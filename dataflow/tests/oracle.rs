@@ -126,7 +126,7 @@ fn run(seed: u64, workers: usize, versions: u64) -> usize {
             let name = g.tables[t].0.clone();
             if db[t].len() < 4 || roll < 4 {
                 let row = g.row(t, None);
-                let pk: Vec<Value> = pk_cols[t].iter().map(|&c| row[c].clone()).collect();
+                let pk: Vec<Value> = pk_cols[t].iter().map(|&c| row.get(c)).collect();
                 if db[t].contains_key(&pk) || touched.contains(&(t, pk.clone())) {
                     continue;
                 }

@@ -53,7 +53,7 @@ fn sqlite(schema: &Schema, rows: &BTreeMap<String, Vec<Row>>) -> Connection {
             marks.join(", ")
         );
         for r in rows.get(&t.name).into_iter().flatten() {
-            let params: Vec<Sq> = r.iter().map(|v| sq(&to_sql(v))).collect();
+            let params: Vec<Sq> = r.iter().map(|v| sq(&to_sql(&v))).collect();
             conn.execute(&insert, rusqlite::params_from_iter(params))
                 .expect("insert");
         }
@@ -127,11 +127,11 @@ fn reference_and_engine_views_match_sqlite() {
             let name = g.tables[t].0.clone();
             // Composite keys may repeat; keep the first row per key.
             let pk_cols = &catalog.tables[catalog.table_id(&name).expect("table")].pk;
-            let key: Vec<Value> = pk_cols.iter().map(|&c| row[c].clone()).collect();
+            let key: Vec<Value> = pk_cols.iter().map(|&c| row.get(c)).collect();
             let list = rows.entry(name.clone()).or_default();
             if list
                 .iter()
-                .any(|r| pk_cols.iter().map(|&c| r[c].clone()).collect::<Vec<_>>() == key)
+                .any(|r| pk_cols.iter().map(|&c| r.get(c)).collect::<Vec<_>>() == key)
             {
                 continue;
             }
@@ -294,7 +294,7 @@ fn synced_ids(
     assert_eq!(got, want, "engine vs SQLite for {src}");
     want.iter()
         .filter(|(t, _)| t == table)
-        .map(|(_, r)| r[0].as_str().unwrap_or_default().to_owned())
+        .map(|(_, r)| r.get(0).as_str().unwrap_or_default().to_owned())
         .collect()
 }
 

@@ -54,9 +54,11 @@ pub mod normalize;
 pub mod parse;
 pub mod permissions;
 pub mod plan;
+pub mod row;
 pub mod schema;
 pub mod sql;
 pub mod validate;
 pub mod value;
 
-pub use value::{Row, Value};
+pub use row::{Cols, Row};
+pub use value::Value;

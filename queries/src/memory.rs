@@ -13,10 +13,11 @@ use std::cmp::Ordering;
 
 use crate::ast::{Ast, Condition, Direction, ExistsOp, OrderPart};
 use crate::eval::{EvalError, eval_simple};
+use crate::row::{Cols, Row};
 use crate::schema::{Schema, TableSchema};
 use crate::sql::{ChildQuery, Relationship, ResultNode, child_queries};
 use crate::validate::{ValidationError, validate};
-use crate::value::{Row, Value};
+use crate::value::Value;
 
 /// Why the in-memory evaluation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -54,19 +55,19 @@ fn table<'a>(schema: &'a Schema, ast: &Ast) -> Result<&'a TableSchema, MemoryErr
     })
 }
 
-fn get(table: &TableSchema, row: &[Value], column: &str) -> Value {
+fn get<R: Cols + ?Sized>(table: &TableSchema, row: &R, column: &str) -> Value {
     table
         .column_index(column)
-        .and_then(|i| row.get(i).cloned())
-        .unwrap_or(Value::Null)
+        .filter(|&i| i < row.col_count())
+        .map_or(Value::Null, |i| row.col(i).into_owned())
 }
 
 /// Compares two rows under a completed ordering.
-pub fn compare_rows(
+pub fn compare_rows<A: Cols + ?Sized, B: Cols + ?Sized>(
     table: &TableSchema,
     order: &[OrderPart],
-    a: &[Value],
-    b: &[Value],
+    a: &A,
+    b: &B,
 ) -> Ordering {
     for p in order {
         let o = get(table, a, &p.0).cmp(&get(table, b, &p.0));
@@ -161,12 +162,7 @@ impl Ctx<'_, '_> {
         Ok(out)
     }
 
-    fn matches(
-        &self,
-        cond: &Condition,
-        t: &TableSchema,
-        row: &[Value],
-    ) -> Result<bool, MemoryError> {
+    fn matches(&self, cond: &Condition, t: &TableSchema, row: &Row) -> Result<bool, MemoryError> {
         Ok(match cond {
             Condition::And { conditions } => {
                 for c in conditions {

@@ -27,6 +27,7 @@ use crate::ast::{
 use crate::eval::{LikePatternError, eval_op};
 use crate::hash::{h64_base36, js_stringify};
 use crate::normalize::{NormalizeError, normalize};
+use crate::row::Cols;
 use crate::schema::{Schema, TableSchema};
 use crate::validate::{ValidationError, complete_ordering, validate};
 use crate::value::Value;
@@ -214,11 +215,11 @@ pub enum PredOperand {
 
 impl Predicate {
     /// Evaluates the predicate on `row`; EXISTS nodes are answered by `exists(semi_join, row)`.
-    pub fn eval_with(
+    pub fn eval_with<R: Cols + ?Sized>(
         &self,
-        row: &[Value],
+        row: &R,
         params: &[Param],
-        exists: &mut dyn FnMut(&SemiJoin, &[Value]) -> bool,
+        exists: &mut dyn FnMut(&SemiJoin, &R) -> bool,
     ) -> Result<bool, LikePatternError> {
         Ok(match self {
             Predicate::And(items) => {
@@ -239,7 +240,7 @@ impl Predicate {
             }
             Predicate::Compare { left, op, right } => {
                 let lhs = match left {
-                    PredOperand::Column(i) => row.get(*i).cloned().unwrap_or(Value::Null),
+                    PredOperand::Column(i) => col_or_null(row, *i),
                     PredOperand::Param(s) => param(params, *s).value().clone(),
                 };
                 eval_op(*op, &lhs, &param(params, *right).to_literal())?
@@ -252,8 +253,20 @@ impl Predicate {
     }
 
     /// Evaluates an EXISTS-free predicate (EXISTS nodes count as false).
-    pub fn eval(&self, row: &[Value], params: &[Param]) -> Result<bool, LikePatternError> {
+    pub fn eval<R: Cols + ?Sized>(
+        &self,
+        row: &R,
+        params: &[Param],
+    ) -> Result<bool, LikePatternError> {
         self.eval_with(row, params, &mut |_, _| false)
+    }
+}
+
+fn col_or_null<R: Cols + ?Sized>(row: &R, i: usize) -> Value {
+    if i < row.col_count() {
+        row.col(i).into_owned()
+    } else {
+        Value::Null
     }
 }
 
@@ -276,11 +289,11 @@ pub type SortKey = Vec<SortPart>;
 
 impl PlanNode {
     /// The sort key of `row` under this node's completed ordering.
-    pub fn sort_key(&self, row: &[Value]) -> SortKey {
+    pub fn sort_key<R: Cols + ?Sized>(&self, row: &R) -> SortKey {
         self.order
             .iter()
             .map(|c| {
-                let v = row.get(c.column).cloned().unwrap_or(Value::Null);
+                let v = col_or_null(row, c.column);
                 match c.direction {
                     Direction::Asc => SortPart::Asc(v),
                     Direction::Desc => SortPart::Desc(Reverse(v)),
@@ -308,7 +321,7 @@ impl PlanNode {
     }
 
     /// Whether `row` is at or past the start bound (always true without `start`).
-    pub fn after_start(&self, row: &[Value], params: &[Param]) -> bool {
+    pub fn after_start<R: Cols + ?Sized>(&self, row: &R, params: &[Param]) -> bool {
         match (&self.start, self.start_key(params)) {
             (Some(s), Some(bound)) => match self.sort_key(row).cmp(&bound) {
                 Ordering::Greater => true,
@@ -817,11 +830,11 @@ mod tests {
                     t.root
                         .filter
                         .as_ref()
-                        .is_none_or(|f| f.eval(r, &params) == Ok(true))
-                        && t.root.after_start(r, &params)
+                        .is_none_or(|f| f.eval(*r, &params) == Ok(true))
+                        && t.root.after_start(*r, &params)
                 })
                 .collect();
-            mine.sort_by_key(|r| t.root.sort_key(r));
+            mine.sort_by_key(|r| t.root.sort_key(*r));
             if let Some(k) = t.root.limit_value(&params) {
                 mine.truncate(k as usize);
             }

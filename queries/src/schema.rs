@@ -373,34 +373,47 @@ impl Schema {
 
     /// A row as the client receives it in a `rowsPatch` `put`: a JSON object of every column,
     /// in column order.
-    pub fn row_to_json(&self, table: &str, row: &[Value]) -> Option<serde_json::Value> {
+    pub fn row_to_json<R: crate::Cols + ?Sized>(
+        &self,
+        table: &str,
+        row: &R,
+    ) -> Option<serde_json::Value> {
         let t = self.table(table)?;
         Some(serde_json::Value::Object(
             t.columns
                 .iter()
-                .zip(row)
-                .map(|(c, v)| (c.name.clone(), v.to_json()))
+                .take(row.col_count())
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), row.col(i).to_json()))
                 .collect(),
         ))
     }
 
     /// The primary-key object of a row (the `id` of a `rowsPatch` `del`), in key order.
-    pub fn row_key_json(&self, table: &str, row: &[Value]) -> Option<serde_json::Value> {
+    pub fn row_key_json<R: crate::Cols + ?Sized>(
+        &self,
+        table: &str,
+        row: &R,
+    ) -> Option<serde_json::Value> {
         let t = self.table(table)?;
         let mut key = serde_json::Map::new();
         for pk in &t.primary_key {
-            let v = t.column_index(pk).and_then(|i| row.get(i))?;
-            key.insert(pk.clone(), v.to_json());
+            let i = t.column_index(pk).filter(|&i| i < row.col_count())?;
+            key.insert(pk.clone(), row.col(i).to_json());
         }
         Some(serde_json::Value::Object(key))
     }
 
     /// The primary-key values of a row, in key order (a compact identity for refcounts).
-    pub fn row_key(&self, table: &str, row: &[Value]) -> Option<Vec<Value>> {
+    pub fn row_key<R: crate::Cols + ?Sized>(&self, table: &str, row: &R) -> Option<Vec<Value>> {
         let t = self.table(table)?;
         t.primary_key
             .iter()
-            .map(|pk| t.column_index(pk).and_then(|i| row.get(i)).cloned())
+            .map(|pk| {
+                t.column_index(pk)
+                    .filter(|&i| i < row.col_count())
+                    .map(|i| row.col(i).into_owned())
+            })
             .collect()
     }
 
@@ -501,7 +514,7 @@ pub(crate) mod tests {
         let row = s
             .row_from_json("label", &serde_json::json!({"name": "bug", "id": "l1"}))
             .expect("row");
-        assert_eq!(&*row, &[Value::from("l1"), Value::from("bug")]);
+        assert_eq!(row.to_vec(), vec![Value::from("l1"), Value::from("bug")]);
         assert_eq!(
             s.row_to_json("label", &row),
             Some(serde_json::json!({"id": "l1", "name": "bug"}))

@@ -36,9 +36,10 @@ use crate::ast::{
     LiteralValue, Operand, OrderPart, SimpleCondition, SimpleOp, System, ValuePosition,
 };
 use crate::eval::LikePatternError;
+use crate::row::Row;
 use crate::schema::{ColumnType, Schema, TableSchema};
 use crate::validate::{ValidationError, validate};
-use crate::value::{Row, Value};
+use crate::value::Value;
 
 /// A value as SQLite stores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -610,8 +611,8 @@ fn evaluate_node<E: std::error::Error + 'static>(
                 .map(|f| {
                     table
                         .column_index(f)
-                        .and_then(|i| row.get(i).cloned())
-                        .unwrap_or(Value::Null)
+                        .filter(|&i| i < row.len())
+                        .map_or(Value::Null, |i| row.get(i))
                 })
                 .collect();
             // A null key never matches (null != null).

@@ -44,10 +44,6 @@ pub enum Value {
     Json(Arc<serde_json::Value>),
 }
 
-/// A row: column values in the table's column order. Shared by pointer so that several
-/// arrangements of one table can hold the same allocation.
-pub type Row = Arc<[Value]>;
-
 /// The largest integer that a JavaScript number represents exactly (2^53 - 1).
 pub const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
@@ -131,7 +127,7 @@ impl Value {
     }
 
     /// A borrowed view with `Json` scalars resolved, so that every trait impl sees one form.
-    fn view(&self) -> View<'_> {
+    pub(crate) fn view(&self) -> View<'_> {
         match self {
             Value::Null => View::Null,
             Value::Bool(b) => View::Bool(*b),
@@ -163,7 +159,7 @@ pub enum ValueKind {
     Json,
 }
 
-enum View<'a> {
+pub(crate) enum View<'a> {
     Null,
     Bool(bool),
     Number(f64),
@@ -172,7 +168,7 @@ enum View<'a> {
 }
 
 impl View<'_> {
-    fn rank(&self) -> u8 {
+    pub(crate) fn rank(&self) -> u8 {
         match self {
             View::Null => 0,
             View::Bool(_) => 1,
@@ -606,8 +602,9 @@ mod tests {
         let bytes = bincode::serialize(&vals).expect("bincode");
         let back: Vec<Value> = bincode::deserialize(&bytes).expect("bincode back");
         assert_eq!(back, vals);
-        let row: Row = vals.clone().into();
-        let back: Row = bincode::deserialize(&bincode::serialize(&row).expect("ser")).expect("de");
+        let row: crate::Row = vals.clone().into();
+        let back: crate::Row =
+            bincode::deserialize(&bincode::serialize(&row).expect("ser")).expect("de");
         assert_eq!(back, row);
     }
 

@@ -83,7 +83,7 @@ impl Db {
         let r = self.schema.row_from_json(table, &row).expect("row");
         let t = self.schema.table(table).expect("table");
         let marks: Vec<String> = (1..=t.columns.len()).map(|i| format!("?{i}")).collect();
-        let params: Vec<Sq> = r.iter().map(|v| sq(&to_sql(v))).collect();
+        let params: Vec<Sq> = r.iter().map(|v| sq(&to_sql(&v))).collect();
         self.conn
             .execute(
                 &format!(
@@ -130,7 +130,7 @@ impl Db {
             "sql and memory disagree on {src}"
         );
         got.iter()
-            .map(|n| n.row[0].as_str().unwrap_or_default().to_owned())
+            .map(|n| n.row.get(0).as_str().unwrap_or_default().to_owned())
             .collect()
     }
 }
@@ -344,7 +344,7 @@ fn exists_witness_rows_are_synced_but_not_viewed() {
         synced_rows(&got)
             .iter()
             .filter(|(t, _)| t == table)
-            .map(|(_, r)| r[0].as_str().unwrap_or_default().to_owned())
+            .map(|(_, r)| r.get(0).as_str().unwrap_or_default().to_owned())
             .collect::<Vec<_>>()
     };
     // At most 3 witnesses per parent, in the child's ordering (c7 is i1's fourth comment).
@@ -622,7 +622,7 @@ fn random_query(rng: &mut Rng, db: &Db) -> String {
             let v = if rng.chance(20) {
                 Value::Null
             } else {
-                r[i].clone()
+                r.get(i)
             };
             fields.push(format!("{name}: {}", js_value(&v.to_json())));
         }

@@ -1006,12 +1006,12 @@ fn start_query(
         .map_err(|e| e.to_string())
 }
 
-fn row_parts(t: &TableSchema, row: &[zero_queries::Value]) -> (String, String, RowJson) {
+fn row_parts(t: &TableSchema, row: &Row) -> (String, String, RowJson) {
     let mut obj = serde_json::Map::new();
     let mut version = String::new();
     for (c, v) in t.columns.iter().zip(row.iter()) {
         if c.name == VERSION_COLUMN {
-            if let zero_queries::Value::String(s) = v {
+            if let zero_queries::Value::String(s) = &v {
                 version = s.to_string();
             }
         } else {

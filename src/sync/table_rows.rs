@@ -26,8 +26,12 @@ fn hash_key<'a>(state: &RandomState, key: impl Iterator<Item = &'a Value>) -> u6
     h.finish()
 }
 
-fn row_hash(state: &RandomState, key_cols: &[usize], row: &[Value]) -> u64 {
-    hash_key(state, key_cols.iter().map(|&i| &row[i]))
+fn row_hash(state: &RandomState, key_cols: &[usize], row: &Row) -> u64 {
+    let mut h = state.build_hasher();
+    for &i in key_cols {
+        row.get(i).hash(&mut h);
+    }
+    h.finish()
 }
 
 impl TableRows {
@@ -51,7 +55,7 @@ impl TableRows {
         let hash = row_hash(state, key_cols, &row);
         match rows.entry(
             hash,
-            |r| key_cols.iter().all(|&i| r[i] == row[i]),
+            |r| key_cols.iter().all(|&i| r.cmp_cols(i, &row, i).is_eq()),
             |r| row_hash(state, key_cols, r),
         ) {
             Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), row)),
@@ -67,7 +71,9 @@ impl TableRows {
         let hash = hash_key(&self.state, key.iter());
         let cols = &self.key_cols;
         self.rows
-            .find_entry(hash, |r| cols.iter().zip(key).all(|(&i, v)| r[i] == *v))
+            .find_entry(hash, |r| {
+                cols.iter().zip(key).all(|(&i, v)| r.cmp_col(i, v).is_eq())
+            })
             .ok()
             .map(|e| e.remove().0)
     }
@@ -85,12 +91,10 @@ impl TableRows {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn row(vals: &[Value]) -> Row {
-        Arc::from(vals.to_vec())
+        Row::from(vals)
     }
 
     #[test]

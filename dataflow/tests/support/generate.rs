@@ -3,8 +3,6 @@
 //! incl. flipped, scalar and permission ones, orderings, limits, start cursors, related to
 //! depth 2 with hidden junction hops), shared by the oracle tests.
 
-use std::sync::Arc;
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use zero_queries::ast::{
@@ -115,7 +113,7 @@ impl Gen {
             if let Some(old) = keep
                 && pk.contains(name)
             {
-                row.push(old[i].clone());
+                row.push(old.get(i));
                 continue;
             }
             if name == "id" {
@@ -126,7 +124,7 @@ impl Gen {
                 row.push(self.value(*ty, nullable));
             }
         }
-        Arc::from(row)
+        Row::from(row)
     }
 
     pub(crate) fn cols_of(&self, t: usize, ty: Ty) -> Vec<String> {
