@@ -48,9 +48,42 @@ pub(crate) type Key = SmallVec<[Value; 1]>;
 pub(crate) type IndexTrace = TraceAgent<LeanSpine<Key, Row>>;
 /// Identifies an index: the table and the key columns.
 pub(crate) type IndexId = (TableId, Vec<usize>);
-/// A shared arrangement whose values under each key are `(sort key, row)`, so they are stored
-/// in ORDER BY order and a top-k is a prefix scan.
-pub(crate) type SortedTrace = TraceAgent<LeanSpine<Key, (SortKey, Row)>>;
+/// A shared arrangement whose values under each key are rows in ORDER BY order, so a top-k
+/// is a prefix scan.
+pub(crate) type SortedTrace = TraceAgent<LeanSpine<Key, SortedRow>>;
+
+/// A row of a sorted index. It orders by the index's ordering (then by the whole row, which
+/// only tells apart two versions of one row), read from the row itself: storing a copy of
+/// the sort columns beside every row cost three times the row pointer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SortedRow {
+    /// The index's ordering, shared by all its rows.
+    pub(crate) order: Arc<[(usize, bool)]>,
+    /// The row.
+    pub(crate) row: Row,
+}
+
+impl Ord for SortedRow {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        compare_rows(&self.order, &self.row, &other.row).then_with(|| self.row.cmp(&other.row))
+    }
+}
+impl PartialOrd for SortedRow {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for SortedRow {
+    fn eq(&self, other: &Self) -> bool {
+        self.row == other.row
+    }
+}
+impl Eq for SortedRow {}
+impl std::hash::Hash for SortedRow {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.row.hash(state);
+    }
+}
 /// Identifies a sorted index: table, key columns, ordering.
 pub(crate) type SortedId = (TableId, Vec<usize>, Vec<(usize, bool)>);
 type Imported<'s> = Arranged<'s, TraceFrontier<IndexTrace>>;
@@ -823,8 +856,8 @@ struct ProbeExists {
     child: ProbeLevel,
 }
 
-/// One update of a sorted index: the value (sort key and row) and its multiplicity change.
-type SortedUpdate = ((SortKey, Row), Diff);
+/// One update of a sorted index: the row and its multiplicity change.
+type SortedUpdate = (SortedRow, Diff);
 
 /// Reads the child rows under a key of one probe trace, as of the time being processed.
 type Fetch<'a> = dyn FnMut(usize, &Key) -> Arc<Vec<Row>> + 'a;
@@ -1020,7 +1053,7 @@ where
                                             .or_default()
                                             .entry(key.clone())
                                             .or_default()
-                                            .push(((val.0.clone(), val.1.clone()), *d));
+                                            .push((val.clone(), *d));
                                     });
                                     c.step_val(b);
                                 }
@@ -1171,9 +1204,10 @@ where
                                         // Changed rows that pass and sort inside the window.
                                         let mut ins: Vec<Row> = Vec::new();
                                         let mut dels: Vec<&Row> = Vec::new();
-                                        for ((sk, row), d) in &merged {
+                                        for (sr, d) in &merged {
+                                            let row = &sr.row;
                                             if last.is_some_and(|l| {
-                                                compare_key_row(sk, &plan.order, l)
+                                                compare_rows(&plan.order, row, l)
                                                     == std::cmp::Ordering::Greater
                                             }) {
                                                 continue;
@@ -1246,8 +1280,9 @@ where
                                             // `seek_val` on a cursor list trips over empty
                                             // batches, so step: comparing stored sort keys
                                             // costs no allocation.
-                                            while cursor.get_val(&storage).is_some_and(|v| v.0 < *b)
-                                            {
+                                            while cursor.get_val(&storage).is_some_and(|v| {
+                                                compare_key_row(b, &plan.order, &v.row).is_gt()
+                                            }) {
                                                 cursor.step_val(&storage);
                                             }
                                         }
@@ -1258,11 +1293,13 @@ where
                                                     sum += *d;
                                                 }
                                             });
-                                            let row = &val.1;
+                                            let row = &val.row;
                                             if sum > 0
-                                                && bound
-                                                    .as_ref()
-                                                    .is_none_or(|(b, excl)| !*excl || val.0 != *b)
+                                                && bound.as_ref().is_none_or(|(b, excl)| {
+                                                    !*excl
+                                                        || compare_key_row(b, &plan.order, row)
+                                                            .is_ne()
+                                                })
                                                 && plan.level.filter.as_ref().is_none_or(|p| {
                                                     eval_probe(
                                                         &plan.level,

@@ -23,11 +23,10 @@ use timely::worker::Worker;
 use zero_queries::Row;
 
 use crate::engine::IndexStats;
-use crate::expr::{SortKey, sort_key};
 use crate::lean::LeanBatcher;
 use crate::plan::{Catalog, QueryShape, TableId};
 use crate::render::{
-    Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, Time, key_of,
+    Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, SortedRow, Time, key_of,
     needed_indexes,
 };
 
@@ -391,11 +390,20 @@ impl State {
                 Antichain::from_elem(sealed),
                 Antichain::new(),
             );
+            let order: Arc<[(usize, bool)]> = order.into();
             let idx = arr
                 .flat_map_ref(move |_pk, row: &Row| {
-                    key_of(row, &cols).map(|k| (k, (sort_key(&order, row), row.clone())))
+                    key_of(row, &cols).map(|k| {
+                        (
+                            k,
+                            SortedRow {
+                                order: Arc::clone(&order),
+                                row: row.clone(),
+                            },
+                        )
+                    })
                 })
-                .arrange_named::<LeanBatcher<Key, (SortKey, Row)>, _>(&name, LeanBatcher::new);
+                .arrange_named::<LeanBatcher<Key, SortedRow>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });
