@@ -1029,6 +1029,13 @@ fn row_parts(t: &TableSchema, row: &Row) -> (String, String, RowJson) {
     )
 }
 
+/// Whether two primary keys have the same columns. Order does not count: Zero's clients send
+/// their keys sorted (a table keyed `(b, a)` upstream arrives as `(a, b)`), and row keys are
+/// written in [`sorted_key`] order.
+pub(crate) fn same_key_columns(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().all(|c| b.contains(c))
+}
+
 /// A row key's columns in name order: a row's key string (its CVR identity) is the same
 /// whichever order the replica or the client lists its primary key in.
 pub(crate) fn sorted_key(pk: &[String]) -> Vec<&String> {

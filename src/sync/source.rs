@@ -250,11 +250,10 @@ impl SqlViewSource {
     /// do not change any table's key, else one of its own.
     fn set_schema(&mut self, published: &PublishedSchema) {
         let tables = published.replica_tables();
-        // Column order does not count (Zero's clients send their keys sorted).
         let own_keys = self.client_keys.iter().any(|(t, k)| {
             tables
                 .get(t)
-                .is_some_and(|rt| rt.key.len() != k.len() || !k.iter().all(|c| rt.key.contains(c)))
+                .is_some_and(|rt| !crate::sync::ivm::same_key_columns(&rt.key, k))
         });
         if !own_keys {
             let mut shared = self.readers.shared_schema.lock().expect("schema cache");

@@ -528,18 +528,15 @@ impl ViewSyncer {
             Err(e) => Err(ErrorBody::new(ErrorKind::Internal, e.to_string())),
         };
         let keys = checked.map_err(OpError::Client)?;
-        // Only keys that differ from the replica's select another engine. Order does not
-        // count: Zero's clients send their primary keys sorted (so a table keyed (b, a)
-        // upstream arrives as (a, b)), and row keys are written in sorted column order.
-        let same_columns =
-            |a: &[String], b: &[String]| a.len() == b.len() && a.iter().all(|c| b.contains(c));
+        // Only keys that differ from the replica's (in their columns, not their order)
+        // select another engine.
         let differing: BTreeMap<String, Vec<String>> = keys
             .iter()
             .filter(|(t, k)| {
                 self.source
                     .tables()
                     .get(*t)
-                    .is_some_and(|rt| !same_columns(&rt.key, k))
+                    .is_some_and(|rt| !crate::sync::ivm::same_key_columns(&rt.key, k))
             })
             .map(|(t, k)| (t.clone(), k.clone()))
             .collect();
