@@ -3,7 +3,7 @@
 //! `ZERO_CHANGE_STREAMER_MODE=discover`, and kill -9 of the manager (including between its
 //! change-DB commit and its replica commit) without loss or duplicates.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::roles::{
-    SCHEMA, allow_issue, free_port, inode, manager, one, spawn, stderr_of, wait_http_ok,
+    Node, SCHEMA, allow_issue, free_port, inode, manager, one, spawn, stderr_of, wait_http_ok,
     wait_replica, wait_rows_equal,
 };
 use crate::support::{
@@ -116,6 +116,36 @@ fn discovering_view_syncer(
     )
 }
 
+/// A manager keeping its log in the change DB and a view syncer that finds it there, each with
+/// its replica in the test's directory (the view syncer is started, not yet caught up).
+struct DiscoveredPair {
+    m: Node,
+    v: tokio::process::Child,
+    m_file: PathBuf,
+    v_file: PathBuf,
+    cs: u16,
+    env: Vec<(&'static str, String)>,
+}
+
+async fn manager_and_discovering_view_syncer(db: &TestDb, cdb: &ChangeDb) -> DiscoveredPair {
+    let dir = db.dir.path();
+    let (m_file, v_file) = (dir.join("m.db"), dir.join("v.db"));
+    let cs = free_port();
+    let env = manager_env(cdb, cs);
+    let m = manager(db, &m_file, cs, &env);
+    wait_replica(&m_file).await;
+    cdb.wait_owner_address().await;
+    let v = discovering_view_syncer(db, cdb, &v_file, free_port());
+    DiscoveredPair {
+        m,
+        v,
+        m_file,
+        v_file,
+        cs,
+        env,
+    }
+}
+
 fn has_sqlite_log(path: &Path) -> bool {
     let conn = rusqlite::Connection::open(path).expect("open replica");
     conn.query_row(
@@ -200,14 +230,14 @@ async fn manager_that_died_between_change_db_and_replica_commits_loses_and_repea
     db.exec(SCHEMA).await;
     let cdb = change_db(&db).await;
     let dir = db.dir.path().to_path_buf();
-    let (m_file, v_file) = (dir.join("m.db"), dir.join("v.db"));
-    let cs = free_port();
-    let env = manager_env(&cdb, cs);
-    let mut m = manager(&db, &m_file, cs, &env);
-    wait_replica(&m_file).await;
-    cdb.wait_owner_address().await;
-    let port = free_port();
-    let _v = discovering_view_syncer(&db, &cdb, &v_file, port);
+    let DiscoveredPair {
+        mut m,
+        v: _v,
+        m_file,
+        v_file,
+        cs,
+        env,
+    } = manager_and_discovering_view_syncer(&db, &cdb).await;
     wait_rows_equal(&db, &v_file).await;
     let v_ino = inode(&v_file);
 
@@ -303,15 +333,14 @@ async fn kill_9_of_a_manager_with_change_db_mid_stream_loses_and_repeats_nothing
     let db = test_db().await;
     db.exec(WORKLOAD_SCHEMA).await;
     let cdb = change_db(&db).await;
-    let dir = db.dir.path().to_path_buf();
-    let (m_file, v_file) = (dir.join("m.db"), dir.join("v.db"));
-    let cs = free_port();
-    let env = manager_env(&cdb, cs);
-    let m = manager(&db, &m_file, cs, &env);
-    wait_replica(&m_file).await;
-    cdb.wait_owner_address().await;
-    let port = free_port();
-    let _v = discovering_view_syncer(&db, &cdb, &v_file, port);
+    let DiscoveredPair {
+        m,
+        v: _v,
+        m_file,
+        v_file,
+        cs,
+        env,
+    } = manager_and_discovering_view_syncer(&db, &cdb).await;
     wait_replica(&v_file).await;
     let v_ino = inode(&v_file);
 
