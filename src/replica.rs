@@ -143,34 +143,54 @@ fn write_schema(conn: &Connection, schema: &PublishedSchema) -> Result<(), Repli
     Ok(())
 }
 
-/// Reads the replica's state; `None` if the file is not a complete replica.
-pub fn read_state(conn: &Connection) -> Result<Option<ReplicaState>, ReplicaError> {
-    let has = conn
-        .query_row(
+/// The replica's metadata as stored (publications, context and schema as JSON text).
+#[derive(Debug)]
+pub struct StoredState {
+    pub replica_version: String,
+    pub publications: String,
+    pub context: Option<String>,
+    pub watermark: String,
+    pub schema: String,
+}
+
+/// Reads the replica's metadata without parsing it, `None` before it exists: the view engine
+/// reads it on every watermark and compares the schema text instead of parsing the schema.
+pub fn read_stored_state(conn: &Connection) -> Result<Option<StoredState>, ReplicaError> {
+    let has: i64 = conn
+        .prepare_cached(
             "SELECT count(*) FROM sqlite_master WHERE name IN ('_zero.replicationConfig', '_zero.replicationState', '_zero.upstreamSchema')",
-            [],
-            |r| r.get::<_, i64>(0),
-        )?;
+        )?
+        .query_row([], |r| r.get(0))?;
     if has != 3 {
         return Ok(None);
     }
-    let cfg = conn
-        .query_row(
+    Ok(conn
+        .prepare_cached(
             r#"SELECT c."replicaVersion", c."publications", c."initialSyncContext", s."stateVersion", u."schema"
                FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
-            [],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((replica_version, pubs, ctx, watermark, schema)) = cfg else {
+        )?
+        .query_row([], |r| {
+            Ok(StoredState {
+                replica_version: r.get(0)?,
+                publications: r.get(1)?,
+                context: r.get(2)?,
+                watermark: r.get(3)?,
+                schema: r.get(4)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Reads the replica's state; `None` if the file is not a complete replica.
+pub fn read_state(conn: &Connection) -> Result<Option<ReplicaState>, ReplicaError> {
+    let Some(StoredState {
+        replica_version,
+        publications: pubs,
+        context: ctx,
+        watermark,
+        schema,
+    }) = read_stored_state(conn)?
+    else {
         return Ok(None);
     };
     let bad =

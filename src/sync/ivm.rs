@@ -666,8 +666,8 @@ impl Service {
             .optional()
             .ok()
             .flatten();
-        let published_text = read_watermark(&conn)?
-            .map(|(_, _, text)| text)
+        let published_text = crate::replica::read_stored_state(&conn)?
+            .map(|s| s.schema)
             .unwrap_or_default();
         conn.execute_batch("COMMIT")?;
         let mut ready = Ready {
@@ -762,7 +762,13 @@ impl Service {
         conn: &Connection,
         out: &mut Outbox,
     ) -> Result<Option<Vec<TableChange>>, LoadError> {
-        let Some((replica_version, watermark, schema_text)) = read_watermark(conn)? else {
+        let Some(crate::replica::StoredState {
+            replica_version,
+            watermark,
+            schema: schema_text,
+            ..
+        }) = crate::replica::read_stored_state(conn)?
+        else {
             return Ok(Some(Vec::new()));
         };
         let ready = self.ready.as_mut().expect("ready");
@@ -873,26 +879,6 @@ impl Service {
         debug!(changes = changes.len(), state_version = %ready.state_version, "replica changes for the view engine");
         Ok(Some(changes))
     }
-}
-
-/// The replica's identity, watermark and published schema (as stored text), or `None` before
-/// its metadata exists. Read on every watermark, so the schema is compared, not parsed.
-fn read_watermark(conn: &Connection) -> Result<Option<(String, String, String)>, LoadError> {
-    let has: i64 = conn
-        .prepare_cached(
-            "SELECT count(*) FROM sqlite_master WHERE name IN ('_zero.replicationConfig', '_zero.replicationState', '_zero.upstreamSchema')",
-        )?
-        .query_row([], |r| r.get(0))?;
-    if has != 3 {
-        return Ok(None);
-    }
-    Ok(conn
-        .prepare_cached(
-            r#"SELECT c."replicaVersion", s."stateVersion", u."schema"
-               FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
-        )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?)
 }
 
 fn json_to_sql(v: &Json) -> SqlValue {
