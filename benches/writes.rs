@@ -197,6 +197,7 @@ async fn main() {
         cvr_max_conns: 4,
         hydration_stats: false,
         slow_hydrate_ms: 100.0,
+        cvr_gc: Default::default(),
     };
     let server = sync::bind(opts, wm_rx.clone()).await.expect("bind");
     let addr = server.addr;

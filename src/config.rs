@@ -178,6 +178,33 @@ pub struct Config {
     #[arg(long, env = "ZERO_CVR_MAX_CONNS", default_value_t = 30)]
     pub cvr_max_conns: u32,
 
+    /// Client view records whose group has not been connected for this many hours are
+    /// deleted (a returning client then gets `ClientNotFound` and starts afresh), so the CVR
+    /// store does not grow with every browser that ever connected.
+    #[arg(
+        long,
+        env = "ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS",
+        default_value_t = 48.0
+    )]
+    pub cvr_garbage_collection_inactivity_threshold_hours: f64,
+
+    /// Seconds between CVR garbage-collection passes while passes find records to delete;
+    /// the interval doubles (up to 16 minutes) while they find none.
+    #[arg(
+        long,
+        env = "ZERO_CVR_GARBAGE_COLLECTION_INITIAL_INTERVAL_SECONDS",
+        default_value_t = 60.0
+    )]
+    pub cvr_garbage_collection_initial_interval_seconds: f64,
+
+    /// Inactive client view records deleted per pass at most; 0 disables garbage collection.
+    #[arg(
+        long,
+        env = "ZERO_CVR_GARBAGE_COLLECTION_INITIAL_BATCH_SIZE",
+        default_value_t = 25
+    )]
+    pub cvr_garbage_collection_initial_batch_size: u32,
+
     /// Postgres database for the replication manager's change log (schema `{app}_{shard}/cdc`):
     /// every committed transaction is stored there before the replica commits and the slot is
     /// acknowledged, and view syncers catch up from it. Default: the log stays inside the
@@ -502,6 +529,107 @@ pub struct CompatOptions {
     /// Start on the first request.
     #[arg(long, env = "ZERO_LAZY_STARTUP", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
     pub lazy_startup: bool,
+    /// Change source type; only `pg` is served (a custom change source is rejected at start).
+    #[arg(long, env = "ZERO_UPSTREAM_TYPE", hide = true, default_value = "pg")]
+    pub upstream_type: String,
+    /// Internal per-worker split of ZERO_UPSTREAM_MAX_CONNS (no effect: one shared pool).
+    #[arg(long, env = "ZERO_UPSTREAM_MAX_CONNS_PER_WORKER", hide = true)]
+    pub upstream_max_conns_per_worker: Option<u32>,
+    /// Replication stream inactivity timeout, ms (no effect: the stream relies on Postgres keepalives).
+    #[arg(long, env = "ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS")]
+    pub upstream_pg_stream_inbound_timeout_ms: Option<u64>,
+    /// Internal per-worker split of ZERO_CVR_MAX_CONNS (no effect: one shared pool).
+    #[arg(long, env = "ZERO_CVR_MAX_CONNS_PER_WORKER", hide = true)]
+    pub cvr_max_conns_per_worker: Option<u32>,
+    /// Integrity checks after a corruption error (no effect).
+    #[arg(long, env = "ZERO_SQLITE_CORRUPTION_CHECKS", hide = true, value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub sqlite_corruption_checks: bool,
+    /// Shadow-mode query covering statistics (no effect: log only in zero-cache).
+    #[arg(long, env = "ZERO_ENABLE_QUERY_COVERING", value_parser = BoolishValueParser::new(), default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_query_covering: bool,
+    /// Change database statement timeout, ms (no effect).
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STATEMENT_TIMEOUT_MS",
+        hide = true,
+        default_value_t = 20000
+    )]
+    pub change_statement_timeout_ms: u64,
+    /// Rows per change-log insert (no effect: one row per transaction).
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_LOG_BATCH_SIZE",
+        hide = true,
+        default_value_t = 2000
+    )]
+    pub change_log_batch_size: u32,
+    /// Sample one in N IVM runs for logs (no effect).
+    #[arg(long, env = "ZERO_LOG_IVM_SAMPLING", default_value_t = 5000)]
+    pub log_ivm_sampling: u32,
+    /// Deprecated change-streamer URI scheme (no effect: ZERO_CHANGE_STREAMER_URI carries it).
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STREAMER_PROTOCOL",
+        hide = true,
+        default_value = "ws"
+    )]
+    pub change_streamer_protocol: String,
+    /// Takeover delay of a new replication manager, ms (no effect: a newer manager takes ownership at once and the old one stops).
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STREAMER_STARTUP_DELAY_MS",
+        default_value_t = 15000
+    )]
+    pub change_streamer_startup_delay_ms: u64,
+    /// Flow-control padding (no effect: subscribers read the durable log at their own pace).
+    #[arg(
+        long,
+        env = "ZERO_CHANGE_STREAMER_FLOW_CONTROL_CONSENSUS_PADDING_SECONDS",
+        default_value_t = 1.0
+    )]
+    pub change_streamer_flow_control_consensus_padding_seconds: f64,
+    /// permessage-deflate on client sockets (not supported: a warning is logged and sockets stay uncompressed, which clients accept).
+    #[arg(long, env = "ZERO_WEBSOCKET_COMPRESSION", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub websocket_compression: bool,
+    /// Options of permessage-deflate (no effect, see ZERO_WEBSOCKET_COMPRESSION).
+    #[arg(long, env = "ZERO_WEBSOCKET_COMPRESSION_OPTIONS")]
+    pub websocket_compression_options: Option<String>,
+    /// Directory of operator temp storage (no effect: operators keep state in memory).
+    #[arg(long, env = "ZERO_STORAGE_DB_TMP_DIR")]
+    pub storage_db_tmp_dir: Option<String>,
+    /// Profile initial-sync copies (no effect).
+    #[arg(long, env = "ZERO_INITIAL_SYNC_PROFILE_COPY", hide = true, value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub initial_sync_profile_copy: Option<bool>,
+    /// Initial-sync canary (no effect).
+    #[arg(long, env = "ZERO_SHADOW_SYNC_ENABLED", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
+    pub shadow_sync_enabled: bool,
+    /// Initial-sync canary interval (no effect).
+    #[arg(long, env = "ZERO_SHADOW_SYNC_INTERVAL_HOURS", default_value_t = 12.0)]
+    pub shadow_sync_interval_hours: f64,
+    /// Initial-sync canary sample rate (no effect).
+    #[arg(long, env = "ZERO_SHADOW_SYNC_SAMPLE_RATE", default_value_t = 0.1)]
+    pub shadow_sync_sample_rate: f64,
+    /// Initial-sync canary rows per table (no effect).
+    #[arg(
+        long,
+        env = "ZERO_SHADOW_SYNC_MAX_ROWS_PER_TABLE",
+        default_value_t = 10000
+    )]
+    pub shadow_sync_max_rows_per_table: u64,
+    /// Deprecated and unused by zero-cache too.
+    #[arg(
+        long,
+        env = "ZERO_TARGET_CLIENT_ROW_COUNT",
+        hide = true,
+        default_value_t = 20000
+    )]
+    pub target_client_row_count: u64,
+    /// Name of a variable holding a CloudEvents sink URI (no effect: no events are published).
+    #[arg(long, env = "ZERO_CLOUD_EVENT_SINK_ENV")]
+    pub cloud_event_sink_env: Option<String>,
+    /// Name of a variable holding CloudEvents extensions (no effect).
+    #[arg(long, env = "ZERO_CLOUD_EVENT_EXTENSION_OVERRIDES_ENV")]
+    pub cloud_event_extension_overrides_env: Option<String>,
 }
 
 /// The deployment role of a process (see the production guide).
@@ -641,6 +769,32 @@ impl Config {
                 });
             }
         }
+        for (env, v) in [
+            (
+                "ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS",
+                self.cvr_garbage_collection_inactivity_threshold_hours,
+            ),
+            (
+                "ZERO_CVR_GARBAGE_COLLECTION_INITIAL_INTERVAL_SECONDS",
+                self.cvr_garbage_collection_initial_interval_seconds,
+            ),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(ConfigError::Invalid {
+                    env,
+                    reason: format!("{v} must be a positive number"),
+                });
+            }
+        }
+        if self.compat.upstream_type != "pg" {
+            return Err(ConfigError::Invalid {
+                env: "ZERO_UPSTREAM_TYPE",
+                reason: format!(
+                    "{:?} is not supported: this server replicates from Postgres only (pg)",
+                    self.compat.upstream_type
+                ),
+            });
+        }
         if let Some(u) = &self.change_db {
             crate::pgconn::UpstreamConfig::parse(u).map_err(|e| ConfigError::Invalid {
                 env: "ZERO_CHANGE_DB",
@@ -742,5 +896,185 @@ impl Config {
     /// The shard identity derived from app id and shard number.
     pub fn shard(&self) -> crate::upstream::Shard {
         crate::upstream::Shard::new(&self.app_id, self.shard_num, &self.app_publications)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every option of zero-cache 1.9.0 (its option table; `ZERO_SHARD_ID` is refused on
+    /// purpose): an existing deployment's environment must keep working unchanged.
+    const ZERO_CACHE_OPTIONS: &[&str] = &[
+        "ZERO_ADMIN_PASSWORD",
+        "ZERO_APP_ID",
+        "ZERO_APP_PUBLICATIONS",
+        "ZERO_AUTH_AUDIENCE",
+        "ZERO_AUTH_ISSUER",
+        "ZERO_AUTH_JWK",
+        "ZERO_AUTH_JWKS_URL",
+        "ZERO_AUTH_RETRANSFORM_INTERVAL_SECONDS",
+        "ZERO_AUTH_REVALIDATE_INTERVAL_SECONDS",
+        "ZERO_AUTH_SECRET",
+        "ZERO_AUTO_RESET",
+        "ZERO_CHANGE_DB",
+        "ZERO_CHANGE_LOG_BATCH_SIZE",
+        "ZERO_CHANGE_MAX_CONNS",
+        "ZERO_CHANGE_STATEMENT_TIMEOUT_MS",
+        "ZERO_CHANGE_STREAMER_ADDRESS",
+        "ZERO_CHANGE_STREAMER_BACK_PRESSURE_LIMIT_HEAP_PROPORTION",
+        "ZERO_CHANGE_STREAMER_DISCOVERY_INTERFACE_PREFERENCES",
+        "ZERO_CHANGE_STREAMER_FLOW_CONTROL_CONSENSUS_PADDING_SECONDS",
+        "ZERO_CHANGE_STREAMER_MODE",
+        "ZERO_CHANGE_STREAMER_PORT",
+        "ZERO_CHANGE_STREAMER_PROTOCOL",
+        "ZERO_CHANGE_STREAMER_STARTUP_DELAY_MS",
+        "ZERO_CHANGE_STREAMER_URI",
+        "ZERO_CLOUD_EVENT_EXTENSION_OVERRIDES_ENV",
+        "ZERO_CLOUD_EVENT_SINK_ENV",
+        "ZERO_CVR_DB",
+        "ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS",
+        "ZERO_CVR_GARBAGE_COLLECTION_INITIAL_BATCH_SIZE",
+        "ZERO_CVR_GARBAGE_COLLECTION_INITIAL_INTERVAL_SECONDS",
+        "ZERO_CVR_MAX_CONNS",
+        "ZERO_CVR_MAX_CONNS_PER_WORKER",
+        "ZERO_ENABLE_CRUD_MUTATIONS",
+        "ZERO_ENABLE_QUERY_COVERING",
+        "ZERO_ENABLE_QUERY_PLANNER",
+        "ZERO_ENABLE_TELEMETRY",
+        "ZERO_GET_QUERIES_ALLOWED_CLIENT_HEADERS",
+        "ZERO_GET_QUERIES_ALLOWED_REQUEST_HEADERS",
+        "ZERO_GET_QUERIES_API_KEY",
+        "ZERO_GET_QUERIES_FORWARD_COOKIES",
+        "ZERO_GET_QUERIES_URL",
+        "ZERO_INITIAL_SYNC_PROFILE_COPY",
+        "ZERO_INITIAL_SYNC_TABLE_COPY_WORKERS",
+        "ZERO_INITIAL_SYNC_TEXT_COPY",
+        "ZERO_KEEPALIVE_TIMEOUT_MS",
+        "ZERO_LAZY_STARTUP",
+        "ZERO_LITESTREAM_BACKUP_URL",
+        "ZERO_LITESTREAM_BACKUP_USING_V5",
+        "ZERO_LITESTREAM_CHECKPOINT_THRESHOLD_MB",
+        "ZERO_LITESTREAM_CONFIG_PATH",
+        "ZERO_LITESTREAM_ENDPOINT",
+        "ZERO_LITESTREAM_EXECUTABLE",
+        "ZERO_LITESTREAM_EXECUTABLE_V5",
+        "ZERO_LITESTREAM_INCREMENTAL_BACKUP_INTERVAL_MINUTES",
+        "ZERO_LITESTREAM_LOG_LEVEL",
+        "ZERO_LITESTREAM_MAX_CHECKPOINT_PAGE_COUNT",
+        "ZERO_LITESTREAM_MIN_CHECKPOINT_PAGE_COUNT",
+        "ZERO_LITESTREAM_MULTIPART_CONCURRENCY",
+        "ZERO_LITESTREAM_MULTIPART_SIZE",
+        "ZERO_LITESTREAM_PORT",
+        "ZERO_LITESTREAM_REGION",
+        "ZERO_LITESTREAM_RESTORE_PARALLELISM",
+        "ZERO_LITESTREAM_RESTORE_USING_V5",
+        "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
+        "ZERO_LITESTREAM_VFS_EXTENSION_PATH",
+        "ZERO_LITESTREAM_VFS_LOG_FILE",
+        "ZERO_LITESTREAM_VFS_PROBE_INTERVAL_MS",
+        "ZERO_LITESTREAM_VFS_PROBE_TIMEOUT_MS",
+        "ZERO_LOG_FORMAT",
+        "ZERO_LOG_IVM_SAMPLING",
+        "ZERO_LOG_LEVEL",
+        "ZERO_LOG_SLOW_HYDRATE_THRESHOLD",
+        "ZERO_LOG_SLOW_ROW_THRESHOLD",
+        "ZERO_MUTATE_ALLOWED_CLIENT_HEADERS",
+        "ZERO_MUTATE_ALLOWED_REQUEST_HEADERS",
+        "ZERO_MUTATE_API_KEY",
+        "ZERO_MUTATE_FORWARD_COOKIES",
+        "ZERO_MUTATE_URL",
+        "ZERO_NUM_SYNC_WORKERS",
+        "ZERO_PER_USER_MUTATION_LIMIT_MAX",
+        "ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS",
+        "ZERO_PORT",
+        "ZERO_PUSH_ALLOWED_CLIENT_HEADERS",
+        "ZERO_PUSH_ALLOWED_REQUEST_HEADERS",
+        "ZERO_PUSH_API_KEY",
+        "ZERO_PUSH_FORWARD_COOKIES",
+        "ZERO_PUSH_URL",
+        "ZERO_QUERY_ALLOWED_CLIENT_HEADERS",
+        "ZERO_QUERY_ALLOWED_REQUEST_HEADERS",
+        "ZERO_QUERY_API_KEY",
+        "ZERO_QUERY_FORWARD_COOKIES",
+        "ZERO_QUERY_HYDRATION_STATS",
+        "ZERO_QUERY_URL",
+        "ZERO_REPLICATION_LAG_REPORT_INTERVAL_MS",
+        "ZERO_REPLICA_FILE",
+        "ZERO_REPLICA_VACUUM_INTERVAL_HOURS",
+        "ZERO_SERVER_VERSION",
+        "ZERO_SHADOW_SYNC_ENABLED",
+        "ZERO_SHADOW_SYNC_INTERVAL_HOURS",
+        "ZERO_SHADOW_SYNC_MAX_ROWS_PER_TABLE",
+        "ZERO_SHADOW_SYNC_SAMPLE_RATE",
+        "ZERO_SHARD_NUM",
+        "ZERO_SQLITE_CORRUPTION_CHECKS",
+        "ZERO_STORAGE_DB_TMP_DIR",
+        "ZERO_TARGET_CLIENT_ROW_COUNT",
+        "ZERO_TASK_ID",
+        "ZERO_UPSTREAM_DB",
+        "ZERO_UPSTREAM_MAX_CONNS",
+        "ZERO_UPSTREAM_MAX_CONNS_PER_WORKER",
+        "ZERO_UPSTREAM_PG_REPLICATION_SLOT_FAILOVER",
+        "ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS",
+        "ZERO_UPSTREAM_TYPE",
+        "ZERO_WEBSOCKET_COMPRESSION",
+        "ZERO_WEBSOCKET_COMPRESSION_OPTIONS",
+        "ZERO_WEBSOCKET_MAX_PAYLOAD_BYTES",
+        "ZERO_YIELD_THRESHOLD_MS",
+    ];
+
+    #[test]
+    fn every_zero_cache_option_is_accepted() {
+        let cmd = Config::command();
+        let mut envs = Vec::new();
+        fn walk(cmd: &clap::Command, envs: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if let Some(e) = a.get_env() {
+                    envs.push(e.to_string_lossy().into_owned());
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, envs);
+            }
+        }
+        walk(&cmd, &mut envs);
+        let missing: Vec<_> = ZERO_CACHE_OPTIONS
+            .iter()
+            .filter(|n| !envs.iter().any(|e| e == *n))
+            .collect();
+        assert!(missing.is_empty(), "options not accepted: {missing:?}");
+    }
+
+    #[test]
+    fn cvr_garbage_collection_settings_are_checked() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["zero-cache", "--upstream-db", "postgres://u@127.0.0.1/db"];
+            args.extend_from_slice(extra);
+            Config::from_args(args.into_iter().map(String::from).collect())
+        };
+        let c = parse(&[]);
+        assert_eq!(c.cvr_garbage_collection_inactivity_threshold_hours, 48.0);
+        assert_eq!(c.cvr_garbage_collection_initial_interval_seconds, 60.0);
+        assert_eq!(c.cvr_garbage_collection_initial_batch_size, 25);
+        c.validate().expect("defaults are valid");
+        for bad in ["0", "-2", "inf"] {
+            let flag = format!("--cvr-garbage-collection-inactivity-threshold-hours={bad}");
+            let c = parse(&[&flag]);
+            let e = c.validate().expect_err(bad).to_string();
+            assert!(
+                e.contains("ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS"),
+                "{e}"
+            );
+        }
+        let c = parse(&["--upstream-type", "custom"]);
+        assert!(
+            c.validate()
+                .expect_err("custom")
+                .to_string()
+                .contains("ZERO_UPSTREAM_TYPE")
+        );
     }
 }

@@ -85,6 +85,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         role = ?role,
         "starting zero-cache"
     );
+    if config.compat.websocket_compression {
+        tracing::warn!(
+            "ZERO_WEBSOCKET_COMPRESSION is not supported: client sockets stay uncompressed (clients accept that)"
+        );
+    }
     let (wm_tx, wm_rx) = watch::channel(String::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();

@@ -11,10 +11,11 @@
 //! in the same process sees everything the previous one poked. Shutdown drains the queues
 //! ([`CvrStore::drain`]), so a restarted server resumes every client without a reset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,14 @@ pub trait CvrBackend: Send + Sync + 'static {
     /// The distinct legacy query ASTs (JSON text) of every stored group: the shapes clients
     /// will ask for again after a restart.
     fn stored_asts(&self) -> BoxFut<'_, Result<Vec<String>, CvrError>>;
+    /// Up to `limit` groups whose record was last written before `before_ms`, oldest first.
+    fn inactive(&self, before_ms: i64, limit: usize) -> BoxFut<'_, Result<Vec<String>, CvrError>>;
+    /// Marks the records of `groups` (whose view-syncers run in this process) active at
+    /// `now_ms`, so that another process sharing the store does not collect them.
+    fn touch(&self, groups: Vec<String>, now_ms: i64) -> BoxFut<'_, Result<(), CvrError>>;
+    /// Deletes the whole records of those of `groups` still inactive since `before_ms`;
+    /// returns how many were deleted.
+    fn purge(&self, groups: Vec<String>, before_ms: i64) -> BoxFut<'_, Result<usize, CvrError>>;
     /// Writes several groups' changes (one delta per group), each group's atomically.
     fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
         Box::pin(async move {
@@ -68,8 +77,13 @@ pub struct CvrStore {
     queues: Mutex<HashMap<String, GroupQueue>>,
     /// Wakes the writer.
     wake: Arc<Notify>,
-    /// Signalled whenever a batch is written (groups may have left `queues`).
+    /// Signalled whenever a batch is written (groups may have left `queues`) or a purge ends.
     idle: Notify,
+    /// Groups whose records garbage collection may be deleting: their loads wait, so that a
+    /// group that comes back during the purge sees either all of its record or none of it.
+    purging: Mutex<HashSet<String>>,
+    /// Records deleted by garbage collection since start.
+    purged: AtomicU64,
 }
 
 impl CvrStore {
@@ -95,6 +109,8 @@ impl CvrStore {
             queues: Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
             idle: Notify::new(),
+            purging: Mutex::new(HashSet::new()),
+            purged: AtomicU64::new(0),
         });
         // The writer runs on the server's runtime (not a sync worker's) and ends with the store.
         let weak = Arc::downgrade(&store);
@@ -109,16 +125,83 @@ impl CvrStore {
         Ok(store)
     }
 
-    /// Loads a group's record once every change queued for it is written.
+    /// Loads a group's record once every change queued for it is written (and no purge of
+    /// it is under way).
     pub async fn load(&self, group: &str) -> Result<Cvr, CvrError> {
         loop {
             let idle = self.idle.notified();
-            if !self.queues.lock().expect("cvr queues").contains_key(group) {
+            if !self.busy(group) {
                 break;
             }
             idle.await;
         }
         self.backend.load(group).await
+    }
+
+    /// Whether the group has queued changes or is being purged.
+    fn busy(&self, group: &str) -> bool {
+        let queues = self.queues.lock().expect("cvr queues");
+        queues.contains_key(group) || self.purging.lock().expect("cvr purging").contains(group)
+    }
+
+    /// Deletes the records of up to `limit` groups inactive since `before_ms`, except those
+    /// with queued changes and those `live` says are running; returns how many were deleted.
+    ///
+    /// Candidates are fenced (their loads wait) before `live` is asked, so a group that starts
+    /// after the check waits for the purge and then finds no record, never half of one.
+    pub async fn collect_garbage(
+        &self,
+        before_ms: i64,
+        limit: usize,
+        live: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, CvrError> {
+        let candidates = self.backend.inactive(before_ms, limit).await?;
+        let fenced: Vec<String> = {
+            let queues = self.queues.lock().expect("cvr queues");
+            let mut purging = self.purging.lock().expect("cvr purging");
+            candidates
+                .into_iter()
+                .filter(|g| !queues.contains_key(g) && purging.insert(g.clone()))
+                .collect()
+        };
+        let doomed: Vec<String> = fenced.iter().filter(|g| !live(g)).cloned().collect();
+        // A group that flushed between the fence and the liveness check is kept too.
+        let doomed: Vec<String> = {
+            let queues = self.queues.lock().expect("cvr queues");
+            doomed
+                .into_iter()
+                .filter(|g| !queues.contains_key(g))
+                .collect()
+        };
+        let result = if doomed.is_empty() {
+            Ok(0)
+        } else {
+            self.backend.purge(doomed, before_ms).await
+        };
+        {
+            let mut purging = self.purging.lock().expect("cvr purging");
+            for g in &fenced {
+                purging.remove(g);
+            }
+        }
+        self.idle.notify_waiters();
+        if let Ok(n) = result {
+            self.purged.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Marks running groups' records active (see [`CvrBackend::touch`]).
+    pub async fn touch(&self, groups: Vec<String>) -> Result<(), CvrError> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        self.backend.touch(groups, crate::replica::now_ms()).await
+    }
+
+    /// Records deleted by garbage collection since start.
+    pub fn purged(&self) -> u64 {
+        self.purged.load(Ordering::Relaxed)
     }
 
     /// The distinct legacy query ASTs of every stored group (see [`CvrBackend::stored_asts`]).
@@ -539,6 +622,62 @@ impl CvrBackend for SqliteBackend {
             .map_err(|e| CvrError::Data(format!("CVR write task: {e}")))?
         })
     }
+
+    fn inactive(&self, before_ms: i64, limit: usize) -> BoxFut<'_, Result<Vec<String>, CvrError>> {
+        let conn = self.reader.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().expect("cvr reader");
+                let mut st = conn.prepare(
+                    r#"SELECT "clientGroupID" FROM instances WHERE coalesce("lastActive", 0) < ?1
+                       ORDER BY coalesce("lastActive", 0) LIMIT ?2"#,
+                )?;
+                let groups = st
+                    .query_map(params![before_ms, limit as i64], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(groups)
+            })
+            .await
+            .map_err(|e| CvrError::Data(format!("CVR read task: {e}")))?
+        })
+    }
+
+    /// Nothing to do: the file belongs to this process alone, whose running groups are never
+    /// collected.
+    fn touch(&self, _groups: Vec<String>, _now_ms: i64) -> BoxFut<'_, Result<(), CvrError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn purge(&self, groups: Vec<String>, before_ms: i64) -> BoxFut<'_, Result<usize, CvrError>> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = conn.lock().expect("cvr connection");
+                let tx = conn.transaction()?;
+                let mut n = 0;
+                for g in &groups {
+                    let gone = tx.execute(
+                        r#"DELETE FROM instances WHERE "clientGroupID" = ?1 AND coalesce("lastActive", 0) < ?2"#,
+                        params![g, before_ms],
+                    )?;
+                    if gone == 0 {
+                        continue;
+                    }
+                    for t in ["clients", "queries", "desires", "rows"] {
+                        tx.execute(
+                            &format!(r#"DELETE FROM {t} WHERE "clientGroupID" = ?1"#),
+                            [g],
+                        )?;
+                    }
+                    n += 1;
+                }
+                tx.commit()?;
+                Ok(n)
+            })
+            .await
+            .map_err(|e| CvrError::Data(format!("CVR purge task: {e}")))?
+        })
+    }
 }
 
 /// Client view records in Postgres (`ZERO_CVR_DB`), schema `{app}_{shard}/cvr`.
@@ -844,6 +983,70 @@ impl CvrBackend for PgBackend {
                 .collect()
                 .await;
             results.into_iter().collect()
+        })
+    }
+
+    fn inactive(&self, before_ms: i64, limit: usize) -> BoxFut<'_, Result<Vec<String>, CvrError>> {
+        Box::pin(async move {
+            let c = self.pool.get().await?;
+            let s = self.q("");
+            let rows = c
+                .query(
+                    &format!(
+                        r#"SELECT "clientGroupID" FROM {s}instances WHERE coalesce("lastActive", 0) < $1
+                           ORDER BY coalesce("lastActive", 0) LIMIT $2"#
+                    ),
+                    &[&before_ms, &(limit as i64)],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn touch(&self, groups: Vec<String>, now_ms: i64) -> BoxFut<'_, Result<(), CvrError>> {
+        Box::pin(async move {
+            let c = self.pool.get().await?;
+            let s = self.q("");
+            c.execute(
+                &format!(
+                    r#"UPDATE {s}instances SET "lastActive" = $2 WHERE "clientGroupID" = ANY($1::text[])"#
+                ),
+                &[&groups, &now_ms],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn purge(&self, groups: Vec<String>, before_ms: i64) -> BoxFut<'_, Result<usize, CvrError>> {
+        Box::pin(async move {
+            let mut c = self.pool.get().await?;
+            let s = self.q("");
+            let tx = c.transaction().await?;
+            // Only groups still inactive: another process may have touched or written one.
+            let gone: Vec<String> = tx
+                .query(
+                    &format!(
+                        r#"DELETE FROM {s}instances WHERE "clientGroupID" = ANY($1::text[])
+                           AND coalesce("lastActive", 0) < $2 RETURNING "clientGroupID""#
+                    ),
+                    &[&groups, &before_ms],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !gone.is_empty() {
+                for t in ["clients", "queries", "desires", "rows"] {
+                    tx.execute(
+                        &format!(r#"DELETE FROM {s}{t} WHERE "clientGroupID" = ANY($1::text[])"#),
+                        &[&gone],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(gone.len())
         })
     }
 }

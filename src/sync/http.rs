@@ -84,6 +84,10 @@ async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Res
             "clientGroups": shared.groups(),
             "connections": shared.connections.load(std::sync::atomic::Ordering::Relaxed),
         },
+        "cvr": {
+            "pendingGroups": shared.cvr.pending(),
+            "purgedGroups": shared.cvr.purged(),
+        },
         "engine": {
             "queries": shared.engine.stats.queries.load(std::sync::atomic::Ordering::Relaxed),
             "shapes": shared.engine.stats.shapes.load(std::sync::atomic::Ordering::Relaxed),

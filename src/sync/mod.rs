@@ -29,6 +29,7 @@ pub mod connect;
 pub mod crud;
 pub mod custom;
 pub mod cvr;
+pub mod cvr_gc;
 pub mod cvr_store;
 pub mod fetch;
 pub mod http;
@@ -106,6 +107,8 @@ pub struct SyncOptions {
     pub hydration_stats: bool,
     /// `ZERO_LOG_SLOW_HYDRATE_THRESHOLD` (ms): hydrations at least this slow are logged as warnings.
     pub slow_hydrate_ms: f64,
+    /// `ZERO_CVR_GARBAGE_COLLECTION_*`.
+    pub cvr_gc: cvr_gc::CvrGcOptions,
 }
 
 /// The settings of API calls beyond URL and key, of auth, and of CRUD mutations.
@@ -264,6 +267,20 @@ impl SyncOptions {
             },
             hydration_stats: config.compat.query_hydration_stats.unwrap_or(false),
             slow_hydrate_ms: config.compat.log_slow_hydrate_threshold,
+            cvr_gc: cvr_gc::CvrGcOptions {
+                inactivity: std::time::Duration::from_secs_f64(
+                    config
+                        .cvr_garbage_collection_inactivity_threshold_hours
+                        .max(0.0)
+                        * 3600.0,
+                ),
+                interval: std::time::Duration::from_secs_f64(
+                    config
+                        .cvr_garbage_collection_initial_interval_seconds
+                        .max(0.0),
+                ),
+                batch: config.cvr_garbage_collection_initial_batch_size as usize,
+            },
         }
     }
 }
@@ -396,6 +413,24 @@ impl SyncShared {
     /// Number of running view-syncers.
     pub(crate) fn groups(&self) -> usize {
         self.registry.lock().expect("registry lock").len()
+    }
+
+    /// Whether the group's view-syncer runs in this process.
+    pub(crate) fn is_live(&self, group: &str) -> bool {
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .contains_key(group)
+    }
+
+    /// The groups whose view-syncers run in this process.
+    pub(crate) fn live_groups(&self) -> Vec<String> {
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn next_conn_id(&self) -> u64 {
@@ -574,6 +609,7 @@ pub async fn bind(
         registry: Mutex::new(HashMap::new()),
         workers,
     });
+    tokio::spawn(cvr_gc::run(Arc::downgrade(&shared), opts.cvr_gc));
     info!(%addr, workers = stops.len(), "sync server listening");
     Ok(SyncServer {
         addr,

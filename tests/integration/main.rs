@@ -31,6 +31,9 @@ mod sync_util;
 /// The sync protocol: HTTP endpoints, handshakes, messages, pokes, catch-up.
 mod sync_protocol;
 
+/// Garbage collection of client view records.
+mod cvr_gc;
+
 /// Upstream connections over TLS (`sslmode`, `sslrootcert`).
 mod tls;
 

@@ -61,6 +61,26 @@ async fn bad_configuration_is_rejected_with_the_option_named() {
         "{err}"
     );
 
+    let (code, err) = run_server(&[
+        ("ZERO_UPSTREAM_DB", db.uri.clone()),
+        ("ZERO_UPSTREAM_TYPE", "custom".into()),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ZERO_UPSTREAM_TYPE"), "{err}");
+
+    let (code, err) = run_server(&[
+        ("ZERO_UPSTREAM_DB", db.uri.clone()),
+        (
+            "ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS",
+            "-1".into(),
+        ),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS"),
+        "{err}"
+    );
+
     let (code, err) = run_server(&[("ZERO_UPSTREAM_DB", "not a uri".into())]);
     assert_ne!(code, 0);
     assert!(err.contains("invalid upstream URI"), "{err}");

@@ -54,6 +54,7 @@ pub fn options(db: &TestDb) -> SyncOptions {
         writes: Default::default(),
         hydration_stats: true,
         slow_hydrate_ms: 100.0,
+        cvr_gc: Default::default(),
     }
 }
 
