@@ -70,6 +70,12 @@ pub struct Config {
     #[arg(long, env = "ZERO_UPSTREAM_PG_REPLICATION_SLOT_FAILOVER", value_parser = BoolishValueParser::new(), default_value_t = false, action = clap::ArgAction::Set)]
     pub upstream_pg_replication_slot_failover: bool,
 
+    /// A replication stream silent this long (ms; not even a keepalive) is presumed dead, e.g.
+    /// behind a network path that dropped it without a reset, and is reconnected. Default:
+    /// twice upstream's `wal_sender_timeout` (Postgres sends keepalives at half of it); 0: never.
+    #[arg(long, env = "ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS")]
+    pub upstream_pg_stream_inbound_timeout_ms: Option<u64>,
+
     /// Path of the SQLite replica file.
     #[arg(long, env = "ZERO_REPLICA_FILE", default_value = "zero.db")]
     pub replica_file: PathBuf,
@@ -535,9 +541,6 @@ pub struct CompatOptions {
     /// Internal per-worker split of ZERO_UPSTREAM_MAX_CONNS (no effect: one shared pool).
     #[arg(long, env = "ZERO_UPSTREAM_MAX_CONNS_PER_WORKER", hide = true)]
     pub upstream_max_conns_per_worker: Option<u32>,
-    /// Replication stream inactivity timeout, ms (no effect: the stream relies on Postgres keepalives).
-    #[arg(long, env = "ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS")]
-    pub upstream_pg_stream_inbound_timeout_ms: Option<u64>,
     /// Internal per-worker split of ZERO_CVR_MAX_CONNS (no effect: one shared pool).
     #[arg(long, env = "ZERO_CVR_MAX_CONNS_PER_WORKER", hide = true)]
     pub cvr_max_conns_per_worker: Option<u32>,

@@ -30,6 +30,10 @@ pub struct ReplicatorConfig {
     pub vacuum_interval_hours: Option<f64>,
     /// How often to send a lag report through the replication stream (`None`: never).
     pub lag_report_interval: Option<std::time::Duration>,
+    /// `ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS`: a stream silent this long (not even a
+    /// keepalive) is presumed dead and reconnected; `None`: twice upstream's
+    /// `wal_sender_timeout`; zero: never.
+    pub stream_inbound_timeout_ms: Option<u64>,
     /// Counters the replicator keeps for monitoring.
     pub stats: std::sync::Arc<ReplicationStats>,
     /// Keep the change log in the replica for view syncers and backups (replication manager).

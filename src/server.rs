@@ -62,6 +62,7 @@ pub fn replicator_config(config: &Config) -> Result<ReplicatorConfig, ServerErro
         },
         auto_reset: config.auto_reset,
         vacuum_interval_hours: config.replica_vacuum_interval_hours,
+        stream_inbound_timeout_ms: config.upstream_pg_stream_inbound_timeout_ms,
         lag_report_interval: (config.replication_lag_report_interval_ms > 0).then(|| {
             std::time::Duration::from_millis(config.replication_lag_report_interval_ms as u64)
         }),

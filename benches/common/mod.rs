@@ -91,6 +91,7 @@ pub(crate) fn replicator_config(
         auto_reset: true,
         vacuum_interval_hours: None,
         lag_report_interval: None,
+        stream_inbound_timeout_ms: None,
         stats: Default::default(),
         change_log: false,
         backup: None,

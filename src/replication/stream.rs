@@ -2,7 +2,7 @@
 //! transport runs on the tokio runtime and is driven from here through a runtime handle.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationEvent};
@@ -37,6 +37,11 @@ pub enum StreamError {
     /// The replica cannot continue from this upstream (see the message); a resync is needed.
     #[error("replica must be resynced: {0}")]
     ResetRequired(String),
+    /// Nothing arrived for the inbound timeout: the connection is presumed dead.
+    #[error(
+        "replication stream: no message from upstream for {0} ms (ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS); the connection is presumed dead"
+    )]
+    Silent(u128),
 }
 
 /// How streaming ended without error.
@@ -82,9 +87,30 @@ pub fn stream_changes(
             sys.system_id, state.system_id
         )));
     }
+    let inbound_timeout = match rcfg.stream_inbound_timeout_ms {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => {
+            let ms: i64 = rt
+                .block_on(sql.query_one(
+                    "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                    &[],
+                ))?
+                .get(0);
+            (ms > 0).then(|| Duration::from_millis(2 * ms as u64))
+        }
+    };
     rt.block_on(client.start())?;
     // The slot may still be held by a walsender of a previous (killed) process for a moment.
     rt.block_on(client.wait_started())?;
+    // Our walsender: ended by us if the stream goes silent, so that the slot is free at once
+    // for the next connection instead of after upstream's own timeout.
+    let walsender: Option<i32> = rt
+        .block_on(sql.query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        ))?
+        .and_then(|r| r.get(0));
     // Ready: the replica is valid and streaming.
     watermarks.send_replace(applier.watermark().to_string());
     // Lag reports travel through the stream as non-transactional messages; the time between
@@ -133,13 +159,26 @@ pub fn stream_changes(
     };
     let result = loop {
         let ev = rt.block_on(async {
+            let recv = async {
+                match inbound_timeout {
+                    Some(t) => tokio::time::timeout(t, client.recv()).await.ok(),
+                    None => Some(client.recv().await),
+                }
+            };
             tokio::select! {
-                ev = client.recv() => Some(ev),
+                ev = recv => Some(ev),
                 _ = shutdown.wait_for(|s| *s) => None,
             }
         });
         let Some(ev) = ev else {
             break Ok(StreamOutcome::Shutdown);
+        };
+        let Some(ev) = ev else {
+            let silent = inbound_timeout.unwrap_or_default();
+            if let Some(pid) = walsender {
+                end_walsender(rt, up, pid);
+            }
+            break Err(StreamError::Silent(silent.as_millis()));
         };
         let ev = match ev {
             Ok(Some(ev)) => ev,
@@ -169,8 +208,29 @@ pub fn stream_changes(
     }
     applier.rollback()?;
     client.stop();
-    let _ = rt.block_on(client.shutdown());
+    // A dead connection may never answer the goodbye.
+    let _ = rt.block_on(tokio::time::timeout(
+        Duration::from_secs(5),
+        client.shutdown(),
+    ));
     result
+}
+
+/// Ends upstream's walsender `pid` over a new connection (the stream's may be dead), bounded
+/// in time; failures only mean the slot frees itself later, at upstream's timeout.
+fn end_walsender(rt: &tokio::runtime::Handle, up: &crate::pgconn::UpstreamConfig, pid: i32) {
+    let ended = rt.block_on(tokio::time::timeout(Duration::from_secs(5), async {
+        let c = up.connect().await?;
+        c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await
+    }));
+    match ended {
+        Ok(Ok(_)) => info!(pid, "silent replication connection ended upstream"),
+        Ok(Err(e)) => warn!(pid, error = %e, "cannot end the silent replication connection"),
+        Err(_) => warn!(
+            pid,
+            "cannot reach upstream to end the silent replication connection"
+        ),
+    }
 }
 
 struct Stream<'a> {

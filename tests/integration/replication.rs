@@ -91,3 +91,119 @@ async fn lag_reports_travel_through_the_stream() {
     assert!(stats.transactions.load(Ordering::Relaxed) >= 1);
     r.stop().await.expect("clean stop");
 }
+
+/// A TCP proxy whose open connections can be stalled: bytes stop flowing both ways while the
+/// sockets stay open, which is what a dead network path (no reset) looks like to both ends.
+/// Connections opened after a stall flow normally.
+struct StallingProxy {
+    port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(target: u16) -> StallingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            stalled: impl Fn() -> bool,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if stalled() {
+                    // Hold both sockets open and let nothing through, ever.
+                    let _keep = (from, to);
+                    std::future::pending::<()>().await;
+                    return;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let g = generation.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let born = g.load(Ordering::SeqCst);
+                let g = g.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let g2 = g.clone();
+                    tokio::join!(
+                        pump(ri, wo, move || g.load(Ordering::SeqCst) != born),
+                        pump(ro, wi, move || g2.load(Ordering::SeqCst) != born),
+                    );
+                });
+            }
+        });
+        StallingProxy {
+            port,
+            generation,
+            task,
+        }
+    }
+
+    fn stall_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A replication stream that goes silent (a dead network path) is given up after
+/// ZERO_UPSTREAM_PG_STREAM_INBOUND_TIMEOUT_MS and reconnected; without the timeout the
+/// replicator would wait on the dead connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replication_stream_is_reconnected() {
+    let db = test_db().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');")
+        .await;
+    let pg_port = support::cluster().uri("x");
+    let pg_port: u16 = pg_port
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let proxy = StallingProxy::start(pg_port).await;
+    let mut cfg = db.replicator_config();
+    cfg.upstream = zero_cache::pgconn::UpstreamConfig::parse(
+        &db.uri
+            .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.port)),
+    )
+    .expect("proxy uri");
+    cfg.stream_inbound_timeout_ms = Some(1_500);
+    let mut r = start(cfg);
+    r.ready().await;
+    db.exec("INSERT INTO t VALUES (2, 'b');").await;
+    wait_equal(&db, Duration::from_secs(10)).await;
+
+    proxy.stall_open_connections();
+    db.exec("INSERT INTO t VALUES (3, 'c'); UPDATE t SET v = 'z' WHERE id = 1;")
+        .await;
+    wait_equal(&db, Duration::from_secs(30)).await;
+    r.stop().await.expect("clean stop");
+}

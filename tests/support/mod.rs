@@ -133,6 +133,7 @@ impl TestDb {
             auto_reset: true,
             vacuum_interval_hours: None,
             lag_report_interval: None,
+            stream_inbound_timeout_ms: None,
             stats: Default::default(),
             change_log: false,
             backup: None,
