@@ -40,6 +40,7 @@ pub mod schema;
 pub mod server;
 pub mod subscriber;
 pub mod sync;
+pub mod telemetry;
 pub mod upstream;
 pub mod version;
 pub mod zql;

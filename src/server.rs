@@ -324,9 +324,16 @@ async fn publish_address(
     }
 }
 
-/// Installs the `tracing` subscriber for the configured level and format.
-pub fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Installs the `tracing` subscriber for the configured level and format, plus OpenTelemetry
+/// trace export when the `OTEL_*` environment asks for it (see [`crate::telemetry`]); the
+/// returned handle flushes buffered spans at shutdown.
+pub fn init_logging(
+    config: &Config,
+) -> Result<Option<crate::telemetry::Telemetry>, crate::telemetry::TelemetryError> {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
         EnvFilter::new(format!(
             "{},pgwire_replication=warn,tokio_postgres=warn",
@@ -334,12 +341,23 @@ pub fn init_logging(config: &Config) {
         ))
     });
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match config.log_format {
-        crate::config::LogFormat::Json => builder.json().init(),
-        crate::config::LogFormat::Text => builder.init(),
+    let fmt = match config.log_format {
+        crate::config::LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        crate::config::LogFormat::Text => fmt.with_filter(filter).boxed(),
+    };
+    let (otel, telemetry) = match crate::telemetry::layer()? {
+        Some((layer, t)) => (
+            Some(layer.with_filter(Targets::new().with_target("zero_cache", tracing::Level::INFO))),
+            Some(t),
+        ),
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    if telemetry.is_some() {
+        info!("exporting traces over OTLP");
     }
+    Ok(telemetry)
 }

@@ -75,12 +75,15 @@ fn main() -> anyhow::Result<()> {
     }
     args.extend(std::env::args().skip(1));
     let config = Config::from_args(args);
-    zero_cache::server::init_logging(&config);
+    let telemetry = zero_cache::server::init_logging(&config)?;
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(zero_cache::server::run(config, async {
         let _ = tokio::signal::ctrl_c().await;
     }));
     drop(rt);
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     // Dropping the cluster stops Postgres.
     drop(_cluster);
     result.map_err(Into::into)

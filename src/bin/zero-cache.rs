@@ -11,7 +11,13 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> anyhow::Result<()> {
     zero_cache::procstat::start_allocator_purging();
     let config = Config::from_env_and_args();
-    zero_cache::server::init_logging(&config);
+    let telemetry = match zero_cache::server::init_logging(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("zero-cache: {e}");
+            std::process::exit(2);
+        }
+    };
     let open_files = zero_cache::server::raise_open_files_limit();
     tracing::debug!(limit = ?open_files, "open files limit");
     let shutdown = async {
@@ -22,7 +28,12 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    if let Err(e) = zero_cache::server::run(config, shutdown).await {
+    let result = zero_cache::server::run(config, shutdown).await;
+    if let Some(t) = telemetry {
+        // The exporter's thread blocks on HTTP: flush from a blocking thread.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    if let Err(e) = result {
         tracing::error!(error = %e, "zero-cache stopped");
         eprintln!("zero-cache: {e}");
         std::process::exit(1);

@@ -156,6 +156,7 @@ pub fn stream_changes(
         lag_prefix: shard.lag_message_prefix(),
         stats,
         pending: None,
+        txn_span: tracing::Span::none(),
     };
     let result = loop {
         let ev = rt.block_on(async {
@@ -248,6 +249,9 @@ struct Stream<'a> {
     stats: &'a ReplicationStats,
     /// The latest schema announced by a DDL message of the open transaction, not yet applied.
     pending: Option<Ddl>,
+    /// The open transaction's `replicate.transaction` span (exported with OpenTelemetry when
+    /// configured): from its Begin to its replica commit.
+    txn_span: tracing::Span,
 }
 
 /// A DDL message from the event trigger.
@@ -277,6 +281,11 @@ impl Stream<'_> {
                 let lsn = Lsn(final_lsn.0);
                 self.skipping = lsn <= start || lsn.to_version().as_str() <= applier.watermark();
                 if !self.skipping {
+                    self.txn_span = tracing::info_span!(
+                        "replicate.transaction",
+                        version = %lsn.to_version(),
+                        changes = tracing::field::Empty,
+                    );
                     applier.begin(lsn.to_version())?;
                 }
                 Ok(None)
@@ -292,6 +301,8 @@ impl Stream<'_> {
                     return Ok(Some(end_lsn));
                 }
                 let v = applier.commit()?;
+                self.txn_span.record("changes", self.changes);
+                self.txn_span = tracing::Span::none();
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     watermark = %v,

@@ -282,6 +282,9 @@ pub fn backoff(attempt: u32) -> Duration {
 
 /// POSTs `body` as JSON and returns the parsed JSON answer. Retries 5xx answers and network
 /// errors ([`MAX_ATTEMPTS`] in all); every other failure is returned at once.
+///
+/// The call is one `api_server.post` span (exported with OpenTelemetry when configured), whose
+/// trace context goes to the API server as `traceparent`.
 pub async fn post_json(
     cfg: &ApiConfig,
     ctx: &CallContext,
@@ -289,7 +292,30 @@ pub async fn post_json(
     app_id: &str,
     body: &Json,
 ) -> Result<Json, ApiFailure> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "api_server.post",
+        option = cfg.option,
+        url = tracing::field::Empty,
+        status = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        otel.kind = "client",
+    );
+    post_json_in_span(cfg, ctx, schema, app_id, body)
+        .instrument(span)
+        .await
+}
+
+async fn post_json_in_span(
+    cfg: &ApiConfig,
+    ctx: &CallContext,
+    schema: &str,
+    app_id: &str,
+    body: &Json,
+) -> Result<Json, ApiFailure> {
     let url = resolve_url(cfg, ctx.url.as_deref(), schema, app_id)?;
+    let span = tracing::Span::current();
+    span.record("url", url.as_str());
     let mut headers = reqwest::header::HeaderMap::new();
     let mut add = |k: &str, v: &str| {
         if let (Ok(k), Ok(v)) = (
@@ -320,6 +346,9 @@ pub async fn post_json(
     }
     if let Some(o) = &ctx.request.origin {
         add("origin", o);
+    }
+    for (k, v) in crate::telemetry::trace_headers() {
+        add(&k, &v);
     }
     let payload = body.to_string();
     let client = http_client();
@@ -362,6 +391,8 @@ pub async fn post_json(
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
+        span.record("status", status);
+        span.record("attempts", attempt);
         let text = match tokio::time::timeout(ATTEMPT_TIMEOUT, response.text()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {

@@ -34,6 +34,9 @@ mod sync_protocol;
 /// Garbage collection of client view records.
 mod cvr_gc;
 
+/// OpenTelemetry trace export (`OTEL_*`).
+mod telemetry;
+
 /// Upstream connections over TLS (`sslmode`, `sslrootcert`).
 mod tls;
 

@@ -9,8 +9,15 @@ use crate::support::{start, test_db, wait_equal};
 /// Runs the server binary with `env` and returns (exit code, stderr).
 fn run_server(env: &[(&str, String)]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_zero-cache"));
+    // A free port each time: the default one may be taken by another test's server.
+    let port = crate::roles::free_port();
     cmd.env_remove("ZERO_UPSTREAM_DB")
         .env("ZERO_LOG_LEVEL", "error")
+        .env("ZERO_PORT", port.to_string())
+        .env(
+            "ZERO_CHANGE_STREAMER_PORT",
+            crate::roles::free_port().to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
