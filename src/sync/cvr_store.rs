@@ -58,6 +58,13 @@ pub trait CvrBackend: Send + Sync + 'static {
 }
 
 #[derive(Default)]
+struct Queues {
+    groups: HashMap<String, GroupQueue>,
+    /// Groups whose `next` is set, oldest first (each at most once).
+    order: std::collections::VecDeque<String>,
+}
+
+#[derive(Default)]
 struct GroupQueue {
     next: Option<CvrDelta>,
     /// Told when `next` is written.
@@ -73,8 +80,10 @@ const MAX_BATCH_GROUPS: usize = 1000;
 /// The process's CVR store: a backend plus the background writer.
 pub struct CvrStore {
     backend: Arc<dyn CvrBackend>,
-    /// Groups with unwritten changes (pending or in the batch being written).
-    queues: Mutex<HashMap<String, GroupQueue>>,
+    /// Groups with unwritten changes (pending or in the batch being written), and the order in
+    /// which their pending deltas were queued: the writer takes the oldest without scanning
+    /// every group that is in flight.
+    queues: Mutex<Queues>,
     /// Wakes the writer.
     wake: Arc<Notify>,
     /// Signalled whenever a batch is written (groups may have left `queues`) or a purge ends.
@@ -106,7 +115,7 @@ impl CvrStore {
         };
         let store = Arc::new(CvrStore {
             backend,
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(Queues::default()),
             wake: Arc::new(Notify::new()),
             idle: Notify::new(),
             purging: Mutex::new(HashSet::new()),
@@ -141,7 +150,8 @@ impl CvrStore {
     /// Whether the group has queued changes or is being purged.
     fn busy(&self, group: &str) -> bool {
         let queues = self.queues.lock().expect("cvr queues");
-        queues.contains_key(group) || self.purging.lock().expect("cvr purging").contains(group)
+        queues.groups.contains_key(group)
+            || self.purging.lock().expect("cvr purging").contains(group)
     }
 
     /// Deletes the records of up to `limit` groups inactive since `before_ms`, except those
@@ -161,7 +171,7 @@ impl CvrStore {
             let mut purging = self.purging.lock().expect("cvr purging");
             candidates
                 .into_iter()
-                .filter(|g| !queues.contains_key(g) && purging.insert(g.clone()))
+                .filter(|g| !queues.groups.contains_key(g) && purging.insert(g.clone()))
                 .collect()
         };
         let doomed: Vec<String> = fenced.iter().filter(|g| !live(g)).cloned().collect();
@@ -170,7 +180,7 @@ impl CvrStore {
             let queues = self.queues.lock().expect("cvr queues");
             doomed
                 .into_iter()
-                .filter(|g| !queues.contains_key(g))
+                .filter(|g| !queues.groups.contains_key(g))
                 .collect()
         };
         let result = if doomed.is_empty() {
@@ -216,10 +226,17 @@ impl CvrStore {
         let (done, written) = oneshot::channel();
         {
             let mut queues = self.queues.lock().expect("cvr queues");
-            let q = queues.entry(delta.group.clone()).or_default();
+            let Queues { groups, order } = &mut *queues;
+            let q = match groups.get_mut(&delta.group) {
+                Some(q) => q,
+                None => groups.entry(delta.group.clone()).or_default(),
+            };
             match &mut q.next {
                 Some(next) => next.merge(delta),
-                None => q.next = Some(delta),
+                None => {
+                    order.push_back(delta.group.clone());
+                    q.next = Some(delta);
+                }
             }
             q.waiters.push(done);
         }
@@ -232,13 +249,15 @@ impl CvrStore {
         loop {
             let (batch, waiters) = {
                 let mut queues = self.queues.lock().expect("cvr queues");
+                let Queues { groups, order } = &mut *queues;
                 let mut batch = Vec::new();
                 let mut waiters = Vec::new();
-                for q in queues.values_mut() {
-                    if batch.len() >= MAX_BATCH_GROUPS {
-                        break;
-                    }
-                    if let Some(d) = q.next.take() {
+                while batch.len() < MAX_BATCH_GROUPS
+                    && let Some(g) = order.pop_front()
+                {
+                    if let Some(q) = groups.get_mut(&g)
+                        && let Some(d) = q.next.take()
+                    {
                         batch.push(Arc::new(d));
                         waiters.append(&mut q.waiters);
                     }
@@ -268,8 +287,12 @@ impl CvrStore {
             {
                 let mut queues = self.queues.lock().expect("cvr queues");
                 for d in &batch {
-                    if queues.get(&d.group).is_some_and(|q| q.next.is_none()) {
-                        queues.remove(&d.group);
+                    if queues
+                        .groups
+                        .get(&d.group)
+                        .is_some_and(|q| q.next.is_none())
+                    {
+                        queues.groups.remove(&d.group);
                     }
                 }
             }
@@ -282,7 +305,7 @@ impl CvrStore {
 
     /// Number of groups with unwritten changes.
     pub fn pending(&self) -> usize {
-        self.queues.lock().expect("cvr queues").len()
+        self.queues.lock().expect("cvr queues").groups.len()
     }
 
     /// Waits (at most `limit`) until every queued change is written; false on timeout.
@@ -397,41 +420,89 @@ pub struct SqliteBackend {
     reader: Arc<Mutex<Connection>>,
 }
 
-const SQLITE_SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS instances (
-  "clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
-  processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER, "ttlClock" REAL);
-CREATE TABLE IF NOT EXISTS clients (
-  "clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID"));
-CREATE TABLE IF NOT EXISTS queries (
-  "clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
-  PRIMARY KEY ("clientGroupID", "queryHash"));
-CREATE TABLE IF NOT EXISTS desires (
-  "clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
-  PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
-CREATE TABLE IF NOT EXISTS rows (
-  "clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
+/// Every table is `WITHOUT ROWID`: each record is found and upserted by its primary key, so a
+/// table keyed by rowid would add a second B-tree (the key's index) to every write of every
+/// poke.
+const SQLITE_TABLES: [(&str, &str); 5] = [
+    (
+        "instances",
+        r#""clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL, "replicaVersion" TEXT,
+  processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER, "ttlClock" REAL"#,
+    ),
+    (
+        "clients",
+        r#""clientGroupID" TEXT, "clientID" TEXT, PRIMARY KEY ("clientGroupID", "clientID")"#,
+    ),
+    (
+        "queries",
+        r#""clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "queryHash")"#,
+    ),
+    (
+        "desires",
+        r#""clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+  PRIMARY KEY ("clientGroupID", "clientID", "queryHash")"#,
+    ),
+    (
+        "rows",
+        r#""clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT, "rowVersion" TEXT NOT NULL,
   "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
-  PRIMARY KEY ("clientGroupID", "table", "rowKey"));
-"#;
+  PRIMARY KEY ("clientGroupID", "table", "rowKey")"#,
+    ),
+];
+
+/// Creates the tables, and rebuilds those of a file written before they were `WITHOUT ROWID`
+/// (or before `ttlClock` existed) with their records.
+fn sqlite_schema(conn: &mut Connection) -> Result<(), CvrError> {
+    let tx = conn.transaction()?;
+    for (name, columns) in SQLITE_TABLES {
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let create = format!(r#"CREATE TABLE "{name}" ({columns}) WITHOUT ROWID"#);
+        match existing {
+            None => tx.execute_batch(&create)?,
+            Some(sql) if sql.to_ascii_uppercase().contains("WITHOUT ROWID") => {}
+            Some(_) => {
+                let old_columns: Vec<String> = {
+                    let mut st =
+                        tx.prepare(&format!(r#"SELECT name FROM pragma_table_info('{name}')"#))?;
+                    st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+                };
+                let list = old_columns
+                    .iter()
+                    .map(|c| format!(r#""{c}""#))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tx.execute_batch(&format!(
+                    r#"ALTER TABLE "{name}" RENAME TO "{name}_old";
+                       {create};
+                       INSERT INTO "{name}" ({list}) SELECT {list} FROM "{name}_old";
+                       DROP TABLE "{name}_old";"#
+                ))?;
+                info!(
+                    table = name,
+                    "client view record table rebuilt without rowid"
+                );
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
 
 impl SqliteBackend {
     /// Opens (creating if needed) the file.
     pub fn open(path: &Path) -> Result<SqliteBackend, CvrError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "normal")?;
         conn.pragma_update(None, "busy_timeout", 30_000)?;
-        conn.execute_batch(SQLITE_SCHEMA)?;
-        // Files written before the TTL clock existed lack its column.
-        let has_clock: i64 = conn.query_row(
-            r#"SELECT count(*) FROM pragma_table_info('instances') WHERE name = 'ttlClock'"#,
-            [],
-            |r| r.get(0),
-        )?;
-        if has_clock == 0 {
-            conn.execute_batch(r#"ALTER TABLE instances ADD COLUMN "ttlClock" REAL"#)?;
-        }
+        sqlite_schema(&mut conn)?;
         let reader = Connection::open(path)?;
         reader.pragma_update(None, "busy_timeout", 30_000)?;
         Ok(SqliteBackend {
@@ -501,77 +572,90 @@ impl SqliteBackend {
 
     fn write_sync(conn: &mut Connection, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
         let tx = conn.transaction()?;
-        for d in deltas {
-            Self::write_one(&tx, d)?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn write_one(tx: &rusqlite::Transaction<'_>, d: &CvrDelta) -> Result<(), CvrError> {
-        let g = d.group.as_str();
-        tx.prepare_cached(
-            r#"INSERT INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+        {
+            // Prepared once per batch: the statement cache hashes the whole SQL text on every
+            // lookup, twice per group.
+            let mut instance = tx.prepare_cached(
+                r#"INSERT INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
                  "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
                  "clientSchema" = coalesce(excluded."clientSchema", "clientSchema"),
                  "lastActive" = excluded."lastActive", "ttlClock" = excluded."ttlClock""#,
-        )?
-        .execute(params![
-                g,
-                d.version,
-                d.replica_version,
-                d.processed,
-                d.client_schema,
-                crate::replica::now_ms(),
-                d.ttl_clock
-        ])?;
-        if let Some(clients) = &d.clients {
-            tx.execute(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#, [g])?;
-            for c in clients {
-                tx.execute(
-                    r#"INSERT INTO clients ("clientGroupID", "clientID") VALUES (?1, ?2)"#,
-                    [g, c],
-                )?;
-            }
-        }
-        for (h, q) in &d.queries {
-            match q {
-                Some(q) => tx.execute(
-                    r#"INSERT OR REPLACE INTO queries ("clientGroupID", "queryHash", data) VALUES (?1, ?2, ?3)"#,
-                    params![g, h, q],
-                )?,
-                None => tx.execute(
-                    r#"DELETE FROM queries WHERE "clientGroupID" = ?1 AND "queryHash" = ?2"#,
-                    params![g, h],
-                )?,
-            };
-        }
-        for ((c, h), v) in &d.desires {
-            match v {
-                Some(v) => tx.execute(
-                    r#"INSERT OR REPLACE INTO desires ("clientGroupID", "clientID", "queryHash", data) VALUES (?1, ?2, ?3, ?4)"#,
-                    params![g, c, h, v],
-                )?,
-                None => tx.execute(
-                    r#"DELETE FROM desires WHERE "clientGroupID" = ?1 AND "clientID" = ?2 AND "queryHash" = ?3"#,
-                    params![g, c, h],
-                )?,
-            };
-        }
-        {
-            let mut put = tx.prepare_cached(
+            )?;
+            let mut row = tx.prepare_cached(
                 r#"INSERT INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                    ON CONFLICT ("clientGroupID", "table", "rowKey") DO UPDATE SET
                      "rowVersion" = excluded."rowVersion", "patchVersion" = excluded."patchVersion",
                      "refCounts" = excluded."refCounts""#,
             )?;
-            for ((table, key), r) in &d.rows {
-                let (pv, refs) = row_columns(r);
-                put.execute(params![g, table, key, r.row_version, pv, refs])?;
+            let now = crate::replica::now_ms();
+            for d in deltas {
+                instance.execute(params![
+                    d.group,
+                    d.version,
+                    d.replica_version,
+                    d.processed,
+                    d.client_schema,
+                    now,
+                    d.ttl_clock
+                ])?;
+                Self::write_records(&tx, d)?;
+                for ((table, key), r) in &d.rows {
+                    let (pv, refs) = row_columns(r);
+                    row.execute(params![d.group, table, key, r.row_version, pv, refs])?;
+                }
             }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A group's clients, queries and desires (rarely changed: not on a plain poke).
+    fn write_records(tx: &rusqlite::Transaction<'_>, d: &CvrDelta) -> Result<(), CvrError> {
+        let g = d.group.as_str();
+        if let Some(clients) = &d.clients {
+            tx.prepare_cached(r#"DELETE FROM clients WHERE "clientGroupID" = ?1"#)?
+                .execute([g])?;
+            for c in clients {
+                tx.prepare_cached(
+                    r#"INSERT INTO clients ("clientGroupID", "clientID") VALUES (?1, ?2)"#,
+                )?
+                .execute([g, c])?;
+            }
+        }
+        for (h, q) in &d.queries {
+            match q {
+                Some(q) => tx.prepare_cached(
+                    r#"INSERT OR REPLACE INTO queries ("clientGroupID", "queryHash", data) VALUES (?1, ?2, ?3)"#,
+                )?
+                .execute(
+                    params![g, h, q],
+                )?,
+                None => tx.prepare_cached(
+                    r#"DELETE FROM queries WHERE "clientGroupID" = ?1 AND "queryHash" = ?2"#,
+                )?
+                .execute(
+                    params![g, h],
+                )?,
+            };
+        }
+        for ((c, h), v) in &d.desires {
+            match v {
+                Some(v) => tx.prepare_cached(
+                    r#"INSERT OR REPLACE INTO desires ("clientGroupID", "clientID", "queryHash", data) VALUES (?1, ?2, ?3, ?4)"#,
+                )?
+                .execute(
+                    params![g, c, h, v],
+                )?,
+                None => tx.prepare_cached(
+                    r#"DELETE FROM desires WHERE "clientGroupID" = ?1 AND "clientID" = ?2 AND "queryHash" = ?3"#,
+                )?
+                .execute(
+                    params![g, c, h],
+                )?,
+            };
         }
         Ok(())
     }
@@ -1126,5 +1210,50 @@ mod tests {
         asts.sort();
         assert_eq!(asts.len(), 3, "{asts:?}");
         assert!(asts[0].contains(r#""table":"issue""#));
+    }
+
+    #[tokio::test]
+    async fn a_file_with_rowid_tables_is_rebuilt_keeping_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cvr.db");
+        {
+            // The layout of earlier files: rowid tables, no TTL clock.
+            let conn = Connection::open(&file).unwrap();
+            conn.execute_batch(
+                r#"CREATE TABLE instances ("clientGroupID" TEXT PRIMARY KEY, version TEXT NOT NULL,
+                     "replicaVersion" TEXT, processed TEXT, "clientSchema" TEXT, "lastActive" INTEGER);
+                   CREATE TABLE clients ("clientGroupID" TEXT, "clientID" TEXT,
+                     PRIMARY KEY ("clientGroupID", "clientID"));
+                   CREATE TABLE queries ("clientGroupID" TEXT, "queryHash" TEXT, data TEXT NOT NULL,
+                     PRIMARY KEY ("clientGroupID", "queryHash"));
+                   CREATE TABLE desires ("clientGroupID" TEXT, "clientID" TEXT, "queryHash" TEXT,
+                     data TEXT NOT NULL, PRIMARY KEY ("clientGroupID", "clientID", "queryHash"));
+                   CREATE TABLE rows ("clientGroupID" TEXT, "table" TEXT, "rowKey" TEXT,
+                     "rowVersion" TEXT NOT NULL, "patchVersion" TEXT NOT NULL, "refCounts" TEXT,
+                     PRIMARY KEY ("clientGroupID", "table", "rowKey"));
+                   INSERT INTO instances VALUES ('g', '05', 'rv', '05', NULL, 1);
+                   INSERT INTO clients VALUES ('g', 'c1');
+                   INSERT INTO rows VALUES ('g', 't', '{"id":1}', '04', '05', '["q1"]');"#,
+            )
+            .unwrap();
+        }
+        let store = CvrStore::open(&file, None, "zero_0").await.unwrap();
+        let back = store.load("g").await.unwrap();
+        assert!(back.stored);
+        assert_eq!(back.version, CvrVersion::parse("05").unwrap());
+        assert_eq!(back.clients.len(), 1);
+        let row = &back.rows[&("t".to_string(), r#"{"id":1}"#.to_string())];
+        assert_eq!(row.row_version, "04");
+        assert_eq!(back.query_rows["q1"].len(), 1);
+        drop(store);
+        let conn = Connection::open(&file).unwrap();
+        let rowid_tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND sql NOT LIKE '%WITHOUT ROWID%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rowid_tables, 0);
     }
 }
