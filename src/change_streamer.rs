@@ -189,7 +189,13 @@ impl ChangeStreamer {
         });
         let app = Router::new()
             .route("/", get(|| async { "OK" }))
-            .route("/keepalive", get(|| async { "OK" }))
+            .route(
+                "/keepalive",
+                get(|| async {
+                    crate::server::keepalive_hit();
+                    "OK"
+                }),
+            )
             .route(&stream_path(), get(upgrade))
             .with_state(shared);
         axum::serve(self.listener, app)

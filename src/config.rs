@@ -445,7 +445,9 @@ pub struct CompatOptions {
     /// Slow row threshold (ms).
     #[arg(long, env = "ZERO_LOG_SLOW_ROW_THRESHOLD", default_value_t = 2.0)]
     pub log_slow_row_threshold: f64,
-    /// Keepalive drain timeout (ms).
+    /// Drain and exit when `GET /keepalive` (the load balancer's health check) has not been
+    /// requested for this long (ms), so a task the balancer dropped hands its clients over.
+    /// Default: off, or 20000 when `ECS_CONTAINER_METADATA_URI_V4` is set; 0: off.
     #[arg(long, env = "ZERO_KEEPALIVE_TIMEOUT_MS")]
     pub keepalive_timeout_ms: Option<u64>,
     /// Back pressure limit as a proportion of the heap. No effect: the change streamer reads each

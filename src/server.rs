@@ -215,9 +215,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     tokio::pin!(shutdown);
     tokio::pin!(main);
+    let lapsed = keepalive_lapsed(keepalive_timeout(&config));
     let result = tokio::select! {
         _ = &mut shutdown => {
             info!("shutting down");
+            stop_tx.send_replace(true);
+            let _ = (&mut main).await;
+            Ok(())
+        }
+        _ = lapsed => {
             stop_tx.send_replace(true);
             let _ = (&mut main).await;
             Ok(())
@@ -236,6 +242,53 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = t.await;
     }
     result
+}
+
+/// When `GET /keepalive` was last requested on either port (ms since the Unix epoch).
+static LAST_KEEPALIVE_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Records a `GET /keepalive` (see [`Config`]'s `keepalive_timeout_ms`).
+pub fn keepalive_hit() {
+    LAST_KEEPALIVE_MS.store(
+        crate::replica::now_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// `ZERO_KEEPALIVE_TIMEOUT_MS`, defaulting to 20 s on ECS as zero-cache does.
+fn keepalive_timeout(config: &Config) -> Option<std::time::Duration> {
+    let ms = match config.compat.keepalive_timeout_ms {
+        Some(ms) => ms,
+        None if std::env::var_os("ECS_CONTAINER_METADATA_URI_V4").is_some() => 20_000,
+        None => 0,
+    };
+    (ms > 0).then(|| std::time::Duration::from_millis(ms))
+}
+
+/// Completes once `/keepalive` has gone unrequested for `timeout` (counted from now at the
+/// start); never without a timeout.
+async fn keepalive_lapsed(timeout: Option<std::time::Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    keepalive_hit();
+    let check = (timeout / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    loop {
+        tokio::time::sleep(check).await;
+        let idle =
+            crate::replica::now_ms() - LAST_KEEPALIVE_MS.load(std::sync::atomic::Ordering::Relaxed);
+        if idle > timeout.as_millis() as i64 {
+            tracing::warn!(
+                idle_ms = idle,
+                timeout_ms = timeout.as_millis() as u64,
+                "no /keepalive request within ZERO_KEEPALIVE_TIMEOUT_MS: draining and exiting"
+            );
+            return;
+        }
+    }
 }
 
 /// How long the replication manager keeps transactions in its change log for view syncers that

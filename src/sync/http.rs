@@ -34,13 +34,19 @@ const IDLE_PONG: Duration = Duration::from_secs(6);
 pub(crate) fn router(shared: Arc<SyncShared>) -> Router {
     Router::new()
         .route("/", get(ok))
-        .route("/keepalive", get(ok))
+        .route("/keepalive", get(keepalive))
         .route("/statz", get(statz))
+        .route("/heapz", get(heapz))
         .fallback(websocket)
         .with_state(shared)
 }
 
 async fn ok() -> &'static str {
+    "OK"
+}
+
+async fn keepalive() -> &'static str {
+    crate::server::keepalive_hit();
     "OK"
 }
 
@@ -66,17 +72,22 @@ fn admin_allowed(shared: &SyncShared, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The answer to an admin request without the right password, as zero-cache gives it.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"Statz Protected Area\"",
+        )],
+        "Unauthorized",
+    )
+        .into_response()
+}
+
 async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Response {
     if !admin_allowed(&shared, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(
-                header::WWW_AUTHENTICATE,
-                "Basic realm=\"Statz Protected Area\"",
-            )],
-            "Unauthorized",
-        )
-            .into_response();
+        return unauthorized();
     }
     let body = serde_json::json!({
         "replica": {"watermark": *shared.watermarks.borrow()},
@@ -95,6 +106,29 @@ async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Res
             "engines": shared.engine.stats.engines.load(std::sync::atomic::Ordering::Relaxed),
             "subscriptions": shared.engine.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
         },
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// zero-cache's `/heapz` writes a V8 heap snapshot; this process has no JS heap, so it reports
+/// its memory instead: resident set, peak, and the allocator's live and resident bytes (the
+/// difference is fragmentation and retained pages).
+async fn heapz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Response {
+    if !admin_allowed(&shared, &headers) {
+        return unauthorized();
+    }
+    let (allocated, resident) = crate::procstat::heap_bytes();
+    let body = serde_json::json!({
+        "rssBytes": crate::procstat::rss_bytes(),
+        "peakRssBytes": crate::procstat::peak_rss_bytes(),
+        "heapAllocatedBytes": allocated,
+        "heapResidentBytes": resident,
+        "engineRows": shared.engine.stats.rows.load(std::sync::atomic::Ordering::Relaxed),
+        "clientGroups": shared.groups(),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

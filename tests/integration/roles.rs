@@ -439,3 +439,65 @@ async fn lost_replicas_are_restored_from_a_file_backup_and_resume_streaming() {
     let (_, err) = stderr_of(child).await;
     assert!(err.contains("replica restored from backup"), "{err}");
 }
+
+/// ZERO_KEEPALIVE_TIMEOUT_MS: a node keeps running while its load balancer requests
+/// `/keepalive`, and drains (clients told to go away) and exits cleanly once it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_keepalive_lapses_drains_and_exits() {
+    let db = test_db().await;
+    db.exec("CREATE TABLE issue (id text PRIMARY KEY, title text);")
+        .await;
+    let port = free_port();
+    let mut child = spawn(
+        &db,
+        &[
+            ("ZERO_REPLICA_FILE", db.replica_file().display().to_string()),
+            ("ZERO_PORT", port.to_string()),
+            ("ZERO_CHANGE_STREAMER_PORT", free_port().to_string()),
+            ("ZERO_NUM_SYNC_WORKERS", "1".into()),
+            ("ZERO_KEEPALIVE_TIMEOUT_MS", "1500".into()),
+        ],
+    );
+    wait_http_ok(port, "/keepalive").await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let schema = json!({"tables": {"issue": {"columns": {"id": {"type": "string"},
+        "title": {"type": "string"}}, "primaryKey": ["id"]}}});
+    let mut c = crate::sync_util::connect(
+        addr,
+        crate::sync_util::ConnectOpts::new(
+            "c1",
+            "g1",
+            crate::sync_util::init(json!([]), Some(schema)),
+        ),
+    )
+    .await
+    .ok();
+    c.poke().await;
+
+    // Checked every 300 ms for twice the timeout: still serving.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, _, _) = crate::sync_util::http_get(addr, "/keepalive", None).await;
+        assert_eq!(status, 200);
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "exited while checked"
+        );
+    }
+
+    // Unchecked: the client is told to go away and the process exits cleanly.
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let crate::sync_util::Event::Close(_) = c.next_event().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client's socket was not closed");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the node did not exit")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}

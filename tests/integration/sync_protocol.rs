@@ -72,6 +72,17 @@ async fn http_endpoints_and_statz_auth() {
     assert_eq!(s, 200);
     let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(stats["replica"]["watermark"], server.watermark());
+    let (s, _, _) = http_get(server.addr, "/heapz", None).await;
+    assert_eq!(s, 401);
+    let (s, _, body) = http_get(server.addr, "/heapz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
+    assert_eq!(s, 200);
+    let heap: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let rss = heap["rssBytes"].as_u64().expect("rssBytes");
+    assert!(rss > 0, "{heap}");
+    assert!(
+        heap["peakRssBytes"].as_u64().expect("peak") >= rss,
+        "{heap}"
+    );
     let (s, _, _) = http_get(server.addr, "/nope", None).await;
     assert_eq!(s, 404);
     server.stop_sync().await.stop().await.expect("stop");
