@@ -118,9 +118,7 @@ impl IndexStats {
         V: Ord + Clone + 'static,
     {
         use std::mem::size_of;
-        let offs = |o: &differential_dataflow::trace::implementations::OffsetList| {
-            o.smol.capacity() * 4 + o.chonk.capacity() * 8
-        };
+        let offs = |o: &crate::lean::BlockOffsets| o.heap_bytes();
         self.batches += 1;
         self.keys += st.keys.len();
         self.vals += st.vals.vals.len();
@@ -142,11 +140,7 @@ pub(crate) trait KeySize {
 
 impl KeySize for crate::render::Key {
     fn heap(&self) -> usize {
-        if self.spilled() {
-            self.capacity() * std::mem::size_of::<Value>()
-        } else {
-            0
-        }
+        self.heap_bytes()
     }
 }
 

@@ -37,9 +37,12 @@ pub struct Catalog {
     by_name: HashMap<String, TableId>,
     /// The schema, kept for validation and the reference evaluator.
     pub schema: Schema,
-    /// `(table, columns)` of both ends of every relationship hop: the correlation indexes
-    /// that `related` and EXISTS read, built up front so a query's first use does not pay
-    /// for arranging a whole table.
+    /// `(table, columns)` of the destination end of every relationship hop: the correlation
+    /// indexes that `related` and EXISTS children read, built up front so a query's first use
+    /// does not pay for arranging a whole table. The source ends are read only by a flipped
+    /// EXISTS (or a query seeking those columns), so they are built when a shape needs them:
+    /// held for every row of a large table (`comment.creatorID`) they cost memory that most
+    /// apps' queries never use.
     pub relationship_indexes: Vec<(TableId, Vec<usize>)>,
 }
 
@@ -79,27 +82,19 @@ impl Catalog {
             });
         }
         let mut relationship_indexes = Vec::new();
-        for (source, rels) in &schema.relationships {
-            for rel in rels.values() {
-                let mut from = source.clone();
-                for hop in &rel.hops {
-                    for (t, cols) in [
-                        (&from, &hop.source_field),
-                        (&hop.dest_table, &hop.dest_field),
-                    ] {
-                        let Some(&tid) = by_name.get(t.as_str()) else {
-                            continue;
-                        };
-                        let info: &TableInfo = &tables[tid];
-                        let idx: Option<Vec<usize>> = cols
-                            .iter()
-                            .map(|c| info.columns.iter().position(|n| n == c))
-                            .collect();
-                        if let Some(idx) = idx {
-                            relationship_indexes.push((tid, idx));
-                        }
-                    }
-                    from = hop.dest_table.clone();
+        for rels in schema.relationships.values() {
+            for hop in rels.values().flat_map(|rel| &rel.hops) {
+                let Some(&tid) = by_name.get(hop.dest_table.as_str()) else {
+                    continue;
+                };
+                let info: &TableInfo = &tables[tid];
+                let idx: Option<Vec<usize>> = hop
+                    .dest_field
+                    .iter()
+                    .map(|c| info.columns.iter().position(|n| n == c))
+                    .collect();
+                if let Some(idx) = idx {
+                    relationship_indexes.push((tid, idx));
                 }
             }
         }

@@ -21,7 +21,6 @@ use differential_dataflow::trace::wrappers::frontier::TraceFrontier;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use serde::{Deserialize, Serialize};
-use smallvec::{SmallVec, smallvec};
 use timely::dataflow::Scope;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{CapabilitySet, Operator};
@@ -41,9 +40,9 @@ use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 pub(crate) type Time = u64;
 /// Multiplicity of an update.
 pub(crate) type Diff = isize;
-/// An index key: the values of the indexed columns (empty for the whole-table index). One
-/// column is kept inline, so an index entry allocates nothing beyond the row it shares.
-pub(crate) type Key = SmallVec<[Value; 1]>;
+/// An index key: the values of the indexed columns (empty for the whole-table index), packed
+/// in 24 bytes, so an index entry allocates nothing beyond the row it shares.
+pub(crate) type Key = zero_queries::RowKey;
 /// A shared arrangement of one table by some columns; values are whole rows.
 pub(crate) type IndexTrace = TraceAgent<LeanSpine<Key, Row>>;
 /// Identifies an index: the table and the key columns.
@@ -57,8 +56,8 @@ pub(crate) type SortedTrace = TraceAgent<LeanSpine<Key, SortedRow>>;
 /// the sort columns beside every row cost three times the row pointer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SortedRow {
-    /// The index's ordering, shared by all its rows.
-    pub(crate) order: Arc<[(usize, bool)]>,
+    /// The index's ordering, shared by all its rows (behind a thin pointer: one per row).
+    pub(crate) order: Arc<Vec<(usize, bool)>>,
     /// The row.
     pub(crate) row: Row,
 }
@@ -177,7 +176,18 @@ pub(crate) fn driving(shape: &QueryShape) -> Option<(usize, usize)> {
 pub(crate) fn uses_lookup_topk(shape: &QueryShape, peers: usize) -> bool {
     // EXISTS conditions are evaluated by probing child indexes, which only a single worker
     // holds completely; with more workers such shapes use the join pipeline.
-    shape.limit.is_some() && (peers == 1 || !shape.filter.as_ref().is_some_and(Pred::has_exists))
+    shape.limit.is_some()
+        && (peers == 1 || !shape.filter.as_ref().is_some_and(Pred::has_exists))
+        && !seeks_one_row(shape)
+}
+
+/// Whether the driving value is the whole primary key (the ordering, which always ends with the
+/// primary key, is that one column), so a seek finds at most one row: the primary-key index
+/// answers it, and a sorted copy of the table (one entry per row) would only cost memory.
+fn seeks_one_row(shape: &QueryShape) -> bool {
+    driving_value(shape).is_some_and(|(c, _)| {
+        shape.order.iter().all(|&(o, _)| o == c) && driving(shape).is_some_and(|(d, _)| d == c)
+    })
 }
 
 fn sorted_id(shape: &QueryShape) -> SortedId {
@@ -495,7 +505,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                         keys.sort();
                         keys.dedup();
                         keys.into_iter()
-                            .map(move |k| (smallvec![k], Arc::clone(&q)))
+                            .map(move |k| (Key::from(k), Arc::clone(&q)))
                             .collect::<Vec<_>>()
                     })
                     .arrange_by_key()
@@ -570,7 +580,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 // instead of O(group) (Materialize's hierarchical top-k, one level).
                 let staged = rows.map(|(q, row)| {
                     let bucket = Value::Number((row.hashed() % TOPK_BUCKETS) as f64);
-                    let key: Key = smallvec![bucket];
+                    let key: Key = Key::from(bucket);
                     ((q, key), row)
                 });
                 let first = top_k(staged, shape.order.clone(), Arc::clone(&k))
@@ -656,7 +666,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let pc = es.parent_cols.clone();
                 let keyed = input.map(move |(q, row)| {
                     // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
-                    let k = key_of(&row, &pc).unwrap_or_else(|| smallvec![Value::Null]);
+                    let k = key_of(&row, &pc).unwrap_or_else(|| Key::from(Value::Null));
                     ((q, k), row)
                 });
                 let out = if *negated {
@@ -831,7 +841,7 @@ fn satisfiable(
         let child = &level.exists[*index].child;
         if let Some((t, slot)) = child.seek {
             let key: Key = match &params[slot] {
-                Param::Value(v) if !v.is_null() => smallvec![v.clone()],
+                Param::Value(v) if !v.is_null() => Key::from(v.clone()),
                 _ => return false,
             };
             let rows = fetch(t, &key);
@@ -974,7 +984,7 @@ impl TopKPlan {
         match self.slot {
             None => Some(Key::new()),
             Some(s) => match &q.params[s] {
-                Param::Value(v) if !v.is_null() => Some(smallvec![v.clone()]),
+                Param::Value(v) if !v.is_null() => Some(Key::from(v.clone())),
                 _ => None,
             },
         }

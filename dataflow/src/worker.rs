@@ -51,6 +51,9 @@ pub(crate) enum Cmd {
 /// queries live).
 pub(crate) const TABLES: u64 = u64::MAX;
 
+/// Changes of one version handed to the table arrangements between worker steps.
+const LOAD_SLICE: usize = 1 << 16;
+
 /// What workers report back.
 pub(crate) enum Out {
     /// Output updates of some template.
@@ -180,10 +183,20 @@ impl State {
                 for t in self.templates.values_mut() {
                     t.input.advance_to(version);
                 }
-                for (t, row, d) in changes.iter() {
+                for (i, (t, row, d)) in changes.iter().enumerate() {
                     let pk: Key = self.catalog.pk_of(*t, row).into();
                     if self.mine(pk.hashed()) {
                         self.tables[*t].update((pk, row.clone()), *d);
+                    }
+                    // A large batch (loading the replica) is handed to the arrangements in
+                    // slices, so their batchers sort as it arrives instead of the whole batch
+                    // waiting in channel buffers first: that queue was the loading peak, and
+                    // the memory it left behind stayed resident.
+                    if (i + 1) % LOAD_SLICE == 0 {
+                        for input in &mut self.tables {
+                            input.flush();
+                        }
+                        worker.step();
                     }
                 }
                 for (tid, q, d) in params.iter() {
@@ -390,7 +403,7 @@ impl State {
                 Antichain::from_elem(sealed),
                 Antichain::new(),
             );
-            let order: Arc<[(usize, bool)]> = order.into();
+            let order: Arc<Vec<(usize, bool)>> = Arc::new(order);
             let idx = arr
                 .flat_map_ref(move |_pk, row: &Row| {
                     key_of(row, &cols).map(|k| {

@@ -17,6 +17,8 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use triomphe::ThinArc;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::value::{MAX_SAFE_INTEGER, Value, View, cmp_f64, cmp_json};
@@ -32,9 +34,11 @@ const LONG_STRING: u8 = 6;
 const SHORT_STRING: u8 = 0x80;
 
 /// A row: column values in the table's column order, in one shared, immutable buffer. Cheap
-/// to clone (a reference count), so every index of a table holds the same allocation.
+/// to clone (a reference count), so every index of a table holds the same allocation. The
+/// handle is one pointer (the length lives in the allocation, beside the count): every index
+/// entry holds one, and a fat `Arc<[u8]>` cost 8 more bytes per row per index.
 #[derive(Clone)]
-pub struct Row(Arc<[u8]>);
+pub struct Row(ThinArc<(), u8>);
 
 /// A column value as stored, borrowed from the row's buffer.
 #[derive(Debug, Clone, Copy)]
@@ -237,31 +241,84 @@ fn skip(buf: &[u8], pos: &mut usize) {
     }
 }
 
+/// Encodes `values` as a row buffer: the column count, then each value.
+fn encode<'a>(values: impl IntoIterator<Item = &'a Value>) -> Vec<u8> {
+    let values = values.into_iter();
+    let mut buf = Vec::with_capacity(16 + 8 * values.size_hint().0);
+    buf.push(0);
+    let mut n = 0u64;
+    for v in values {
+        put_value(&mut buf, v);
+        n += 1;
+    }
+    if n < 0x80 {
+        buf[0] = n as u8;
+    } else {
+        let mut head = Vec::new();
+        put_varint(&mut head, n);
+        buf.splice(0..1, head);
+    }
+    buf
+}
+
+/// Length of the encoding at the start of `buf`.
+fn encoded_len(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    let n = get_varint(buf, &mut pos);
+    for _ in 0..n {
+        skip(buf, &mut pos);
+    }
+    pos
+}
+
+/// The values of a row buffer, undecoded.
+fn raws_of(buf: &[u8]) -> impl Iterator<Item = Raw<'_>> + '_ {
+    let mut pos = 0;
+    let n = get_varint(buf, &mut pos) as usize;
+    (0..n).map(move |_| read_raw(buf, &mut pos))
+}
+
+/// Column by column in [`Value`]'s order, then the shorter buffer first.
+fn cmp_bytes(a: &[u8], b: &[u8]) -> Ordering {
+    let mut a = raws_of(a);
+    let mut b = raws_of(b);
+    loop {
+        match (a.next(), b.next()) {
+            (Some(x), Some(y)) => {
+                let o = x.cmp(y);
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+        }
+    }
+}
+
+fn eq_bytes(a: &[u8], b: &[u8]) -> bool {
+    // Canonical encoding: equal bytes are equal rows; only JSON objects with keys in
+    // another order need the comparison.
+    a == b || (a.contains(&JSON) && cmp_bytes(a, b) == Ordering::Equal)
+}
+
+fn hash_bytes<H: Hasher>(buf: &[u8], state: &mut H) {
+    (get_varint(buf, &mut 0) as usize).hash(state);
+    for r in raws_of(buf) {
+        r.hash(state);
+    }
+}
+
 impl Row {
     /// Encodes `values` as a row.
     pub fn new<'a>(values: impl IntoIterator<Item = &'a Value>) -> Row {
-        let values = values.into_iter();
-        let mut buf = Vec::with_capacity(16 + 8 * values.size_hint().0);
-        let start = buf.len();
-        buf.push(0);
-        let mut n = 0u64;
-        for v in values {
-            put_value(&mut buf, v);
-            n += 1;
-        }
-        if n < 0x80 {
-            buf[start] = n as u8;
-        } else {
-            let mut head = Vec::new();
-            put_varint(&mut head, n);
-            buf.splice(start..start + 1, head);
-        }
-        Row(Arc::from(buf))
+        Row(ThinArc::from_header_and_slice((), &encode(values)))
     }
 
     /// Number of columns.
     pub fn len(&self) -> usize {
-        get_varint(&self.0, &mut 0) as usize
+        get_varint(self.bytes(), &mut 0) as usize
     }
 
     /// True for a row without columns.
@@ -271,7 +328,7 @@ impl Row {
 
     fn first(&self) -> usize {
         let mut pos = 0;
-        get_varint(&self.0, &mut pos);
+        get_varint(self.bytes(), &mut pos);
         pos
     }
 
@@ -283,14 +340,14 @@ impl Row {
         );
         let mut pos = self.first();
         for _ in 0..i {
-            skip(&self.0, &mut pos);
+            skip(self.bytes(), &mut pos);
         }
-        read_raw(&self.0, &mut pos)
+        read_raw(self.bytes(), &mut pos)
     }
 
     fn raws(&self) -> impl Iterator<Item = Raw<'_>> + '_ {
         let mut pos = self.first();
-        (0..self.len()).map(move |_| read_raw(&self.0, &mut pos))
+        (0..self.len()).map(move |_| read_raw(self.bytes(), &mut pos))
     }
 
     /// The value of column `i` (panics if out of range, like indexing a slice).
@@ -326,17 +383,21 @@ impl Row {
     /// Whether both handles share one allocation (a row kept is the same allocation; an
     /// equal row made elsewhere is not).
     pub fn same(&self, other: &Row) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.0.ptr() == other.0.ptr()
     }
 
     /// The allocation's address: an identity to sort or hash rows by allocation.
     pub fn addr(&self) -> usize {
-        Arc::as_ptr(&self.0).cast::<u8>() as usize
+        self.0.ptr() as usize
     }
 
-    /// Bytes of the row's buffer (without the allocation's reference counts).
+    /// Bytes of the row's buffer (without the allocation's reference count and length).
     pub fn encoded_len(&self) -> usize {
-        self.0.len()
+        self.bytes().len()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.0.slice
     }
 }
 
@@ -368,24 +429,10 @@ impl FromIterator<Value> for Row {
 impl Ord for Row {
     /// Column by column in [`Value`]'s order, then the shorter row first.
     fn cmp(&self, other: &Self) -> Ordering {
-        if Arc::ptr_eq(&self.0, &other.0) {
+        if self.same(other) {
             return Ordering::Equal;
         }
-        let mut a = self.raws();
-        let mut b = other.raws();
-        loop {
-            match (a.next(), b.next()) {
-                (Some(x), Some(y)) => {
-                    let o = x.cmp(y);
-                    if o != Ordering::Equal {
-                        return o;
-                    }
-                }
-                (None, None) => return Ordering::Equal,
-                (None, Some(_)) => return Ordering::Less,
-                (Some(_), None) => return Ordering::Greater,
-            }
-        }
+        cmp_bytes(self.bytes(), other.bytes())
     }
 }
 
@@ -397,9 +444,7 @@ impl PartialOrd for Row {
 
 impl PartialEq for Row {
     fn eq(&self, other: &Self) -> bool {
-        // Canonical encoding: equal bytes are equal rows; only JSON objects with keys in
-        // another order need the comparison.
-        self.0 == other.0 || (self.0.contains(&JSON) && self.cmp(other) == Ordering::Equal)
+        eq_bytes(self.bytes(), other.bytes())
     }
 }
 
@@ -407,10 +452,7 @@ impl Eq for Row {}
 
 impl Hash for Row {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.len().hash(state);
-        for r in self.raws() {
-            r.hash(state);
-        }
+        hash_bytes(self.bytes(), state);
     }
 }
 
@@ -430,6 +472,150 @@ impl Serialize for Row {
 impl<'de> Deserialize<'de> for Row {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Vec::<Value>::deserialize(deserializer).map(Row::from)
+    }
+}
+
+/// Bytes of a [`RowKey`] kept inside the key itself.
+const KEY_INLINE: usize = 23;
+
+/// The values of an index key, encoded like a [`Row`]: 24 bytes, with no allocation for keys
+/// of up to 23 encoded bytes (a 21-character id such as a nanoid, or a pair of short ones). Every index entry holds one, and
+/// a vector of [`Value`]s cost 32 bytes plus, for a two-column key, a 48-byte allocation.
+/// Orders, compares and hashes like the row of the same values.
+#[derive(Clone)]
+pub struct RowKey(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
+    /// Zero-padded: the encoding says where it ends.
+    Inline([u8; KEY_INLINE]),
+    Heap(Row),
+}
+
+impl RowKey {
+    /// The key without columns (the whole-table index's).
+    pub fn new() -> RowKey {
+        RowKey::from_encoded(&[0])
+    }
+
+    fn from_encoded(bytes: &[u8]) -> RowKey {
+        if bytes.len() <= KEY_INLINE {
+            let mut buf = [0u8; KEY_INLINE];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            RowKey(KeyRepr::Inline(buf))
+        } else {
+            RowKey(KeyRepr::Heap(Row(ThinArc::from_header_and_slice(
+                (),
+                bytes,
+            ))))
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.0 {
+            KeyRepr::Inline(buf) => &buf[..encoded_len(buf)],
+            KeyRepr::Heap(row) => row.bytes(),
+        }
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        get_varint(self.bytes(), &mut 0) as usize
+    }
+
+    /// True for the key without columns.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value of column `i`.
+    pub fn get(&self, i: usize) -> Value {
+        self.iter()
+            .nth(i)
+            .unwrap_or_else(|| panic!("column {i} out of range for a key of {}", self.len()))
+    }
+
+    /// Every column's value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Value> + '_ {
+        raws_of(self.bytes()).map(Raw::to_value)
+    }
+
+    /// Bytes the key keeps in an allocation of its own (0 when inline), for memory reports.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            KeyRepr::Inline(_) => 0,
+            KeyRepr::Heap(row) => 16 + row.encoded_len(),
+        }
+    }
+}
+
+impl Default for RowKey {
+    fn default() -> RowKey {
+        RowKey::new()
+    }
+}
+
+impl From<Vec<Value>> for RowKey {
+    fn from(values: Vec<Value>) -> RowKey {
+        RowKey::from_encoded(&encode(&values))
+    }
+}
+
+impl From<Value> for RowKey {
+    fn from(value: Value) -> RowKey {
+        RowKey::from_encoded(&encode([&value]))
+    }
+}
+
+impl FromIterator<Value> for RowKey {
+    fn from_iter<I: IntoIterator<Item = Value>>(iter: I) -> RowKey {
+        let values: Vec<Value> = iter.into_iter().collect();
+        RowKey::from(values)
+    }
+}
+
+impl Ord for RowKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_bytes(self.bytes(), other.bytes())
+    }
+}
+
+impl PartialOrd for RowKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for RowKey {
+    fn eq(&self, other: &Self) -> bool {
+        eq_bytes(self.bytes(), other.bytes())
+    }
+}
+
+impl Eq for RowKey {}
+
+impl Hash for RowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_bytes(self.bytes(), state);
+    }
+}
+
+impl fmt::Debug for RowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for RowKey {
+    /// As the sequence of its values.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for RowKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<Value>::deserialize(deserializer).map(RowKey::from)
     }
 }
 
@@ -567,5 +753,50 @@ mod tests {
         let text = serde_json::to_string(&row).expect("serialize");
         let back: Row = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, row);
+    }
+
+    #[test]
+    fn keys_are_small_and_order_like_their_values() {
+        assert_eq!(std::mem::size_of::<RowKey>(), 24);
+        assert_eq!(std::mem::size_of::<Row>(), 8);
+        let keys: Vec<Vec<Value>> = vec![
+            vec![],
+            vec![Value::Null],
+            vec![Value::Number(-1.0)],
+            vec![Value::Number(0.5)],
+            vec![Value::from("i12345")],
+            vec![Value::from("l1"), Value::from("i12345")],
+            vec![Value::from("l1"), Value::from("i2")],
+            vec![Value::from("n".repeat(21))],
+            vec![Value::from("n".repeat(22))],
+            vec![Value::from("x".repeat(40))],
+            vec![Value::from("x".repeat(40)), Value::Bool(true)],
+        ];
+        for a in &keys {
+            let ka: RowKey = a.iter().cloned().collect();
+            assert_eq!(ka.len(), a.len());
+            assert_eq!(ka.iter().collect::<Vec<_>>(), *a);
+            let long = a.contains(&Value::from("x".repeat(40)))
+                || a.contains(&Value::from("n".repeat(22)));
+            assert_eq!(ka.heap_bytes() > 0, long, "{a:?}");
+            for b in &keys {
+                let kb = RowKey::from(b.clone());
+                assert_eq!(ka.cmp(&kb), a.cmp(b), "{a:?} vs {b:?}");
+                assert_eq!(ka == kb, a == b);
+            }
+            let text = serde_json::to_string(&ka).expect("serialize");
+            assert_eq!(
+                serde_json::from_str::<RowKey>(&text).expect("deserialize"),
+                ka
+            );
+        }
+        // Equal values make equal keys with equal hashes, as for rows.
+        let mut h1 = DefaultHasher::new();
+        RowKey::from(Value::Number(-0.0)).hash(&mut h1);
+        let mut h2 = DefaultHasher::new();
+        RowKey::from(vec![Value::Number(0.0)]).hash(&mut h2);
+        assert_eq!(h1.finish(), h2.finish());
+        assert_eq!(RowKey::new(), RowKey::default());
+        assert!(RowKey::new().is_empty());
     }
 }
