@@ -766,15 +766,6 @@ impl Config {
                 "ZERO_LITESTREAM_SNAPSHOT_BACKUP_INTERVAL_HOURS",
                 self.litestream_snapshot_backup_interval_hours,
             ),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(ConfigError::Invalid {
-                    env,
-                    reason: format!("{v} must be a positive number"),
-                });
-            }
-        }
-        for (env, v) in [
             (
                 "ZERO_CVR_GARBAGE_COLLECTION_INACTIVITY_THRESHOLD_HOURS",
                 self.cvr_garbage_collection_inactivity_threshold_hours,
