@@ -679,12 +679,38 @@ impl Config {
             eprintln!("ZERO_SHARD_ID is no longer supported: use ZERO_APP_ID");
             std::process::exit(2);
         }
-        Config::parse()
+        Config::parse_ignoring_empty_env(std::env::args_os())
     }
 
     /// Parses the given arguments (first is the program name) and the environment.
     pub fn from_args(args: Vec<String>) -> Self {
-        Config::parse_from(args)
+        Config::parse_ignoring_empty_env(args)
+    }
+
+    /// Parses like clap, except that a variable set to nothing (`ZERO_NUM_SYNC_WORKERS=` in an
+    /// env file, as the production guide writes "auto-detect") counts as unset, as it does for
+    /// zero-cache, instead of failing as an invalid number.
+    fn parse_ignoring_empty_env<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Config::command();
+        let empty: Vec<clap::Id> = cmd
+            .get_arguments()
+            .filter(|a| {
+                a.get_env()
+                    .and_then(std::env::var_os)
+                    .is_some_and(|v| v.to_string_lossy().trim().is_empty())
+            })
+            .map(|a| a.get_id().clone())
+            .collect();
+        for id in empty {
+            cmd = cmd.mut_arg(id, |a| a.env(None::<&'static str>));
+        }
+        let matches = cmd.get_matches_from(args);
+        Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 
     /// Checks the values that clap cannot check on its own.

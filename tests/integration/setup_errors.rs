@@ -36,6 +36,13 @@ async fn bad_configuration_is_rejected_with_the_option_named() {
     let (code, err) = run_server(&[]);
     assert_ne!(code, 0);
     assert!(err.contains("ZERO_UPSTREAM_DB"), "{err}");
+    // Variables set to nothing count as unset (the production guide's "auto-detect").
+    let (code, err) = run_server(&[
+        ("ZERO_NUM_SYNC_WORKERS", String::new()),
+        ("ZERO_CVR_MAX_CONNS", " ".into()),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ZERO_UPSTREAM_DB"), "{err}");
 
     let db = test_db().await;
     let file = db.replica_file().to_string_lossy().into_owned();
