@@ -341,6 +341,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Builds the lookup index of `table` on `columns` now, unless one exists. A host that knows
+    /// its app's access paths without knowing its queries (say, from the upstream database's
+    /// indexes) calls this before loading rows, so the index fills as the table loads and the
+    /// first query that looks rows up by those columns (a relationship, an EXISTS) does not
+    /// arrange the whole table while every other query waits. Columns not in the table are an
+    /// [`EngineError::Unsupported`].
+    pub fn prepare_index(&mut self, table: &str, columns: &[String]) -> Result<(), EngineError> {
+        let t = self
+            .catalog
+            .table_id(table)
+            .ok_or_else(|| EngineError::UnknownTable(table.to_owned()))?;
+        let info = &self.catalog.tables[t];
+        let cols = columns
+            .iter()
+            .map(|c| {
+                info.columns.iter().position(|n| n == c).ok_or_else(|| {
+                    EngineError::Unsupported(format!("no column \"{c}\" in table \"{table}\""))
+                })
+            })
+            .collect::<Result<Vec<usize>, _>>()?;
+        self.send(&|| Cmd::EnsureIndex {
+            id: (t, cols.clone()),
+        })
+    }
+
     /// The template of `shape`, creating its dataflow if there is none.
     fn template_for(&mut self, shape: Arc<QueryShape>) -> Result<u64, EngineError> {
         if let Some(t) = self.templates.get(&shape) {

@@ -42,6 +42,8 @@ pub(crate) enum Cmd {
     CreateTemplate { tid: u64, shape: Arc<QueryShape> },
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
+    /// Build a lookup index (as of the last sealed version) if there is none.
+    EnsureIndex { id: IndexId },
     /// Report the size of every shared index.
     Stats(Sender<Vec<IndexStats>>),
 }
@@ -217,6 +219,7 @@ impl State {
                 self.sealed = version;
                 self.compact();
             }
+            Cmd::EnsureIndex { id } => self.ensure_index(worker, &id),
             Cmd::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }

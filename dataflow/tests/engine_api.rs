@@ -266,3 +266,52 @@ fn a_prepared_shape_is_built_before_its_first_query_and_kept_after_its_last() {
         .expect("prepare");
     assert_eq!(e.template_count(), 1);
 }
+
+#[test]
+fn a_prepared_lookup_index_fills_as_the_rows_load() {
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
+    let before = e.index_stats().expect("stats").len();
+    assert!(
+        e.index_stats()
+            .expect("stats")
+            .iter()
+            .all(|s| s.name != "issue[1]"),
+        "no relationship indexes the title"
+    );
+    // Prepared before any row, as the sync server does with the upstream indexes.
+    e.prepare_index("issue", &["title".to_string()])
+        .expect("prepare index");
+    let mut other = issue("i3", 3.0).to_vec();
+    other[1] = Value::from("u");
+    e.apply(
+        1,
+        vec![
+            insert(issue("i1", 1.0)),
+            insert(issue("i2", 2.0)),
+            insert(Row::from(other)),
+        ],
+    )
+    .expect("apply");
+    e.step_until(1).expect("step");
+    let stats = e.index_stats().expect("stats");
+    assert_eq!(stats.len(), before + 1);
+    let idx = stats
+        .iter()
+        .find(|s| s.name == "issue[1]")
+        .expect("the index on the title exists");
+    // Two titles: two rows under one, one under the other.
+    assert_eq!((idx.keys, idx.vals), (2, 3));
+    // Preparing it again builds nothing new.
+    e.prepare_index("issue", &["title".to_string()])
+        .expect("prepare index");
+    assert_eq!(e.index_stats().expect("stats").len(), before + 1);
+    assert!(matches!(
+        e.prepare_index("issue", &["nope".to_string()]),
+        Err(EngineError::Unsupported(_))
+    ));
+    assert!(matches!(
+        e.prepare_index("nope", &["id".to_string()]),
+        Err(EngineError::UnknownTable(_))
+    ));
+}
