@@ -478,6 +478,9 @@ impl Service {
         let pending: HashSet<(String, String)> =
             std::mem::take(&mut self.pending).into_iter().collect();
         for (slot, slot_diffs) in ready.slots.iter().zip(&diffs) {
+            // A row put by several queries (instances of one shape with other literals) is
+            // rendered once: the engine hands every query the same allocation.
+            let mut rendered: HashMap<usize, PatchRow> = HashMap::new();
             for d in slot_diffs {
                 if d.initial || d.patches.is_empty() {
                     continue;
@@ -488,7 +491,17 @@ impl Service {
                 let rows: Arc<Vec<PatchRow>> = Arc::new(
                     d.patches
                         .iter()
-                        .filter_map(|p| patch_row(&slot.schema, p))
+                        .filter_map(|p| match p {
+                            RowPatch::Put { row, .. } => {
+                                if let Some(r) = rendered.get(&row.addr()) {
+                                    return Some(r.clone());
+                                }
+                                let r = patch_row(&slot.schema, p)?;
+                                rendered.insert(row.addr(), r.clone());
+                                Some(r)
+                            }
+                            RowPatch::Del { .. } => patch_row(&slot.schema, p),
+                        })
                         .collect(),
                 );
                 for key in &q.subscribers {
@@ -912,6 +925,11 @@ fn new_slot(
         }
     }
     let mut engine = Engine::new(EngineConfig { workers }, &schema)?;
+    for (table, column) in lookup_hints(&ready.published, &schema) {
+        if let Err(e) = engine.prepare_index(&table, std::slice::from_ref(&column)) {
+            debug!(%table, %column, error = %e, "an upstream index's lookup could not be prepared");
+        }
+    }
     if !prepare.is_empty() {
         let t = std::time::Instant::now();
         for ast in prepare {
@@ -942,6 +960,34 @@ fn new_slot(
         schema,
         engine,
     })
+}
+
+/// Lookup indexes worth building while the replica loads, as `(table, column)`: the first
+/// column of each upstream index other than the primary key's, when it is text. An app indexes
+/// upstream the columns it correlates on (foreign keys such as `comment.issueID`), and text is
+/// where ids live; an index led by a number or boolean (a time, a flag) serves ordering or
+/// filtering, which needs a sorted index of a direction the server cannot guess.
+fn lookup_hints(published: &PublishedSchema, schema: &Schema) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in &published.tables {
+        let name = crate::schema::replica_name(&t.schema, &t.name);
+        let Some(ts) = schema.table(&name) else {
+            continue;
+        };
+        for idx in t.indexes.iter().filter(|i| !i.primary) {
+            let Some((col, _)) = idx.columns.first() else {
+                continue;
+            };
+            let text = ts
+                .column_index(col)
+                .is_some_and(|i| ts.columns[i].ty == ColumnType::String);
+            let whole_key = ts.primary_key.len() == 1 && ts.primary_key[0] == *col;
+            if text && !whole_key && !out.contains(&(name.clone(), col.clone())) {
+                out.push((name.clone(), col.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// Builds the indexes of `asts`' shapes in the default engine (queries the engine cannot run
