@@ -641,10 +641,43 @@ impl ViewSyncer {
         if self.apply_patch(client_id, ops, &new_version) {
             self.cvr.version = new_version;
             self.flush();
+            // New queries hydrate in the engine while this poke waits for its CVR write.
+            self.presubscribe();
             self.poke_all().await?;
         }
         self.prepare_custom().await;
         self.sync().await
+    }
+
+    /// Subscribes the wanted queries that have an AST and no subscription yet, without waiting
+    /// for their rows: [`Self::sync`] finds them subscribed and waits for them in order (and
+    /// reports whatever goes wrong here, such as a failed permissions read, when it meets it).
+    fn presubscribe(&mut self) {
+        if self.shared.watermarks.borrow().is_empty() {
+            return;
+        }
+        self.source.end();
+        if self.load_permissions().is_err() {
+            return;
+        }
+        for h in self.wanted() {
+            if self.subscribed.contains_key(&h) {
+                continue;
+            }
+            let Some(ast) = self.cvr.queries.get(&h).and_then(|q| self.transform(&h, q)) else {
+                continue;
+            };
+            let th = zero_queries::hash::h64_base36(&ast.to_json_string());
+            self.shared.engine.send(Cmd::Subscribe {
+                group: self.id.clone(),
+                hash: h.clone(),
+                ast: Box::new(ast),
+                keys: self.client_keys.clone(),
+            });
+            self.subscribed.insert(h.clone(), th);
+            self.hydrating.insert(h.clone(), Instant::now());
+            self.awaiting.insert(h);
+        }
     }
 
     /// Transforms wanted custom queries that have no AST yet through the API server. Per-query
