@@ -9,7 +9,8 @@
 //! `cargo bench --bench sync` (set `BENCH_SCALE=small` for a quick run; `SYNC_BENCH=clients`
 //! runs only the many-clients scenario, `BENCH_CLIENTS` sets its size, default 10,000;
 //! `BENCH_TRACE=1` prints when each hydration's query change went out and its poke came back,
-//! and wall-clock times of each update's steps to line up with `BENCH_SERVER_LOG=debug`).
+//! and wall-clock times of each update's steps to line up with `BENCH_SERVER_LOG=debug`;
+//! `BENCH_NODE_PROF=DIR` writes the real clients' V8 CPU profiles to DIR).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -256,7 +257,13 @@ async fn wait_engine(port: u16, pid: u32) {
 }
 
 fn driver(node: &std::path::Path, port: u16) -> Driver {
-    let mut child = Command::new(node)
+    // BENCH_NODE_PROF=DIR: the driver writes a V8 CPU profile there (`node --cpu-prof`), to see
+    // what the real client spends its time on.
+    let mut cmd = Command::new(node);
+    if let Ok(dir) = std::env::var("BENCH_NODE_PROF") {
+        cmd.arg("--cpu-prof").arg(format!("--cpu-prof-dir={dir}"));
+    }
+    let mut child = cmd
         .arg(e2e_dir().join("bench.mjs"))
         .arg(format!("http://127.0.0.1:{port}"))
         .current_dir(e2e_dir())
