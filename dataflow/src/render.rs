@@ -1252,12 +1252,20 @@ where
                                             .filter(|r| !dels.contains(r))
                                             .cloned()
                                             .collect();
-                                        window.extend(ins);
-                                        if full && window.len() < limit {
+                                        if full && window.len() + ins.len() < limit {
                                             dirty.insert(*qid);
                                             continue;
                                         }
-                                        window.sort_by(|a, b| compare_rows(&plan.order, a, b));
+                                        // The window is in order: each new row goes in by a
+                                        // binary search (after rows that compare equal, as a
+                                        // stable sort would put it) instead of sorting the
+                                        // whole window again for every instance of the shape.
+                                        for r in ins {
+                                            let at = window.partition_point(|w| {
+                                                compare_rows(&plan.order, w, &r).is_le()
+                                            });
+                                            window.insert(at, r);
+                                        }
                                         window.truncate(limit);
                                         updated.insert(*qid, window);
                                     }
