@@ -668,16 +668,22 @@ impl ViewSyncer {
                 continue;
             };
             let th = zero_queries::hash::h64_base36(&ast.to_json_string());
-            self.shared.engine.send(Cmd::Subscribe {
-                group: self.id.clone(),
-                hash: h.clone(),
-                ast: Box::new(ast),
-                keys: self.client_keys.clone(),
-            });
-            self.subscribed.insert(h.clone(), th);
-            self.hydrating.insert(h.clone(), Instant::now());
-            self.awaiting.insert(h);
+            self.subscribe(h, ast, th);
         }
+    }
+
+    /// Asks the engine for a query's rows; they arrive in order with the group's other engine
+    /// messages, and the query counts as hydrating until they do.
+    fn subscribe(&mut self, h: String, ast: Ast, th: String) {
+        self.shared.engine.send(Cmd::Subscribe {
+            group: self.id.clone(),
+            hash: h.clone(),
+            ast: Box::new(ast),
+            keys: self.client_keys.clone(),
+        });
+        self.subscribed.insert(h.clone(), th);
+        self.hydrating.insert(h.clone(), Instant::now());
+        self.awaiting.insert(h);
     }
 
     /// Transforms wanted custom queries that have no AST yet through the API server. Per-query
@@ -1165,15 +1171,7 @@ impl ViewSyncer {
             self.flush();
         }
         for (h, ast, th) in to_add {
-            self.shared.engine.send(Cmd::Subscribe {
-                group: self.id.clone(),
-                hash: h.clone(),
-                ast: Box::new(ast),
-                keys: self.client_keys.clone(),
-            });
-            self.subscribed.insert(h.clone(), th);
-            self.hydrating.insert(h.clone(), Instant::now());
-            self.awaiting.insert(h);
+            self.subscribe(h, ast, th);
         }
         // Rows of new subscriptions arrive in order with the group's other engine messages.
         let started = Instant::now();
