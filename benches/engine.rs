@@ -179,7 +179,7 @@ async fn main() {
     let loaded_mb = rss_mb() - rss_before;
     let (live, _) = heap_mb();
     println!(
-        "(loaded {} MB replica into the engine in {load_s:.1} s; RSS +{loaded_mb:.0} MB right after; live heap +{:.0} MB = {:.1}x the replica file)",
+        "(loaded {} MB replica into the engine in {load_s:.1} s; RSS +{loaded_mb:.0} MB right after; live heap +{:.0} MB = {:.2}x the replica file)",
         replica_mb.round(),
         live - live_before,
         (live - live_before) / replica_mb,
@@ -189,7 +189,7 @@ async fn main() {
     let settled_mb = rss_mb() - rss_before;
     let (_, resident) = heap_mb();
     println!(
-        "engine memory for the loaded dataset: RSS +{settled_mb:.0} MB = {:.1}x the replica file (allocator resident {resident:.0} MB)  target: <= 1.5x",
+        "engine memory for the loaded dataset: RSS +{settled_mb:.0} MB = {:.2}x the replica file (allocator resident {resident:.0} MB)  target: <= 1.5x",
         settled_mb / replica_mb,
     );
     let stats = engine.index_stats().expect("index stats");
