@@ -330,13 +330,28 @@ async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
 ) {
+    // One timer for the connection's life, moved only when it fires: a timeout per message
+    // put every poke of every client through the timer wheel twice.
+    let idle = tokio::time::sleep(IDLE_PONG);
+    tokio::pin!(idle);
+    let mut last = std::time::Instant::now();
     loop {
-        let next = tokio::time::timeout(IDLE_PONG, rx.recv()).await;
-        let m = match next {
-            Err(_) => Outbound::Msg(Downstream::Pong),
-            Ok(None) => return,
-            Ok(Some(m)) => m,
+        let m = tokio::select! {
+            m = rx.recv() => match m {
+                None => return,
+                Some(m) => m,
+            },
+            _ = &mut idle => {
+                let quiet = last.elapsed();
+                if quiet < IDLE_PONG {
+                    idle.as_mut().reset(tokio::time::Instant::now() + (IDLE_PONG - quiet));
+                    continue;
+                }
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE_PONG);
+                Outbound::Msg(Downstream::Pong)
+            }
         };
+        last = std::time::Instant::now();
         match m {
             m @ (Outbound::Msg(_) | Outbound::Frames(_)) => {
                 // A poke is several messages: write what is queued, then flush once.

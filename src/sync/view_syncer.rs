@@ -22,6 +22,7 @@ use zero_queries::sql::SqlValue;
 use super::SyncShared;
 use super::auth::{Auth, TokenType, token_type};
 use super::cvr::{Cvr, CvrError, CvrVersion, DesireRecord, QueryRecord, RowId};
+use super::cvr_store::Release;
 use super::fetch::{CallContext, RequestInfo};
 use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
@@ -127,6 +128,8 @@ struct Conn {
 }
 
 impl Conn {
+    /// Callers settle first (`ViewSyncer::settle`): a message must not overtake the end of a
+    /// poke that the CVR writer still holds.
     fn send(&self, m: Downstream) {
         let _ = self.out.send(Outbound::Msg(m));
     }
@@ -180,6 +183,9 @@ pub(crate) struct ViewSyncer {
     /// Completes when the latest queued CVR write is stored: `pokeEnd` (which makes the client
     /// adopt the new cookie) waits for it, the poke's parts do not.
     durable: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Completes when the pokes' ends handed to the CVR writer (with the write this receiver
+    /// belongs to) are sent: frames sent directly wait for it.
+    handoff: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The replica version of the group's first engine message: every later change to its
     /// LMIDs / mutation results is flagged by the engine.
     lmid_since: Option<String>,
@@ -232,6 +238,7 @@ impl ViewSyncer {
             clock_since: None,
             hydrating: HashMap::new(),
             durable: None,
+            handoff: None,
             lmid_since: None,
             lmid_changed: None,
             lmid_read: None,
@@ -240,11 +247,34 @@ impl ViewSyncer {
 
     /// Runs until the group has had no connection for [`KEEPALIVE`] and no command is pending.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<GroupCmd>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // One timer per group, set to the next thing due (not a tick every second: 10,000
+        // groups would wake 10,000 times a second for nothing).
+        let tick = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(tick);
         let mut idle_since: Option<Instant> = Some(Instant::now());
         info!(client_group = %self.id, "view-syncer started");
         loop {
             self.track_connected();
+            let now = Instant::now();
+            let set = tick.deadline().into_std();
+            let next = match self.next_due(idle_since) {
+                // Due (or overdue, e.g. a retirement that commands prevented): check again
+                // within a second, without moving a deadline that is still ahead.
+                at if at <= now => {
+                    if set > now && set <= now + Duration::from_secs(1) {
+                        set
+                    } else {
+                        now + Duration::from_secs(1)
+                    }
+                }
+                at => at,
+            };
+            let moved = next
+                .saturating_duration_since(set)
+                .max(set.saturating_duration_since(next));
+            if moved > Duration::from_millis(1) {
+                tick.as_mut().reset(tokio::time::Instant::from_std(next));
+            }
             tokio::select! {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -255,7 +285,7 @@ impl ViewSyncer {
                     let Some(msg) = msg else { break };
                     self.on_engine(msg).await;
                 }
-                _ = tick.tick() => {
+                _ = &mut tick => {
                     if self.last_revalidation.elapsed() >= self.shared.revalidate_interval {
                         self.last_revalidation = Instant::now();
                         self.revalidate().await;
@@ -286,6 +316,31 @@ impl ViewSyncer {
             group: self.id.clone(),
         });
         info!(client_group = %self.id, "view-syncer stopped");
+    }
+
+    /// When the group next has something to do on its own: revalidate tokens, transform
+    /// custom queries again, expire an inactive query's TTL, or retire after [`KEEPALIVE`].
+    fn next_due(&self, idle_since: Option<Instant>) -> Instant {
+        let mut at = (self.last_revalidation + self.shared.revalidate_interval)
+            .min(self.last_retransform + self.shared.retransform_interval);
+        if let Some(t) = idle_since {
+            at = at.min(t + KEEPALIVE);
+        }
+        // The TTL clock runs only while connected: then an inactive desire expires at a fixed
+        // wall-clock time.
+        if let Some(since) = self.clock_since {
+            for d in self.cvr.desires.values() {
+                if let (true, Some(inactive)) = (d.deleted, d.inactivated_at) {
+                    let left_ms = inactive + d.ttl_ms - self.cvr.ttl_clock;
+                    let left = Duration::try_from_secs_f64(left_ms.max(0.0) / 1000.0)
+                        .unwrap_or(Duration::MAX);
+                    if let Some(t) = since.checked_add(left) {
+                        at = at.min(t);
+                    }
+                }
+            }
+        }
+        at
     }
 
     /// Starts or stops the TTL clock as the group gains its first or loses its last
@@ -441,6 +496,7 @@ impl ViewSyncer {
                         Ok(())
                     }
                     Upstream::Inspect(body) => {
+                        self.settle().await;
                         if let Some(c) = self.conns.get(&client_id) {
                             c.send(Downstream::Inspect(serde_json::json!({
                                 "id": body.id, "op": "error", "value": "inspect is not supported"
@@ -587,6 +643,8 @@ impl ViewSyncer {
             self.cvr.version = new_version;
             self.flush();
         }
+        // Messages go after the pokes handed to the CVR writer.
+        self.settle().await;
         if !deleted.is_empty()
             && let Some(c) = self.conns.get(client_id)
         {
@@ -740,6 +798,9 @@ impl ViewSyncer {
                         }
                     }
                 }
+                if !errors.is_empty() {
+                    self.settle().await;
+                }
                 for e in &errors {
                     let id = e["id"].as_str().unwrap_or_default().to_string();
                     for c in desiring(self, std::slice::from_ref(&id)) {
@@ -875,6 +936,7 @@ impl ViewSyncer {
             self.flush();
             self.poke_all().await?;
         }
+        self.settle().await;
         if let Some(c) = self.conns.get(client_id) {
             c.send(Downstream::DeleteClients(DeletedClients {
                 client_ids: (!deleted.is_empty()).then_some(deleted),
@@ -1498,7 +1560,8 @@ impl ViewSyncer {
             // ones send their parts now, so the client receives them during the write. Frames
             // are rendered here, once per distinct starting version (clients of a group that
             // are at the same version get the same text).
-            let mut held: Vec<(String, Vec<String>)> = Vec::new();
+            let mut held: Vec<(mpsc::UnboundedSender<Outbound>, Vec<String>)> = Vec::new();
+            let mut direct: Vec<(String, Vec<String>)> = Vec::new();
             let mut rendered: Vec<(Option<CvrVersion>, Vec<String>)> = Vec::new();
             for id in &ids {
                 let from = self.conns[id].version.clone();
@@ -1528,9 +1591,18 @@ impl ViewSyncer {
                     }
                 };
                 if frames.len() <= 2 {
-                    held.push((id.clone(), frames));
+                    held.push((self.conns[id].out.clone(), frames));
                 } else {
-                    let _ = self.conns[id].out.send(Outbound::Frames(frames));
+                    direct.push((id.clone(), frames));
+                }
+            }
+            if !direct.is_empty() {
+                // Frames handed to the CVR writer earlier go first.
+                self.settle().await;
+                for (id, frames) in direct {
+                    let out = &self.conns[&id].out;
+                    let _ = out.send(Outbound::Frames(frames));
+                    held.push((out.clone(), Vec::new()));
                 }
             }
             let end = Downstream::PokeEnd(PokeEndBody {
@@ -1540,38 +1612,45 @@ impl ViewSyncer {
             })
             .to_text();
             // A client must never hold a cookie the stored CVR does not reach (after a crash
-            // it could not resume): end the poke once the record's write is done.
-            let waited = Instant::now();
-            if let Some(written) = self.durable.take() {
-                let _ = written.await;
-            }
-            debug!(
-                client_group = %self.id,
-                poke = %poke_id,
-                clients = ids.len(),
-                cvr_wait_ms = waited.elapsed().as_secs_f64() * 1000.0,
-                "poke end"
-            );
-            for (id, mut frames) in held {
-                if let Some(conn) = self.conns.get_mut(&id) {
+            // it could not resume): the poke ends once the record's write is done. The CVR
+            // writer sends the ends itself, so this view-syncer is not woken only to forward
+            // them.
+            let release: Release = Box::new(move || {
+                for (out, mut frames) in held {
                     frames.push(end.clone());
-                    let _ = conn.out.send(Outbound::Frames(frames));
+                    let _ = out.send(Outbound::Frames(frames));
+                }
+            });
+            let release = match self.durable.take() {
+                Some(written) => match self.shared.cvr.after_written(&self.id, release) {
+                    None => {
+                        self.handoff = Some(written);
+                        None
+                    }
+                    Some(r) => Some(r),
+                },
+                None => Some(release),
+            };
+            if let Some(release) = release {
+                self.settle().await;
+                release();
+            }
+            debug!(client_group = %self.id, poke = %poke_id, clients = ids.len(), "poke end queued");
+            for id in ids {
+                if let Some(conn) = self.conns.get_mut(&id) {
                     conn.version = Some(target.clone());
                     conn.poked = true;
                 }
             }
-            for id in ids {
-                let Some(conn) = self.conns.get_mut(&id) else {
-                    continue;
-                };
-                if conn.version.as_ref() == Some(&target) && conn.poked {
-                    continue;
-                }
-                let _ = conn.out.send(Outbound::Frames(vec![end.clone()]));
-                conn.version = Some(target.clone());
-                conn.poked = true;
-            }
             return Ok(());
+        }
+    }
+
+    /// Waits until the frames handed to the CVR writer with an earlier poke are sent, so that
+    /// frames this view-syncer sends itself come after them.
+    async fn settle(&mut self) {
+        if let Some(h) = self.handoff.take() {
+            let _ = h.await;
         }
     }
 
