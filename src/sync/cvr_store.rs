@@ -86,6 +86,11 @@ pub type Release = Box<dyn FnOnce() + Send>;
 /// waiting for one long transaction.
 const MAX_BATCH_GROUPS: usize = 1000;
 
+/// Row records stored per transaction at most (a batch holds at least one group): fifty new
+/// clients hydrating a 370-row query are stored a few groups at a time, so the first of them
+/// get their `pokeEnd` (and start processing) while the others' rows are still being written.
+const MAX_BATCH_ROWS: usize = 2000;
+
 /// The process's CVR store: a backend plus the background writer.
 pub struct CvrStore {
     backend: Arc<dyn CvrBackend>,
@@ -274,12 +279,15 @@ impl CvrStore {
                 let Queues { groups, order } = &mut *queues;
                 let mut batch = Vec::new();
                 let mut waiters = Vec::new();
+                let mut rows = 0;
                 while batch.len() < MAX_BATCH_GROUPS
+                    && rows < MAX_BATCH_ROWS
                     && let Some(g) = order.pop_front()
                 {
                     if let Some(q) = groups.get_mut(&g)
                         && let Some(d) = q.next.take()
                     {
+                        rows += d.rows.len();
                         batch.push(Arc::new(d));
                         waiters.append(&mut q.waiters);
                         let released = std::mem::take(&mut q.released);

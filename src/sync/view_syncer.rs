@@ -1586,7 +1586,9 @@ impl ViewSyncer {
                                 .into_iter()
                                 .map(|p| Downstream::PokePart(Box::new(p)).to_text()),
                         );
-                        rendered.push((from, frames.clone()));
+                        if ids.len() > 1 {
+                            rendered.push((from, frames.clone()));
+                        }
                         frames
                     }
                 };
