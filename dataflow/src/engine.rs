@@ -108,39 +108,27 @@ impl IndexStats {
         }
     }
 
-    pub(crate) fn add<K, V>(
+    pub(crate) fn add<V>(
         &mut self,
         st: &differential_dataflow::trace::implementations::ord_neu::val_batch::OrdValStorage<
-            crate::lean::LeanLayout<K, V>,
+            crate::lean::LeanLayout<V>,
         >,
     ) where
-        K: KeySize + Ord + Clone + 'static,
         V: Ord + Clone + 'static,
     {
+        use differential_dataflow::trace::implementations::BatchContainer;
         use std::mem::size_of;
         let offs = |o: &crate::lean::BlockOffsets| o.heap_bytes();
         self.batches += 1;
         self.keys += st.keys.len();
         self.vals += st.vals.vals.len();
         self.updates += st.upds.times.0.len();
-        self.bytes += st.keys.capacity() * size_of::<K>()
-            + st.keys.iter().map(KeySize::heap).sum::<usize>()
+        self.bytes += st.keys.heap_bytes()
             + offs(&st.vals.offs)
             + st.vals.vals.capacity() * size_of::<V>()
             + offs(&st.upds.offs)
             + st.upds.times.0.capacity() * size_of::<Time>()
             + st.upds.diffs.0.capacity() * size_of::<Diff>();
-    }
-}
-
-/// Heap bytes a key keeps outside the batch's key vector.
-pub(crate) trait KeySize {
-    fn heap(&self) -> usize;
-}
-
-impl KeySize for crate::render::Key {
-    fn heap(&self) -> usize {
-        self.heap_bytes()
     }
 }
 

@@ -18,7 +18,10 @@ use differential_dataflow::trace::implementations::ord_neu::{OrdValBatch, OrdVal
 use differential_dataflow::trace::implementations::spine_fueled::Spine;
 use serde::{Deserialize, Serialize};
 
-use crate::render::{Diff, Time};
+use timely::container::PushInto;
+use zero_queries::RowKeyRef;
+
+use crate::render::{Diff, Key, Time};
 
 /// A vector that ignores capacity hints: it grows as items are pushed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -190,22 +193,138 @@ impl BatchContainer for BlockOffsets {
     }
 }
 
+/// The keys of a batch: their encodings back to back, and where each ends. An index key is
+/// most often one short id (8–12 encoded bytes), so this holds about half of what a list of
+/// 24-byte [`Key`]s did; the primary-key index of a table has one key per row.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KeyBytes {
+    bytes: Vec<u8>,
+    /// Where each key ends in `bytes` (it starts where the one before ends).
+    ends: BlockOffsets,
+}
+
+impl KeyBytes {
+    fn push_encoded(&mut self, key: &[u8]) {
+        if self.bytes.capacity() - self.bytes.len() < key.len() {
+            // Grow by an eighth, not double: a batch's keys are never shrunk, and the large
+            // batch a table loads into is kept for as long as the engine runs.
+            let grow = (self.bytes.len() / 8).max(key.len()).max(64);
+            self.bytes.reserve_exact(grow);
+        }
+        self.bytes.extend_from_slice(key);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Bytes held, for [`crate::engine::IndexStats`].
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.bytes.capacity() + self.ends.heap_bytes()
+    }
+}
+
+impl PushInto<Key> for KeyBytes {
+    fn push_into(&mut self, key: Key) {
+        self.push_encoded(key.as_key_ref().encoded());
+    }
+}
+
+impl BatchContainer for KeyBytes {
+    type Owned = Key;
+    type ReadItem<'a> = RowKeyRef<'a>;
+
+    #[inline(always)]
+    fn into_owned<'a>(item: Self::ReadItem<'a>) -> Self::Owned {
+        item.to_key()
+    }
+    #[inline(always)]
+    fn reborrow<'b, 'a: 'b>(item: Self::ReadItem<'a>) -> Self::ReadItem<'b> {
+        item
+    }
+    fn push_ref(&mut self, item: Self::ReadItem<'_>) {
+        self.push_encoded(item.encoded());
+    }
+    fn push_own(&mut self, item: &Self::Owned) {
+        self.push_encoded(item.as_key_ref().encoded());
+    }
+    fn clear(&mut self) {
+        *self = KeyBytes::default();
+    }
+    fn with_capacity(_size: usize) -> Self {
+        KeyBytes::default()
+    }
+    fn merge_capacity(_cont1: &Self, _cont2: &Self) -> Self {
+        KeyBytes::default()
+    }
+    #[inline(always)]
+    fn index(&self, index: usize) -> Self::ReadItem<'_> {
+        let start = if index == 0 {
+            0
+        } else {
+            self.ends.get_offset(index - 1)
+        };
+        RowKeyRef::from_encoded(&self.bytes[start..self.ends.get_offset(index)])
+    }
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
 /// Keys, values, times, diffs, offsets.
-pub(crate) type LeanLayout<K, V> = (Vec<K>, Vec<V>, Grown<Time>, Grown<Diff>, BlockOffsets);
+pub(crate) type LeanLayout<V> = (KeyBytes, Vec<V>, Grown<Time>, Grown<Diff>, BlockOffsets);
 /// The batch of a shared index.
-pub(crate) type LeanBatch<K, V> = OrdValBatch<LeanLayout<K, V>>;
+pub(crate) type LeanBatch<V> = OrdValBatch<LeanLayout<V>>;
 /// The trace of a shared index.
-pub(crate) type LeanSpine<K, V> = Spine<Rc<LeanBatch<K, V>>>;
+pub(crate) type LeanSpine<V> = Spine<Rc<LeanBatch<V>>>;
 /// The batcher that builds a shared index's batches.
-pub(crate) type LeanBatcher<K, V> = MergeBatcher<
-    ContainerChunker<Vec<((K, V), Time, Diff)>>,
-    VecMerger<(K, V), Time, Diff>,
-    OrdValBuilder<LeanLayout<K, V>, Vec<((K, V), Time, Diff)>>,
+pub(crate) type LeanBatcher<V> = MergeBatcher<
+    ContainerChunker<Vec<((Key, V), Time, Diff)>>,
+    VecMerger<(Key, V), Time, Diff>,
+    OrdValBuilder<LeanLayout<V>, Vec<((Key, V), Time, Diff)>>,
 >;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_bytes_read_back_keys_that_order_and_hash_like_the_owned_ones() {
+        use std::hash::{BuildHasher, RandomState};
+        use zero_queries::Value;
+        let mut keys: Vec<Key> = vec![
+            Key::new(),
+            Key::from(Value::Null),
+            Key::from(Value::Number(-3.5)),
+            Key::from(Value::Number(12.0)),
+            Key::from(Value::String("c123456".into())),
+            Key::from(Value::String("x".repeat(300).into())),
+            Key::from(vec![Value::String("l1".into()), Value::String("i9".into())]),
+            Key::from(vec![Value::Bool(true), Value::Number(1e15)]),
+        ];
+        for i in 0..200 {
+            keys.push(Key::from(Value::String(format!("i{i}").into())));
+        }
+        let mut c = KeyBytes::with_capacity(0);
+        for k in &keys {
+            c.push_own(k);
+        }
+        assert_eq!(c.len(), keys.len());
+        let hasher = RandomState::new();
+        for (i, a) in keys.iter().enumerate() {
+            let r = c.index(i);
+            assert_eq!(KeyBytes::into_owned(r), *a);
+            assert!(r == a);
+            assert_eq!(hasher.hash_one(r), hasher.hash_one(a));
+            for (j, b) in keys.iter().enumerate() {
+                assert_eq!(r.cmp(&c.index(j)), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
+        // Copying between containers (what merging batches does) keeps every key.
+        let mut d = KeyBytes::with_capacity(0);
+        for i in 0..c.len() {
+            d.push_ref(c.index(i));
+        }
+        assert!((0..c.len()).all(|i| d.index(i) == c.index(i)));
+        assert!(c.heap_bytes() < keys.len() * std::mem::size_of::<Key>());
+    }
 
     #[test]
     fn block_offsets_read_back_what_was_pushed() {

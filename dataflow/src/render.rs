@@ -33,7 +33,7 @@ use crate::expr::{
     LikeCache, SortKey, after_start, compare_key_row, compare_rows, eval_pred, sort_key,
     start_bound,
 };
-use crate::lean::LeanSpine;
+use crate::lean::{LeanBatcher, LeanSpine};
 use crate::plan::{Param, Pred, PredArg, QueryShape, TableId};
 
 /// Dataflow time: the engine's version counter.
@@ -44,12 +44,12 @@ pub(crate) type Diff = isize;
 /// in 24 bytes, so an index entry allocates nothing beyond the row it shares.
 pub(crate) type Key = zero_queries::RowKey;
 /// A shared arrangement of one table by some columns; values are whole rows.
-pub(crate) type IndexTrace = TraceAgent<LeanSpine<Key, Row>>;
+pub(crate) type IndexTrace = TraceAgent<LeanSpine<Row>>;
 /// Identifies an index: the table and the key columns.
 pub(crate) type IndexId = (TableId, Vec<usize>);
 /// A shared arrangement whose values under each key are rows in ORDER BY order, so a top-k
 /// is a prefix scan.
-pub(crate) type SortedTrace = TraceAgent<LeanSpine<Key, SortedRow>>;
+pub(crate) type SortedTrace = TraceAgent<LeanSpine<SortedRow>>;
 
 /// A row of a sorted index. It orders by the index's ordering (then by the whole row, which
 /// only tells apart two versions of one row), read from the row itself: storing a copy of
@@ -508,7 +508,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                             .map(move |k| (Key::from(k), Arc::clone(&q)))
                             .collect::<Vec<_>>()
                     })
-                    .arrange_by_key()
+                    .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
                     .join_core(index, |_k, q: &Q, row: &Row| {
                         Some((Arc::clone(q), row.clone()))
                     })
@@ -517,7 +517,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 let index = self.import(&(shape.table, vec![]));
                 params
                     .map(move |q| (Key::new(), q))
-                    .arrange_by_key()
+                    .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
                     .join_core(index, |_k, q: &Q, row: &Row| {
                         Some((Arc::clone(q), row.clone()))
                     })
@@ -542,7 +542,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         let index = self.import(&(table, cols.to_vec()));
         let keys = if dedup { keys.distinct() } else { keys };
         keys.map(|(q, k)| (k, q))
-            .arrange_by_key()
+            .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
             .join_core(index, |_k, q: &Q, row: &Row| {
                 Some((Arc::clone(q), row.clone()))
             })
@@ -1061,7 +1061,7 @@ where
                                         changed
                                             .entry(*t)
                                             .or_default()
-                                            .entry(key.clone())
+                                            .entry(key.to_key())
                                             .or_default()
                                             .push((val.clone(), *d));
                                     });
@@ -1162,8 +1162,8 @@ where
                                 let (c, st) = &mut probes[i];
                                 let mut rows = Vec::new();
                                 c.rewind_keys(st);
-                                c.seek_key(st, k);
-                                if c.get_key(st) == Some(k) {
+                                c.seek_key(st, k.as_key_ref());
+                                if c.get_key(st) == Some(k.as_key_ref()) {
                                     while let Some(v) = c.get_val(st) {
                                         let mut sum: Diff = 0;
                                         c.map_times(st, |tm, d| {
@@ -1280,7 +1280,7 @@ where
                                     q_out = Some(Arc::clone(q));
                                     let k = plan.limit(q);
                                     cursor.rewind_keys(&storage);
-                                    cursor.seek_key(&storage, key);
+                                    cursor.seek_key(&storage, key.as_key_ref());
                                     // Rows before a start cursor are skipped without
                                     // evaluating them: values under a key are in ORDER BY order.
                                     let bound = plan
@@ -1293,7 +1293,10 @@ where
                                             &mut likes,
                                             &mut fetch,
                                         );
-                                    if k > 0 && possible && cursor.get_key(&storage) == Some(key) {
+                                    if k > 0
+                                        && possible
+                                        && cursor.get_key(&storage) == Some(key.as_key_ref())
+                                    {
                                         if let Some((b, _)) = &bound {
                                             // `seek_val` on a cursor list trips over empty
                                             // batches, so step: comparing stored sort keys

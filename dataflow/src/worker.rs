@@ -112,7 +112,7 @@ pub(crate) fn run(
             let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
             let arranged = input
                 .to_collection(scope)
-                .arrange_named::<LeanBatcher<Key, Row>, _>(
+                .arrange_named::<LeanBatcher<Row>, _>(
                     &format!("Index({},pk)", info.name),
                     LeanBatcher::new,
                 );
@@ -371,7 +371,7 @@ impl State {
                     // (the whole-table index has no columns and keeps every row).
                     key_of(row, &c).map(|k| (k, row.clone()))
                 })
-                .arrange_named::<LeanBatcher<Key, Row>, _>(&name, LeanBatcher::new);
+                .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });
@@ -419,7 +419,7 @@ impl State {
                         )
                     })
                 })
-                .arrange_named::<LeanBatcher<Key, SortedRow>, _>(&name, LeanBatcher::new);
+                .arrange_named::<LeanBatcher<SortedRow>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });

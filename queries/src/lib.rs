@@ -60,5 +60,5 @@ pub mod sql;
 pub mod validate;
 pub mod value;
 
-pub use row::{Cols, Row, RowKey};
+pub use row::{Cols, Row, RowKey, RowKeyRef};
 pub use value::Value;

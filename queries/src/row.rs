@@ -547,6 +547,90 @@ impl RowKey {
             KeyRepr::Heap(row) => 16 + row.encoded_len(),
         }
     }
+    /// The key borrowed as its encoding, which an index stores back to back with its other
+    /// keys instead of 24 bytes each.
+    pub fn as_key_ref(&self) -> RowKeyRef<'_> {
+        RowKeyRef(self.bytes())
+    }
+}
+
+/// A [`RowKey`] read where its encoding is stored: an index keeps its keys' encodings back to
+/// back (most keys are a short id of 8–12 encoded bytes, a third of a `RowKey`) and hands out
+/// these. Orders, compares and hashes like the owned key.
+#[derive(Clone, Copy)]
+pub struct RowKeyRef<'a>(&'a [u8]);
+
+impl<'a> RowKeyRef<'a> {
+    /// The key whose encoding ([`RowKeyRef::encoded`]) is `bytes`.
+    ///
+    /// # Panics
+    /// Reading a key built from bytes that are not such an encoding may panic.
+    pub fn from_encoded(bytes: &'a [u8]) -> RowKeyRef<'a> {
+        RowKeyRef(bytes)
+    }
+
+    /// The encoding: what an index stores for the key.
+    pub fn encoded(self) -> &'a [u8] {
+        self.0
+    }
+
+    /// An owned copy.
+    pub fn to_key(self) -> RowKey {
+        RowKey::from_encoded(self.0)
+    }
+
+    /// Number of columns.
+    pub fn len(self) -> usize {
+        get_varint(self.0, &mut 0) as usize
+    }
+
+    /// True for the key without columns.
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every column's value, in order.
+    pub fn iter(self) -> impl Iterator<Item = Value> + 'a {
+        raws_of(self.0).map(Raw::to_value)
+    }
+}
+
+impl Ord for RowKeyRef<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_bytes(self.0, other.0)
+    }
+}
+
+impl PartialOrd for RowKeyRef<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for RowKeyRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        eq_bytes(self.0, other.0)
+    }
+}
+
+impl Eq for RowKeyRef<'_> {}
+
+impl PartialEq<&RowKey> for RowKeyRef<'_> {
+    fn eq(&self, other: &&RowKey) -> bool {
+        eq_bytes(self.0, other.bytes())
+    }
+}
+
+impl Hash for RowKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_bytes(self.0, state);
+    }
+}
+
+impl fmt::Debug for RowKeyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 impl Default for RowKey {
