@@ -23,7 +23,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 use tracing::{debug, info, warn};
 
-use super::cvr::{Cvr, CvrDelta, CvrError, CvrVersion, RowRecord};
+use super::cvr::{Cvr, CvrDelta, CvrError, CvrVersion, RowId, RowRecord};
 use crate::pgconn::{PgPool, UpstreamConfig};
 
 /// A boxed future, so that backends can be trait objects.
@@ -370,6 +370,40 @@ fn data_err(e: serde_json::Error) -> CvrError {
 }
 
 /// The columns of one stored row record.
+/// Instances or rows upserted per statement by the SQLite store.
+const UPSERT_CHUNK: usize = 64;
+
+/// `n` placeholder tuples of `width` values.
+fn placeholders(n: usize, width: usize) -> String {
+    let tuple = format!("({})", vec!["?"; width].join(", "));
+    vec![tuple; n].join(", ")
+}
+
+/// Upserts `n` instances (7 values each).
+fn instance_upsert(n: usize) -> String {
+    format!(
+        r#"INSERT INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
+           VALUES {}
+           ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
+             "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
+             "clientSchema" = coalesce(excluded."clientSchema", "clientSchema"),
+             "lastActive" = excluded."lastActive", "ttlClock" = excluded."ttlClock""#,
+        placeholders(n, 7)
+    )
+}
+
+/// Upserts `n` row records (6 values each).
+fn row_upsert(n: usize) -> String {
+    format!(
+        r#"INSERT INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
+           VALUES {}
+           ON CONFLICT ("clientGroupID", "table", "rowKey") DO UPDATE SET
+             "rowVersion" = excluded."rowVersion", "patchVersion" = excluded."patchVersion",
+             "refCounts" = excluded."refCounts""#,
+        placeholders(n, 6)
+    )
+}
+
 fn row_columns(r: &RowRecord) -> (String, Option<String>) {
     (
         r.patch_version.to_string(),
@@ -610,39 +644,64 @@ impl SqliteBackend {
 
     fn write_sync(conn: &mut Connection, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
         let tx = conn.transaction()?;
+        let now = crate::replica::now_ms();
+        for d in deltas {
+            Self::write_records(&tx, d)?;
+        }
+        // Instances and rows are upserted [`UPSERT_CHUNK`] at a time: one statement per group
+        // and row cost more in binding and stepping than in the B-tree (a batch never holds a
+        // group twice, nor a group a row twice, so no statement upserts one key twice).
         {
-            // Prepared once per batch: the statement cache hashes the whole SQL text on every
-            // lookup, twice per group.
-            let mut instance = tx.prepare_cached(
-                r#"INSERT INTO instances ("clientGroupID", version, "replicaVersion", processed, "clientSchema", "lastActive", "ttlClock")
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-               ON CONFLICT ("clientGroupID") DO UPDATE SET version = excluded.version,
-                 "replicaVersion" = excluded."replicaVersion", processed = excluded.processed,
-                 "clientSchema" = coalesce(excluded."clientSchema", "clientSchema"),
-                 "lastActive" = excluded."lastActive", "ttlClock" = excluded."ttlClock""#,
-            )?;
-            let mut row = tx.prepare_cached(
-                r#"INSERT INTO rows ("clientGroupID", "table", "rowKey", "rowVersion", "patchVersion", "refCounts")
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                   ON CONFLICT ("clientGroupID", "table", "rowKey") DO UPDATE SET
-                     "rowVersion" = excluded."rowVersion", "patchVersion" = excluded."patchVersion",
-                     "refCounts" = excluded."refCounts""#,
-            )?;
-            let now = crate::replica::now_ms();
-            for d in deltas {
-                instance.execute(params![
-                    d.group,
-                    d.version,
-                    d.replica_version,
-                    d.processed,
-                    d.client_schema,
-                    now,
-                    d.ttl_clock
-                ])?;
-                Self::write_records(&tx, d)?;
-                for ((table, key), r) in &d.rows {
-                    let (pv, refs) = row_columns(r);
-                    row.execute(params![d.group, table, key, r.row_version, pv, refs])?;
+            let mut full = tx.prepare(&instance_upsert(UPSERT_CHUNK))?;
+            for chunk in deltas.chunks(UPSERT_CHUNK) {
+                let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 7);
+                for d in chunk {
+                    p.extend([
+                        &d.group as &dyn rusqlite::ToSql,
+                        &d.version,
+                        &d.replica_version,
+                        &d.processed,
+                        &d.client_schema,
+                        &now,
+                        &d.ttl_clock,
+                    ]);
+                }
+                if chunk.len() == UPSERT_CHUNK {
+                    full.execute(p.as_slice())?;
+                } else {
+                    tx.prepare(&instance_upsert(chunk.len()))?
+                        .execute(p.as_slice())?;
+                }
+            }
+        }
+        {
+            let rows: Vec<(&str, &RowId, &str, String, Option<String>)> = deltas
+                .iter()
+                .flat_map(|d| {
+                    d.rows.iter().map(|(id, r)| {
+                        let (pv, refs) = row_columns(r);
+                        (d.group.as_str(), id, r.row_version.as_str(), pv, refs)
+                    })
+                })
+                .collect();
+            let mut full = tx.prepare(&row_upsert(UPSERT_CHUNK))?;
+            for chunk in rows.chunks(UPSERT_CHUNK) {
+                let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
+                for (group, (table, key), row_version, pv, refs) in chunk {
+                    p.extend([
+                        group as &dyn rusqlite::ToSql,
+                        table,
+                        key,
+                        row_version,
+                        pv,
+                        refs,
+                    ]);
+                }
+                if chunk.len() == UPSERT_CHUNK {
+                    full.execute(p.as_slice())?;
+                } else {
+                    tx.prepare(&row_upsert(chunk.len()))?
+                        .execute(p.as_slice())?;
                 }
             }
         }
