@@ -29,6 +29,7 @@ use crate::render::{
     Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, SortedRow, Time, key_of,
     needed_indexes,
 };
+use crate::sort_batcher::SortBatcher;
 
 /// A command from the engine; sent to every worker.
 pub(crate) enum Cmd {
@@ -419,7 +420,7 @@ impl State {
                         )
                     })
                 })
-                .arrange_named::<LeanBatcher<SortedRow>, _>(&name, LeanBatcher::new);
+                .arrange_named::<SortBatcher<SortedRow>, _>(&name, SortBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
         });

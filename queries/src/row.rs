@@ -106,6 +106,36 @@ impl Raw<'_> {
         }
     }
 
+    /// 64 bits that order like the value (`a < b` gives `prefix(a) <= prefix(b)`): the rank in
+    /// the top three bits, then a number's order-preserving bits or a string's first bytes.
+    fn prefix(self) -> u64 {
+        const RANK: u32 = 61;
+        let rank = u64::from(self.rank()) << RANK;
+        match self {
+            Raw::Null | Raw::Json(_) => rank,
+            Raw::Bool(b) => rank | u64::from(b),
+            Raw::Number(n) => {
+                // Sign-flipped IEEE bits order like the numbers; NaN is greatest (`cmp_f64`).
+                let bits = if n.is_nan() {
+                    u64::MAX
+                } else if n == 0.0 {
+                    1 << 63
+                } else if n.is_sign_negative() {
+                    !n.to_bits()
+                } else {
+                    n.to_bits() | (1 << 63)
+                };
+                rank | (bits >> (64 - RANK))
+            }
+            Raw::String(s) => {
+                let mut b = [0u8; 8];
+                let n = s.len().min(8);
+                b[..n].copy_from_slice(&s[..n]);
+                rank | (u64::from_be_bytes(b) >> (64 - RANK))
+            }
+        }
+    }
+
     fn hash<H: Hasher>(self, state: &mut H) {
         match self {
             Raw::Json(j) => Raw::Json(j).to_value().hash(state),
@@ -365,6 +395,12 @@ impl Row {
         self.raw(i).cmp_value(v)
     }
 
+    /// 64 bits that order like column `i` (a smaller value never has a greater prefix), so a
+    /// sort can compare numbers instead of reading rows, and read the rows only on a tie.
+    pub fn sort_prefix(&self, i: usize) -> u64 {
+        self.raw(i).prefix()
+    }
+
     /// Column `i` of this row compared with column `j` of `other`, in [`Value`]'s order.
     pub fn cmp_cols(&self, i: usize, other: &Row, j: usize) -> Ordering {
         self.raw(i).cmp(other.raw(j))
@@ -538,6 +574,12 @@ impl RowKey {
     /// Every column's value, in order.
     pub fn iter(&self) -> impl Iterator<Item = Value> + '_ {
         raws_of(self.bytes()).map(Raw::to_value)
+    }
+
+    /// [`Row::sort_prefix`] of the key's first column (0 for the key without columns): keys
+    /// with different prefixes order like their prefixes.
+    pub fn sort_prefix(&self) -> u64 {
+        raws_of(self.bytes()).next().map_or(0, Raw::prefix)
     }
 
     /// Bytes the key keeps in an allocation of its own (0 when inline), for memory reports.
@@ -826,6 +868,62 @@ mod tests {
                 assert_eq!(ra.cmp_cols(0, &rb, 0), a[0].cmp(&b[0]));
             }
         }
+    }
+
+    #[test]
+    fn sort_prefixes_never_order_against_their_values() {
+        let values = vec![
+            Value::Null,
+            Value::Bool(false),
+            Value::Bool(true),
+            Value::Number(f64::NEG_INFINITY),
+            Value::Number(-1e300),
+            Value::Number(-2.5),
+            Value::Number(-1.0),
+            Value::Number(-1e-300),
+            Value::Number(0.0),
+            Value::Number(1e-300),
+            Value::Number(0.5),
+            Value::Number(1.0),
+            Value::Number(1_690_000_000_000.0),
+            Value::Number(1_690_000_000_001.0),
+            Value::Number(1e20),
+            Value::Number(f64::INFINITY),
+            Value::Number(f64::NAN),
+            Value::from(""),
+            Value::from("\u{0}"),
+            Value::from("a"),
+            Value::from("abcdefgh"),
+            Value::from("abcdefgh1"),
+            Value::from("abcdefgi"),
+            Value::from("é"),
+            Value::from("\u{10FFFF}"),
+            Value::from_json(json!([1])),
+            Value::from_json(json!({"a": 1})),
+        ];
+        for a in &values {
+            for b in &values {
+                let (ra, rb) = (Row::from(vec![a.clone()]), Row::from(vec![b.clone()]));
+                let (pa, pb) = (ra.sort_prefix(0), rb.sort_prefix(0));
+                match a.cmp(b) {
+                    Ordering::Less => assert!(pa <= pb, "{a:?} < {b:?}"),
+                    Ordering::Equal => assert_eq!(pa, pb, "{a:?} = {b:?}"),
+                    Ordering::Greater => assert!(pa >= pb, "{a:?} > {b:?}"),
+                }
+                let (ka, kb) = (RowKey::from(a.clone()), RowKey::from(b.clone()));
+                assert_eq!((ka.sort_prefix(), kb.sort_prefix()), (pa, pb));
+            }
+        }
+        // Distinct numbers and short strings get distinct prefixes, so ties are rare.
+        assert_ne!(
+            Row::from(vec![Value::Number(1_690_000_000_000.0)]).sort_prefix(0),
+            Row::from(vec![Value::Number(1_690_000_000_001.0)]).sort_prefix(0)
+        );
+        assert_ne!(
+            Row::from(vec![Value::from("abcdefg")]).sort_prefix(0),
+            Row::from(vec![Value::from("abcdefh")]).sort_prefix(0)
+        );
+        assert_eq!(RowKey::new().sort_prefix(), 0);
     }
 
     #[test]
