@@ -369,9 +369,12 @@ fn data_err(e: serde_json::Error) -> CvrError {
     CvrError::Data(e.to_string())
 }
 
-/// The columns of one stored row record.
 /// Instances or rows upserted per statement by the SQLite store.
 const UPSERT_CHUNK: usize = 64;
+
+/// Prepared statements the writer keeps: the instance and row upserts of every chunk size up to
+/// [`UPSERT_CHUNK`], plus the per-group record statements.
+const STATEMENT_CACHE: usize = 2 * UPSERT_CHUNK + 32;
 
 /// `n` placeholder tuples of `width` values.
 fn placeholders(n: usize, width: usize) -> String {
@@ -404,6 +407,7 @@ fn row_upsert(n: usize) -> String {
     )
 }
 
+/// The columns of one stored row record.
 fn row_columns(r: &RowRecord) -> (String, Option<String>) {
     (
         r.patch_version.to_string(),
@@ -574,6 +578,7 @@ impl SqliteBackend {
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.pragma_update(None, "synchronous", "normal")?;
         conn.pragma_update(None, "busy_timeout", 30_000)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         sqlite_schema(&mut conn)?;
         let reader = Connection::open(path)?;
         reader.pragma_update(None, "busy_timeout", 30_000)?;
@@ -650,9 +655,11 @@ impl SqliteBackend {
         }
         // Instances and rows are upserted [`UPSERT_CHUNK`] at a time: one statement per group
         // and row cost more in binding and stepping than in the B-tree (a batch never holds a
-        // group twice, nor a group a row twice, so no statement upserts one key twice).
+        // group twice, nor a group a row twice, so no statement upserts one key twice). Each
+        // statement size is compiled once per connection ([`STATEMENT_CACHE`]): compiling a
+        // 64-row upsert cost a small batch (one version touching a dozen groups) more than
+        // storing it, and that write is what every poke's end waits for.
         {
-            let mut full = tx.prepare(&instance_upsert(UPSERT_CHUNK))?;
             for chunk in deltas.chunks(UPSERT_CHUNK) {
                 let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 7);
                 for d in chunk {
@@ -666,12 +673,8 @@ impl SqliteBackend {
                         &d.ttl_clock,
                     ]);
                 }
-                if chunk.len() == UPSERT_CHUNK {
-                    full.execute(p.as_slice())?;
-                } else {
-                    tx.prepare(&instance_upsert(chunk.len()))?
-                        .execute(p.as_slice())?;
-                }
+                tx.prepare_cached(&instance_upsert(chunk.len()))?
+                    .execute(p.as_slice())?;
             }
         }
         {
@@ -684,7 +687,6 @@ impl SqliteBackend {
                     })
                 })
                 .collect();
-            let mut full = tx.prepare(&row_upsert(UPSERT_CHUNK))?;
             for chunk in rows.chunks(UPSERT_CHUNK) {
                 let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
                 for (group, (table, key), row_version, pv, refs) in chunk {
@@ -697,12 +699,8 @@ impl SqliteBackend {
                         refs,
                     ]);
                 }
-                if chunk.len() == UPSERT_CHUNK {
-                    full.execute(p.as_slice())?;
-                } else {
-                    tx.prepare(&row_upsert(chunk.len()))?
-                        .execute(p.as_slice())?;
-                }
+                tx.prepare_cached(&row_upsert(chunk.len()))?
+                    .execute(p.as_slice())?;
             }
         }
         tx.commit()?;
