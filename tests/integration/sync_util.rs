@@ -183,6 +183,9 @@ pub async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16,
 /// A test client connection.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Pokes read while waiting for another message ([`Client::recv_error`]), handed out first
+    /// by [`Client::poke`].
+    buffered: std::collections::VecDeque<Poke>,
 }
 
 /// One poke: start, parts, end.
@@ -329,7 +332,10 @@ pub async fn connect_with_headers(
     let (ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade");
-    let mut c = Client { ws };
+    let mut c = Client {
+        ws,
+        buffered: Default::default(),
+    };
     match c.next_event().await {
         Event::Msg(m) if m[0] == "connected" => Connected::Ok(Box::new(c)),
         Event::Msg(m) => {
@@ -414,8 +420,43 @@ impl Client {
         }
     }
 
+    /// The next `error` message, with the pokes that arrive around it kept for [`Client::poke`]:
+    /// an error the connection sends (a failed mutation) is not ordered with the pokes of
+    /// replicated versions, and may even arrive between a poke's start and its end.
+    pub async fn recv_error(&mut self) -> Json {
+        let mut partial: Option<(Json, Vec<Json>)> = None;
+        let mut error: Option<Json> = None;
+        loop {
+            if partial.is_none()
+                && let Some(e) = error.take()
+            {
+                return e;
+            }
+            let m = self.recv().await;
+            match (m[0].as_str(), &mut partial) {
+                (Some("error"), _) if error.is_none() => error = Some(m),
+                (Some("pokeStart"), None) => partial = Some((m[1].clone(), Vec::new())),
+                (Some("pokePart"), Some((start, parts))) if m[1]["pokeID"] == start["pokeID"] => {
+                    parts.push(m[1].clone())
+                }
+                (Some("pokeEnd"), Some((start, _))) if m[1]["pokeID"] == start["pokeID"] => {
+                    let (start, parts) = partial.take().expect("matched");
+                    self.buffered.push_back(Poke {
+                        start,
+                        parts,
+                        end: m[1].clone(),
+                    });
+                }
+                _ => panic!("unexpected message while waiting for an error: {m}"),
+            }
+        }
+    }
+
     /// Reads one whole poke.
     pub async fn poke(&mut self) -> Poke {
+        if let Some(p) = self.buffered.pop_front() {
+            return p;
+        }
         let start = self.recv().await;
         assert_eq!(start[0], "pokeStart", "expected pokeStart, got {start}");
         let id = start[1]["pokeID"].clone();
