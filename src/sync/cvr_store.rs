@@ -11,13 +11,14 @@
 //! in the same process sees everything the previous one poked. Shutdown drains the queues
 //! ([`CvrStore::drain`]), so a restarted server resumes every client without a reset.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
@@ -46,6 +47,18 @@ pub trait CvrBackend: Send + Sync + 'static {
     /// Deletes the whole records of those of `groups` still inactive since `before_ms`;
     /// returns how many were deleted.
     fn purge(&self, groups: Vec<String>, before_ms: i64) -> BoxFut<'_, Result<usize, CvrError>>;
+    /// Whether [`write_batch_blocking`](Self::write_batch_blocking) works: the store then runs
+    /// its writer on a thread of its own, with no hop through the async runtime per batch.
+    fn blocking_writes(&self) -> bool {
+        false
+    }
+    /// Writes several groups' changes on the calling thread (see
+    /// [`blocking_writes`](Self::blocking_writes)).
+    fn write_batch_blocking(&self, _deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
+        Err(CvrError::Data(
+            "this CVR store has no blocking writes".into(),
+        ))
+    }
     /// Writes several groups' changes (one delta per group), each group's atomically.
     fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
         Box::pin(async move {
@@ -62,6 +75,51 @@ struct Queues {
     groups: HashMap<String, GroupQueue>,
     /// Groups whose `next` is set, oldest first (each at most once).
     order: std::collections::VecDeque<String>,
+    /// Since when a flush on a sync worker has left the writer asleep (see
+    /// [`CvrStore::wake_deferred`]).
+    deferred_since: Option<Instant>,
+}
+
+thread_local! {
+    /// Set on sync-worker threads: their lazy flushes leave waking the writer to
+    /// [`CvrStore::wake_deferred`], run when the worker has nothing left to do.
+    static DEFER_WAKES: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes lazy flushes ([`CvrStore::flush_lazily`]) on this thread leave waking the writer to
+/// [`CvrStore::wake_deferred`] (a sync worker calls it before it parks).
+pub fn defer_wakes_on_this_thread() {
+    DEFER_WAKES.set(true);
+}
+
+/// How long a deferred wake may wait while the worker stays busy with other groups.
+const MAX_DEFER: Duration = Duration::from_millis(2);
+
+/// Wakes the writer, whichever way it waits: a thread of its own (blocking backends) or a
+/// task on the runtime.
+#[derive(Default)]
+struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+    notify: Notify,
+}
+
+impl Wake {
+    fn wake(&self) {
+        *self.pending.lock().expect("cvr wake") = true;
+        self.cv.notify_one();
+        self.notify.notify_one();
+    }
+
+    /// Waits (at most `limit`) for a wake; false on timeout.
+    fn wait_blocking(&self, limit: Duration) -> bool {
+        let pending = self.pending.lock().expect("cvr wake");
+        let (mut pending, _) = self
+            .cv
+            .wait_timeout_while(pending, limit, |p| !*p)
+            .expect("cvr wake");
+        std::mem::take(&mut *pending)
+    }
 }
 
 #[derive(Default)]
@@ -99,7 +157,7 @@ pub struct CvrStore {
     /// every group that is in flight.
     queues: Mutex<Queues>,
     /// Wakes the writer.
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     /// Signalled whenever a batch is written (groups may have left `queues`) or a purge ends.
     idle: Notify,
     /// Groups whose records garbage collection may be deleting: their loads wait, so that a
@@ -127,24 +185,46 @@ impl CvrStore {
             }
             None => Arc::new(SqliteBackend::open(file)?),
         };
+        let blocking = backend.blocking_writes();
         let store = Arc::new(CvrStore {
             backend,
             queues: Mutex::new(Queues::default()),
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(Wake::default()),
             idle: Notify::new(),
             purging: Mutex::new(HashSet::new()),
             purged: AtomicU64::new(0),
         });
-        // The writer runs on the server's runtime (not a sync worker's) and ends with the store.
+        // The writer ends with the store. A blocking backend (SQLite) is written from a thread
+        // of its own: a batch then costs no wake-ups of runtime tasks or blocking-pool threads
+        // between the flush and the pokes' ends, which sit on that path. Others run on the
+        // server's runtime (not a sync worker's).
         let weak = Arc::downgrade(&store);
         let wake = store.wake.clone();
-        tokio::spawn(async move {
-            loop {
-                wake.notified().await;
-                let Some(store) = weak.upgrade() else { return };
-                store.write_pending().await;
-            }
-        });
+        if blocking {
+            std::thread::Builder::new()
+                .name("cvr-writer".into())
+                .spawn(move || {
+                    loop {
+                        if !wake.wait_blocking(Duration::from_secs(1)) {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
+                            continue;
+                        }
+                        let Some(store) = weak.upgrade() else { return };
+                        store.write_pending_blocking();
+                    }
+                })
+                .map_err(|e| CvrError::Data(format!("CVR writer thread: {e}")))?;
+        } else {
+            tokio::spawn(async move {
+                loop {
+                    wake.notify.notified().await;
+                    let Some(store) = weak.upgrade() else { return };
+                    store.write_pending().await;
+                }
+            });
+        }
         Ok(store)
     }
 
@@ -156,6 +236,8 @@ impl CvrStore {
             if !self.busy(group) {
                 break;
             }
+            // Its queued changes may be waiting for a sync worker to go idle.
+            self.wake_deferred();
             idle.await;
         }
         self.backend.load(group).await
@@ -236,11 +318,27 @@ impl CvrStore {
     /// Queues the record's changes for writing and returns at once; the receiver completes
     /// when they (and everything queued before them) are written.
     pub fn flush(self: &Arc<Self>, cvr: &mut Cvr) -> oneshot::Receiver<()> {
+        self.queue(cvr, true)
+    }
+
+    /// [`flush`](Self::flush) for a group that no client waits on (no poke's end hangs on
+    /// this write): on a sync worker it leaves the writer asleep until the worker is idle, a
+    /// batch is full or [`MAX_DEFER`] passed, so it does not take the place of a connected
+    /// group's write in the next batch.
+    pub fn flush_lazily(self: &Arc<Self>, cvr: &mut Cvr) -> oneshot::Receiver<()> {
+        self.queue(cvr, false)
+    }
+
+    fn queue(self: &Arc<Self>, cvr: &mut Cvr, urgent: bool) -> oneshot::Receiver<()> {
         let delta = cvr.take_delta();
         let (done, written) = oneshot::channel();
         {
             let mut queues = self.queues.lock().expect("cvr queues");
-            let Queues { groups, order } = &mut *queues;
+            let Queues {
+                groups,
+                order,
+                deferred_since,
+            } = &mut *queues;
             let q = match groups.get_mut(&delta.group) {
                 Some(q) => q,
                 None => groups.entry(delta.group.clone()).or_default(),
@@ -253,9 +351,32 @@ impl CvrStore {
                 }
             }
             q.waiters.push(done);
+            if !urgent
+                && DEFER_WAKES.get()
+                && order.len() < MAX_BATCH_GROUPS
+                && deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER)
+            {
+                deferred_since.get_or_insert_with(Instant::now);
+                return written;
+            }
+            *deferred_since = None;
         }
-        self.wake.notify_one();
+        self.wake.wake();
         written
+    }
+
+    /// Wakes the writer if a flush deferred it; sync workers call this before they park.
+    pub fn wake_deferred(&self) {
+        let deferred = self
+            .queues
+            .lock()
+            .expect("cvr queues")
+            .deferred_since
+            .take()
+            .is_some();
+        if deferred {
+            self.wake.wake();
+        }
     }
 
     /// Hands `release` to the writer, to run once the group's latest flushed changes are
@@ -271,35 +392,74 @@ impl CvrStore {
         None
     }
 
-    /// Writes every pending delta, batch after batch, until none is left.
-    async fn write_pending(&self) {
-        loop {
-            let (batch, waiters) = {
-                let mut queues = self.queues.lock().expect("cvr queues");
-                let Queues { groups, order } = &mut *queues;
-                let mut batch = Vec::new();
-                let mut waiters = Vec::new();
-                let mut rows = 0;
-                while batch.len() < MAX_BATCH_GROUPS
-                    && rows < MAX_BATCH_ROWS
-                    && let Some(g) = order.pop_front()
-                {
-                    if let Some(q) = groups.get_mut(&g)
-                        && let Some(d) = q.next.take()
-                    {
-                        rows += d.rows.len();
-                        batch.push(Arc::new(d));
-                        waiters.append(&mut q.waiters);
-                        let released = std::mem::take(&mut q.released);
-                        q.in_flight.extend(released);
+    /// The next batch: the oldest pending deltas (see [`MAX_BATCH_GROUPS`], [`MAX_BATCH_ROWS`])
+    /// and the waiters to tell once it is stored; `None` when nothing is pending.
+    #[allow(clippy::type_complexity)]
+    fn take_batch(&self) -> Option<(Vec<Arc<CvrDelta>>, Vec<oneshot::Sender<()>>)> {
+        let mut queues = self.queues.lock().expect("cvr queues");
+        let Queues { groups, order, .. } = &mut *queues;
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
+        let mut rows = 0;
+        while batch.len() < MAX_BATCH_GROUPS
+            && rows < MAX_BATCH_ROWS
+            && let Some(g) = order.pop_front()
+        {
+            if let Some(q) = groups.get_mut(&g)
+                && let Some(d) = q.next.take()
+            {
+                rows += d.rows.len();
+                batch.push(Arc::new(d));
+                waiters.append(&mut q.waiters);
+                let released = std::mem::take(&mut q.released);
+                q.in_flight.extend(released);
+            }
+        }
+        (!batch.is_empty()).then_some((batch, waiters))
+    }
+
+    /// After a batch is stored: runs its groups' releases, then tells its waiters.
+    fn batch_written(
+        &self,
+        batch: &[Arc<CvrDelta>],
+        waiters: Vec<oneshot::Sender<()>>,
+        started: Instant,
+        store_ms: f64,
+    ) {
+        // Run outside the lock (view-syncers flush meanwhile); a group's later releases go
+        // with its later deltas, and its waiters are told only after these ran, so frames
+        // it sends itself after awaiting them never overtake these.
+        let mut releases = Vec::new();
+        {
+            let mut queues = self.queues.lock().expect("cvr queues");
+            for d in batch {
+                if let Some(q) = queues.groups.get_mut(&d.group) {
+                    releases.append(&mut q.in_flight);
+                    if q.next.is_none() {
+                        queues.groups.remove(&d.group);
                     }
                 }
-                (batch, waiters)
-            };
-            if batch.is_empty() {
-                return;
             }
-            let started = std::time::Instant::now();
+        }
+        for r in releases {
+            r();
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
+        self.idle.notify_waiters();
+        debug!(
+            groups = batch.len(),
+            store_ms,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "client view records written"
+        );
+    }
+
+    /// Writes every pending delta, batch after batch, until none is left (async backends).
+    async fn write_pending(&self) {
+        while let Some((batch, waiters)) = self.take_batch() {
+            let started = Instant::now();
             let mut backoff = Duration::from_millis(50);
             loop {
                 match self.backend.write_batch(batch.clone()).await {
@@ -311,33 +471,24 @@ impl CvrStore {
                     }
                 }
             }
-            debug!(
-                groups = batch.len(),
-                ms = started.elapsed().as_secs_f64() * 1000.0,
-                "client view records written"
-            );
-            // Run outside the lock (view-syncers flush meanwhile); a group's later releases go
-            // with its later deltas, and its waiters are told only after these ran, so frames
-            // it sends itself after awaiting them never overtake these.
-            let mut releases = Vec::new();
-            {
-                let mut queues = self.queues.lock().expect("cvr queues");
-                for d in &batch {
-                    if let Some(q) = queues.groups.get_mut(&d.group) {
-                        releases.append(&mut q.in_flight);
-                        if q.next.is_none() {
-                            queues.groups.remove(&d.group);
-                        }
-                    }
-                }
+            let store_ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.batch_written(&batch, waiters, started, store_ms);
+        }
+    }
+
+    /// Writes every pending delta, batch after batch, until none is left, on the calling
+    /// thread (blocking backends).
+    fn write_pending_blocking(&self) {
+        while let Some((batch, waiters)) = self.take_batch() {
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = self.backend.write_batch_blocking(&batch) {
+                warn!(groups = batch.len(), error = %e, retry_ms = backoff.as_millis() as u64, "writing client view records failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            for r in releases {
-                r();
-            }
-            for w in waiters {
-                let _ = w.send(());
-            }
-            self.idle.notify_waiters();
+            let store_ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.batch_written(&batch, waiters, started, store_ms);
         }
     }
 
@@ -354,6 +505,7 @@ impl CvrStore {
                 if self.pending() == 0 {
                     return;
                 }
+                self.wake_deferred();
                 idle.await;
             }
         };
@@ -757,6 +909,14 @@ impl SqliteBackend {
 }
 
 impl CvrBackend for SqliteBackend {
+    fn blocking_writes(&self) -> bool {
+        true
+    }
+
+    fn write_batch_blocking(&self, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
+        Self::write_sync(&mut self.conn.lock().expect("cvr connection"), deltas)
+    }
+
     fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>> {
         let conn = self.reader.clone();
         let group = group.to_string();

@@ -471,8 +471,16 @@ pub async fn bind(
     let mut workers = Vec::new();
     let mut stops = Vec::new();
     for i in 0..opts.num_workers.max(1) {
+        // Groups' CVR flushes on a worker wake the writer when the worker runs out of work,
+        // so one replica version's groups are stored together (`cvr_store::wake_deferred`).
+        let parked = Arc::downgrade(&cvr);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(move || {
+                if let Some(cvr) = parked.upgrade() {
+                    cvr.wake_deferred();
+                }
+            })
             .build()?;
         workers.push(rt.handle().clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -480,6 +488,7 @@ pub async fn bind(
         std::thread::Builder::new()
             .name(format!("sync-worker-{i}"))
             .spawn(move || {
+                cvr_store::defer_wakes_on_this_thread();
                 rt.block_on(async {
                     let _ = stop_rx.await;
                 });

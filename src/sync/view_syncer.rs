@@ -378,7 +378,13 @@ impl ViewSyncer {
     /// Queues the record's changes (with the TTL clock) for the store; never waits.
     fn flush(&mut self) {
         self.fold_clock();
-        self.durable = Some(self.shared.cvr.flush(&mut self.cvr));
+        // A group with no initialized client has no poke waiting on this write: it must not
+        // be written ahead of (and in a batch before) the groups that do.
+        self.durable = Some(if self.conns.values().any(|c| c.initialized) {
+            self.shared.cvr.flush(&mut self.cvr)
+        } else {
+            self.shared.cvr.flush_lazily(&mut self.cvr)
+        });
     }
 
     async fn handle(&mut self, cmd: GroupCmd) {
