@@ -12,7 +12,7 @@
 //! ([`CvrStore::drain`]), so a restarted server resumes every client without a reset.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -59,6 +59,10 @@ pub trait CvrBackend: Send + Sync + 'static {
             "this CVR store has no blocking writes".into(),
         ))
     }
+    /// Background upkeep on the writer thread when no batch is pending (see
+    /// [`blocking_writes`](Self::blocking_writes)); returns early once `busy` says a batch
+    /// waits.
+    fn maintain_blocking(&self, _busy: &dyn Fn() -> bool) {}
     /// Writes several groups' changes (one delta per group), each group's atomically.
     fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
         Box::pin(async move {
@@ -205,14 +209,12 @@ impl CvrStore {
                 .name("cvr-writer".into())
                 .spawn(move || {
                     loop {
-                        if !wake.wait_blocking(Duration::from_secs(1)) {
-                            if weak.strong_count() == 0 {
-                                return;
-                            }
-                            continue;
-                        }
+                        let woken = wake.wait_blocking(Duration::from_millis(500));
                         let Some(store) = weak.upgrade() else { return };
-                        store.write_pending_blocking();
+                        if woken {
+                            store.write_pending_blocking();
+                        }
+                        store.backend.maintain_blocking(&|| store.batch_waiting());
                     }
                 })
                 .map_err(|e| CvrError::Data(format!("CVR writer thread: {e}")))?;
@@ -492,6 +494,11 @@ impl CvrStore {
         }
     }
 
+    /// Whether a batch waits to be written (upkeep gives way to it).
+    fn batch_waiting(&self) -> bool {
+        !self.queues.lock().expect("cvr queues").order.is_empty()
+    }
+
     /// Number of groups with unwritten changes.
     pub fn pending(&self) -> usize {
         self.queues.lock().expect("cvr queues").groups.len()
@@ -644,8 +651,216 @@ impl Loader {
 /// SQLite store: one writer connection (batches) and one reader connection (loads), so loads
 /// of connecting groups do not queue behind a batch (WAL lets them read meanwhile).
 pub struct SqliteBackend {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Writer>>,
     reader: Arc<Mutex<Connection>>,
+    /// Groups with entries in the log that are not folded into the tables yet, with the `seq`
+    /// of their newest entry: only their loads read the log.
+    unfolded: Arc<Mutex<HashMap<String, i64>>>,
+}
+
+/// The SQLite writer connection and the state of its log.
+///
+/// A small batch (a version reaching a few groups, the latency-critical case) is appended to
+/// `log` as one entry per group instead of being upserted into `instances` and `rows`: each
+/// group's row records sit on their own B-tree pages, so a dozen groups with a handful of
+/// changed rows each dirtied ~100 pages per commit (0.5–1 ms, and a checkpoint every few
+/// commits), where the log's appends fill a few. The writer folds the log into the tables
+/// when it is idle (and before any large batch, so records are always applied in order), at
+/// open, and before garbage collection; loads of groups with unfolded entries apply them.
+struct Writer {
+    conn: Connection,
+    /// `seq` of the next log entry.
+    next_seq: i64,
+    /// Log entries not folded yet.
+    entries: usize,
+    /// When the oldest of them was appended.
+    since: Option<Instant>,
+}
+
+/// Batches of at most this many groups go to the log; larger ones (hydrations, a version
+/// reaching thousands of groups, where every page is dirtied anyway) are upserted directly.
+const LOG_MAX_GROUPS: usize = 64;
+
+/// The writer folds the log when it is idle and the log holds this many entries, or
+/// [`FOLD_AGE`] has passed since its oldest entry.
+const FOLD_ENTRIES: usize = 4096;
+const FOLD_AGE: Duration = Duration::from_secs(1);
+
+/// Log entries folded per transaction: between two, new batches go first.
+const FOLD_CHUNK: usize = 2048;
+
+/// One group's changes in the log: `version`, `replicaVersion`, `processed`, `clientSchema`,
+/// `ttlClock`, `lastActive`, and its rows (table, key, rowVersion, patchVersion, refCounts).
+type LogEntry = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    f64,
+    i64,
+    Vec<(String, String, String, String, Option<String>)>,
+);
+
+/// One `instances` row to upsert.
+struct InstanceCols<'a> {
+    group: &'a str,
+    version: &'a str,
+    replica_version: Option<&'a str>,
+    processed: Option<&'a str>,
+    client_schema: Option<&'a str>,
+    last_active: i64,
+    ttl_clock: f64,
+}
+
+/// One `rows` row to upsert: group, table, key, rowVersion, patchVersion, refCounts.
+type RowCols<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+/// Upserts instances and rows, [`UPSERT_CHUNK`] at a time: one statement per group and row
+/// cost more in binding and stepping than in the B-tree (callers never pass a group twice, nor
+/// a group's row twice, so no statement upserts one key twice). Each statement size is compiled
+/// once per connection ([`STATEMENT_CACHE`]): compiling a 64-row upsert cost a small batch
+/// more than storing it.
+fn upsert(
+    tx: &rusqlite::Transaction<'_>,
+    instances: &[InstanceCols<'_>],
+    rows: &[RowCols<'_>],
+) -> Result<(), CvrError> {
+    for chunk in instances.chunks(UPSERT_CHUNK) {
+        let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 7);
+        for i in chunk {
+            p.extend([
+                &i.group as &dyn rusqlite::ToSql,
+                &i.version,
+                &i.replica_version,
+                &i.processed,
+                &i.client_schema,
+                &i.last_active,
+                &i.ttl_clock,
+            ]);
+        }
+        tx.prepare_cached(&instance_upsert(chunk.len()))?
+            .execute(p.as_slice())?;
+    }
+    for chunk in rows.chunks(UPSERT_CHUNK) {
+        let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
+        for (group, table, key, row_version, pv, refs) in chunk {
+            p.extend([
+                group as &dyn rusqlite::ToSql,
+                table,
+                key,
+                row_version,
+                pv,
+                refs,
+            ]);
+        }
+        tx.prepare_cached(&row_upsert(chunk.len()))?
+            .execute(p.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Appends `n` log entries (3 values each).
+fn log_insert(n: usize) -> String {
+    format!(
+        r#"INSERT INTO log (seq, "clientGroupID", entry) VALUES {}"#,
+        placeholders(n, 3)
+    )
+}
+
+/// Folds up to `limit` of the oldest log entries into the tables (one transaction); true when
+/// entries are left.
+fn fold(
+    w: &mut Writer,
+    unfolded: &Mutex<HashMap<String, i64>>,
+    limit: usize,
+) -> Result<bool, CvrError> {
+    let started = Instant::now();
+    let tx = w.conn.transaction()?;
+    let entries: Vec<(i64, String, String)> = {
+        let mut st = tx.prepare_cached(
+            r#"SELECT seq, "clientGroupID", entry FROM log ORDER BY seq LIMIT ?1"#,
+        )?;
+        st.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    let Some(last) = entries.last().map(|e| e.0) else {
+        tx.commit()?;
+        w.entries = 0;
+        w.since = None;
+        return Ok(false);
+    };
+    // Later entries of a group win, field by field and row by row.
+    type Folded = (LogEntry, BTreeMap<(String, String), (String, String, Option<String>)>);
+    let mut groups: HashMap<String, Folded> = HashMap::new();
+    for (_, group, text) in &entries {
+        let mut e: LogEntry = serde_json::from_str(text).map_err(data_err)?;
+        let rows = std::mem::take(&mut e.6);
+        let f = match groups.entry(group.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let f = o.into_mut();
+                let schema = e.3.take().or(f.0.3.take());
+                f.0 = e;
+                f.0.3 = schema;
+                f
+            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert((e, BTreeMap::new())),
+        };
+        for (table, key, rv, pv, refs) in rows {
+            f.1.insert((table, key), (rv, pv, refs));
+        }
+    }
+    let instances: Vec<InstanceCols<'_>> = groups
+        .iter()
+        .map(|(g, (e, _))| InstanceCols {
+            group: g,
+            version: &e.0,
+            replica_version: e.1.as_deref(),
+            processed: e.2.as_deref(),
+            client_schema: e.3.as_deref(),
+            last_active: e.5,
+            ttl_clock: e.4,
+        })
+        .collect();
+    let rows: Vec<RowCols<'_>> = groups
+        .iter()
+        .flat_map(|(g, (_, rows))| {
+            rows.iter().map(move |((t, k), (rv, pv, refs))| {
+                (
+                    g.as_str(),
+                    t.as_str(),
+                    k.as_str(),
+                    rv.as_str(),
+                    pv.as_str(),
+                    refs.as_deref(),
+                )
+            })
+        })
+        .collect();
+    upsert(&tx, &instances, &rows)?;
+    tx.prepare_cached("DELETE FROM log WHERE seq <= ?1")?
+        .execute([last])?;
+    tx.commit()?;
+    let more = entries.len() >= limit;
+    w.entries = if more {
+        w.entries.saturating_sub(entries.len())
+    } else {
+        0
+    };
+    if !more {
+        w.since = None;
+    }
+    unfolded
+        .lock()
+        .expect("cvr unfolded")
+        .retain(|_, s| *s > last);
+    debug!(
+        entries = entries.len(),
+        groups = groups.len(),
+        rows = rows.len(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "client view record log folded"
+    );
+    Ok(more)
 }
 
 /// Every table is `WITHOUT ROWID`: each record is found and upserted by its primary key, so a
@@ -719,6 +934,10 @@ fn sqlite_schema(conn: &mut Connection) -> Result<(), CvrError> {
             }
         }
     }
+    // Appended to in `seq` order (a rowid table: appends fill its last page).
+    tx.execute_batch(
+        r#"CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, "clientGroupID" TEXT NOT NULL, entry TEXT NOT NULL)"#,
+    )?;
     tx.commit()?;
     Ok(())
 }
@@ -732,16 +951,45 @@ impl SqliteBackend {
         conn.pragma_update(None, "busy_timeout", 30_000)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         sqlite_schema(&mut conn)?;
+        let mut w = Writer {
+            conn,
+            next_seq: 1,
+            entries: 0,
+            since: None,
+        };
+        // Whatever the last process left in the log (it is complete: entries are committed
+        // before the pokes they record end).
+        let unfolded = Mutex::new(HashMap::new());
+        while fold(&mut w, &unfolded, FOLD_CHUNK)? {}
         let reader = Connection::open(path)?;
         reader.pragma_update(None, "busy_timeout", 30_000)?;
         Ok(SqliteBackend {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new(w)),
             reader: Arc::new(Mutex::new(reader)),
+            unfolded: Arc::new(unfolded),
         })
     }
 
-    fn load_sync(conn: &Connection, group: &str) -> Result<Cvr, CvrError> {
+    /// Reads a group's record in one read transaction; with `log`, its unfolded log entries
+    /// are applied over the tables.
+    fn load_sync(conn: &mut Connection, group: &str, log: bool) -> Result<Cvr, CvrError> {
+        let tx = conn.transaction()?;
+        let conn: &Connection = &tx;
         let mut l = Loader(Cvr::new(group));
+        let logged: Vec<LogEntry> = if log {
+            let mut st = conn.prepare_cached(
+                r#"SELECT entry FROM log WHERE "clientGroupID" = ?1 ORDER BY seq"#,
+            )?;
+            let texts = st
+                .query_map([group], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            texts
+                .iter()
+                .map(|t| serde_json::from_str(t).map_err(data_err))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         let inst = conn
             .query_row(
                 r#"SELECT version, "replicaVersion", processed, "clientSchema", "ttlClock" FROM instances WHERE "clientGroupID" = ?1"#,
@@ -757,10 +1005,13 @@ impl SqliteBackend {
                 },
             )
             .optional()?;
-        let Some((version, rv, processed, schema, clock)) = inst else {
-            return Ok(l.done());
-        };
-        l.instance(&version, rv, processed, schema, clock)?;
+        match inst {
+            Some((version, rv, processed, schema, clock)) => {
+                l.instance(&version, rv, processed, schema, clock)?
+            }
+            None if logged.is_empty() => return Ok(l.done()),
+            None => {}
+        }
         let mut st =
             conn.prepare(r#"SELECT "clientID" FROM clients WHERE "clientGroupID" = ?1"#)?;
         l.0.clients = st
@@ -796,41 +1047,43 @@ impl SqliteBackend {
             let (t, k, rv, pv, refs) = r?;
             l.row(t, k, rv, &pv, refs)?;
         }
+        for (version, rv, processed, schema, clock, _, rows) in logged {
+            let schema = schema.or_else(|| l.0.client_schema.as_ref().map(|s| s.to_string()));
+            l.instance(&version, rv, processed, schema, Some(clock))?;
+            for (t, k, rv, pv, refs) in rows {
+                l.row(t, k, rv, &pv, refs)?;
+            }
+        }
         Ok(l.done())
     }
 
-    fn write_sync(conn: &mut Connection, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
-        let tx = conn.transaction()?;
+    /// Writes a batch: a small one as log entries, a large one (after folding the log, so
+    /// records stay in order) into the tables.
+    fn write_sync(
+        w: &mut Writer,
+        unfolded: &Mutex<HashMap<String, i64>>,
+        deltas: &[Arc<CvrDelta>],
+    ) -> Result<(), CvrError> {
         let now = crate::replica::now_ms();
-        for d in deltas {
-            Self::write_records(&tx, d)?;
-        }
-        // Instances and rows are upserted [`UPSERT_CHUNK`] at a time: one statement per group
-        // and row cost more in binding and stepping than in the B-tree (a batch never holds a
-        // group twice, nor a group a row twice, so no statement upserts one key twice). Each
-        // statement size is compiled once per connection ([`STATEMENT_CACHE`]): compiling a
-        // 64-row upsert cost a small batch (one version touching a dozen groups) more than
-        // storing it, and that write is what every poke's end waits for.
-        {
-            for chunk in deltas.chunks(UPSERT_CHUNK) {
-                let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 7);
-                for d in chunk {
-                    p.extend([
-                        &d.group as &dyn rusqlite::ToSql,
-                        &d.version,
-                        &d.replica_version,
-                        &d.processed,
-                        &d.client_schema,
-                        &now,
-                        &d.ttl_clock,
-                    ]);
-                }
-                tx.prepare_cached(&instance_upsert(chunk.len()))?
-                    .execute(p.as_slice())?;
+        if deltas.len() > LOG_MAX_GROUPS {
+            while fold(w, unfolded, FOLD_CHUNK)? {}
+            let tx = w.conn.transaction()?;
+            for d in deltas {
+                Self::write_records(&tx, d)?;
             }
-        }
-        {
-            let rows: Vec<(&str, &RowId, &str, String, Option<String>)> = deltas
+            let instances: Vec<InstanceCols<'_>> = deltas
+                .iter()
+                .map(|d| InstanceCols {
+                    group: &d.group,
+                    version: &d.version,
+                    replica_version: d.replica_version.as_deref(),
+                    processed: d.processed.as_deref(),
+                    client_schema: d.client_schema.as_deref(),
+                    last_active: now,
+                    ttl_clock: d.ttl_clock,
+                })
+                .collect();
+            let columns: Vec<(&str, &RowId, &str, String, Option<String>)> = deltas
                 .iter()
                 .flat_map(|d| {
                     d.rows.iter().map(|(id, r)| {
@@ -839,23 +1092,81 @@ impl SqliteBackend {
                     })
                 })
                 .collect();
-            for chunk in rows.chunks(UPSERT_CHUNK) {
-                let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
-                for (group, (table, key), row_version, pv, refs) in chunk {
-                    p.extend([
-                        group as &dyn rusqlite::ToSql,
-                        table,
-                        key,
-                        row_version,
-                        pv,
-                        refs,
-                    ]);
-                }
-                tx.prepare_cached(&row_upsert(chunk.len()))?
-                    .execute(p.as_slice())?;
+            let rows: Vec<RowCols<'_>> = columns
+                .iter()
+                .map(|(g, (t, k), rv, pv, refs)| {
+                    (*g, t.as_str(), k.as_str(), *rv, pv.as_str(), refs.as_deref())
+                })
+                .collect();
+            upsert(&tx, &instances, &rows)?;
+            tx.commit()?;
+            return Ok(());
+        }
+        let first = w.next_seq;
+        let entries: Vec<(i64, &str, String)> = deltas
+            .iter()
+            .zip(first..)
+            .map(|(d, seq)| {
+                let rows: Vec<(&str, &str, &str, String, Option<String>)> = d
+                    .rows
+                    .iter()
+                    .map(|((t, k), r)| {
+                        let (pv, refs) = row_columns(r);
+                        (t.as_str(), k.as_str(), r.row_version.as_str(), pv, refs)
+                    })
+                    .collect();
+                let entry = serde_json::to_string(&(
+                    &d.version,
+                    &d.replica_version,
+                    &d.processed,
+                    &d.client_schema,
+                    d.ttl_clock,
+                    now,
+                    rows,
+                ))
+                .expect("CVR records serialize");
+                (seq, d.group.as_str(), entry)
+            })
+            .collect();
+        let tx = w.conn.transaction()?;
+        for d in deltas {
+            Self::write_records(&tx, d)?;
+        }
+        for chunk in entries.chunks(UPSERT_CHUNK) {
+            let mut p: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 3);
+            for (seq, group, entry) in chunk {
+                p.extend([seq as &dyn rusqlite::ToSql, group, entry]);
             }
+            tx.prepare_cached(&log_insert(chunk.len()))?
+                .execute(p.as_slice())?;
         }
         tx.commit()?;
+        w.next_seq = first + entries.len() as i64;
+        w.entries += entries.len();
+        w.since.get_or_insert_with(Instant::now);
+        let mut unfolded = unfolded.lock().expect("cvr unfolded");
+        for (seq, group, _) in &entries {
+            match unfolded.get_mut(*group) {
+                Some(s) => *s = *seq,
+                None => {
+                    unfolded.insert(group.to_string(), *seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the log while it is due and no batch waits.
+    fn maintain_sync(
+        w: &mut Writer,
+        unfolded: &Mutex<HashMap<String, i64>>,
+        busy: &dyn Fn() -> bool,
+    ) -> Result<(), CvrError> {
+        let due = w.entries >= FOLD_ENTRIES || w.since.is_some_and(|t| t.elapsed() >= FOLD_AGE);
+        if !due {
+            return Ok(());
+        }
+        while !busy() && fold(w, unfolded, FOLD_CHUNK)? {}
         Ok(())
     }
 
@@ -914,15 +1225,35 @@ impl CvrBackend for SqliteBackend {
     }
 
     fn write_batch_blocking(&self, deltas: &[Arc<CvrDelta>]) -> Result<(), CvrError> {
-        Self::write_sync(&mut self.conn.lock().expect("cvr connection"), deltas)
+        Self::write_sync(
+            &mut self.conn.lock().expect("cvr connection"),
+            &self.unfolded,
+            deltas,
+        )
+    }
+
+    fn maintain_blocking(&self, busy: &dyn Fn() -> bool) {
+        let r = Self::maintain_sync(
+            &mut self.conn.lock().expect("cvr connection"),
+            &self.unfolded,
+            busy,
+        );
+        if let Err(e) = r {
+            warn!(error = %e, "folding the client view record log failed; retrying later");
+        }
     }
 
     fn load<'a>(&'a self, group: &'a str) -> BoxFut<'a, Result<Cvr, CvrError>> {
         let conn = self.reader.clone();
         let group = group.to_string();
+        let log = self
+            .unfolded
+            .lock()
+            .expect("cvr unfolded")
+            .contains_key(&group);
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Self::load_sync(&conn.lock().expect("cvr reader"), &group)
+                Self::load_sync(&mut conn.lock().expect("cvr reader"), &group, log)
             })
             .await
             .map_err(|e| CvrError::Data(format!("CVR load task: {e}")))?
@@ -953,9 +1284,10 @@ impl CvrBackend for SqliteBackend {
 
     fn write_batch(&self, deltas: Vec<Arc<CvrDelta>>) -> BoxFut<'_, Result<(), CvrError>> {
         let conn = self.conn.clone();
+        let unfolded = self.unfolded.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Self::write_sync(&mut conn.lock().expect("cvr connection"), &deltas)
+                Self::write_sync(&mut conn.lock().expect("cvr connection"), &unfolded, &deltas)
             })
             .await
             .map_err(|e| CvrError::Data(format!("CVR write task: {e}")))?
@@ -989,10 +1321,13 @@ impl CvrBackend for SqliteBackend {
 
     fn purge(&self, groups: Vec<String>, before_ms: i64) -> BoxFut<'_, Result<usize, CvrError>> {
         let conn = self.conn.clone();
+        let unfolded = self.unfolded.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let mut conn = conn.lock().expect("cvr connection");
-                let tx = conn.transaction()?;
+                let mut w = conn.lock().expect("cvr connection");
+                // `lastActive` and the records must be current before anything is deleted.
+                while fold(&mut w, &unfolded, FOLD_CHUNK)? {}
+                let tx = w.conn.transaction()?;
                 let mut n = 0;
                 for g in &groups {
                     let gone = tx.execute(
@@ -1422,6 +1757,96 @@ mod tests {
         assert!(store.drain(Duration::from_secs(5)).await);
     }
 
+    /// Small batches go to the log, loads apply it, a large batch and a reopen fold it, and
+    /// every way of reading gives the record as it was written last.
+    #[tokio::test]
+    async fn sqlite_log_entries_load_fold_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cvr.db");
+        let log_len = |file: &Path| -> i64 {
+            Connection::open(file)
+                .unwrap()
+                .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
+                .unwrap()
+        };
+        let same = |a: &Cvr, b: &Cvr| {
+            assert!(b.stored);
+            assert_eq!(a.version, b.version);
+            assert_eq!(a.processed, b.processed);
+            assert_eq!(a.rows, b.rows);
+            assert_eq!(a.query_rows, b.query_rows);
+            assert_eq!(a.clients, b.clients);
+            assert_eq!(a.client_schema, b.client_schema);
+        };
+        let a: RowId = ("t".into(), r#"{"id":1}"#.into());
+        let b: RowId = ("t".into(), r#"{"id":2}"#.into());
+        let mut cvr = Cvr::new("g");
+        cvr.client_schema = Some(serde_json::json!({"tables": {}}));
+        {
+            let backend = SqliteBackend::open(&file).unwrap();
+            let v1 = CvrVersion::parse("01").unwrap();
+            cvr.set_query_rows(
+                "q1",
+                &BTreeMap::from([(a.clone(), "01".into()), (b.clone(), "01".into())]),
+                &v1,
+            );
+            cvr.add_client("c1");
+            cvr.version = v1.clone();
+            cvr.processed = Some("01".into());
+            backend.write(Arc::new(cvr.take_delta())).await.unwrap();
+            let v2 = CvrVersion::parse("02").unwrap();
+            cvr.set_query_rows("q1", &BTreeMap::from([(a.clone(), "02".into())]), &v2);
+            cvr.version = v2;
+            cvr.processed = Some("02".into());
+            backend.write(Arc::new(cvr.take_delta())).await.unwrap();
+            assert_eq!(log_len(&file), 2, "small batches are logged");
+            same(&cvr, &backend.load("g").await.unwrap());
+            assert!(cvr.rows[&b].refs.is_none(), "b is a tombstone");
+
+            // A large batch folds the log first, then writes the tables.
+            let v3 = CvrVersion::parse("03").unwrap();
+            cvr.set_query_rows("q1", &BTreeMap::from([(b.clone(), "03".into())]), &v3);
+            cvr.version = v3.clone();
+            cvr.processed = Some("03".into());
+            let mut batch = vec![Arc::new(cvr.take_delta())];
+            for i in 0..LOG_MAX_GROUPS {
+                let mut o = Cvr::new(&format!("o{i}"));
+                o.version = v3.clone();
+                batch.push(Arc::new(o.take_delta()));
+            }
+            backend.write_batch(batch).await.unwrap();
+            assert_eq!(log_len(&file), 0);
+            same(&cvr, &backend.load("g").await.unwrap());
+
+            // Logged again, then left for the next process.
+            let v4 = CvrVersion::parse("04").unwrap();
+            cvr.set_query_rows("q1", &BTreeMap::from([(a.clone(), "04".into())]), &v4);
+            cvr.version = v4;
+            cvr.processed = Some("04".into());
+            backend.write(Arc::new(cvr.take_delta())).await.unwrap();
+            assert_eq!(log_len(&file), 1);
+        }
+        let backend = SqliteBackend::open(&file).unwrap();
+        assert_eq!(log_len(&file), 0, "opening folds the log");
+        same(&cvr, &backend.load("g").await.unwrap());
+        // Upkeep folds a due log; garbage collection sees current records.
+        let v5 = CvrVersion::parse("05").unwrap();
+        cvr.version = v5;
+        backend.write(Arc::new(cvr.take_delta())).await.unwrap();
+        backend.conn.lock().unwrap().since = Some(Instant::now() - FOLD_AGE);
+        backend.maintain_blocking(&|| false);
+        assert_eq!(log_len(&file), 0, "a due log is folded");
+        same(&cvr, &backend.load("g").await.unwrap());
+        cvr.version = CvrVersion::parse("06").unwrap();
+        backend.write(Arc::new(cvr.take_delta())).await.unwrap();
+        let purged = backend
+            .purge(vec!["g".into()], crate::replica::now_ms() - 60_000)
+            .await
+            .unwrap();
+        assert_eq!(purged, 0, "written a moment ago: active");
+        same(&cvr, &backend.load("g").await.unwrap());
+    }
+
     #[tokio::test]
     async fn releases_run_once_the_groups_record_is_stored_and_before_its_waiters() {
         let dir = tempfile::tempdir().unwrap();
@@ -1437,11 +1862,12 @@ mod tests {
             waits.push((g.clone(), store.flush(&mut cvr)));
             let (ran, file, group) = (ran.clone(), file.clone(), g.clone());
             let release: Release = Box::new(move || {
-                // The record is in the file when the release runs.
+                // The record is in the file (its tables or its log) when the release runs.
                 let conn = Connection::open(&file).unwrap();
                 let stored: bool = conn
                     .query_row(
-                        r#"SELECT count(*) > 0 FROM instances WHERE "clientGroupID" = ?1"#,
+                        r#"SELECT (SELECT count(*) FROM instances WHERE "clientGroupID" = ?1)
+                                + (SELECT count(*) FROM log WHERE "clientGroupID" = ?1) > 0"#,
                         [&group],
                         |r| r.get(0),
                     )
@@ -1546,7 +1972,8 @@ mod tests {
         let conn = Connection::open(&file).unwrap();
         let rowid_tables: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND sql NOT LIKE '%WITHOUT ROWID%'",
+                // The log is appended to in rowid order on purpose.
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name <> 'log' AND sql NOT LIKE '%WITHOUT ROWID%'",
                 [],
                 |r| r.get(0),
             )
