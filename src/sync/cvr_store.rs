@@ -686,8 +686,10 @@ const LOG_MAX_GROUPS: usize = 64;
 const FOLD_ENTRIES: usize = 4096;
 const FOLD_AGE: Duration = Duration::from_secs(1);
 
-/// Log entries folded per transaction: between two, new batches go first.
+/// Log entries folded per transaction at most, and row records (after the entry that
+/// reaches it): between two transactions, new batches go first.
 const FOLD_CHUNK: usize = 2048;
+const FOLD_ROWS: usize = 4000;
 
 /// One group's changes in the log: `version`, `replicaVersion`, `processed`, `clientSchema`,
 /// `ttlClock`, `lastActive`, and its rows (table, key, rowVersion, patchVersion, refCounts).
@@ -783,18 +785,28 @@ fn fold(
         st.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?
     };
-    let Some(last) = entries.last().map(|e| e.0) else {
+    if entries.is_empty() {
         tx.commit()?;
         w.entries = 0;
         w.since = None;
         return Ok(false);
-    };
+    }
     // Later entries of a group win, field by field and row by row.
-    type Folded = (LogEntry, BTreeMap<(String, String), (String, String, Option<String>)>);
+    type Folded = (
+        LogEntry,
+        BTreeMap<(String, String), (String, String, Option<String>)>,
+    );
     let mut groups: HashMap<String, Folded> = HashMap::new();
+    let mut folded_rows = 0;
+    let mut taken = 0;
     for (_, group, text) in &entries {
+        if folded_rows >= FOLD_ROWS {
+            break;
+        }
+        taken += 1;
         let mut e: LogEntry = serde_json::from_str(text).map_err(data_err)?;
         let rows = std::mem::take(&mut e.6);
+        folded_rows += rows.len();
         let f = match groups.entry(group.clone()) {
             std::collections::hash_map::Entry::Occupied(o) => {
                 let f = o.into_mut();
@@ -837,12 +849,13 @@ fn fold(
         })
         .collect();
     upsert(&tx, &instances, &rows)?;
+    let last = entries[taken - 1].0;
     tx.prepare_cached("DELETE FROM log WHERE seq <= ?1")?
         .execute([last])?;
     tx.commit()?;
-    let more = entries.len() >= limit;
+    let more = taken < entries.len() || entries.len() >= limit;
     w.entries = if more {
-        w.entries.saturating_sub(entries.len())
+        w.entries.saturating_sub(taken)
     } else {
         0
     };
@@ -854,7 +867,7 @@ fn fold(
         .expect("cvr unfolded")
         .retain(|_, s| *s > last);
     debug!(
-        entries = entries.len(),
+        entries = taken,
         groups = groups.len(),
         rows = rows.len(),
         ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -1095,7 +1108,14 @@ impl SqliteBackend {
             let rows: Vec<RowCols<'_>> = columns
                 .iter()
                 .map(|(g, (t, k), rv, pv, refs)| {
-                    (*g, t.as_str(), k.as_str(), *rv, pv.as_str(), refs.as_deref())
+                    (
+                        *g,
+                        t.as_str(),
+                        k.as_str(),
+                        *rv,
+                        pv.as_str(),
+                        refs.as_deref(),
+                    )
                 })
                 .collect();
             upsert(&tx, &instances, &rows)?;
@@ -1287,7 +1307,11 @@ impl CvrBackend for SqliteBackend {
         let unfolded = self.unfolded.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Self::write_sync(&mut conn.lock().expect("cvr connection"), &unfolded, &deltas)
+                Self::write_sync(
+                    &mut conn.lock().expect("cvr connection"),
+                    &unfolded,
+                    &deltas,
+                )
             })
             .await
             .map_err(|e| CvrError::Data(format!("CVR write task: {e}")))?
