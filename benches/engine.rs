@@ -162,6 +162,14 @@ async fn main() {
         let ast = zero_queries::parse::parse_query(zql, &query_schema).expect("benchmark ZQL");
         engine.prepare(&ast).expect("prepare");
     }
+    // As the sync server does: the orderings the upstream indexes serve, in both directions.
+    for (table, key, column) in zql::order_hints(&state.schema, &replica_schema) {
+        for desc in [false, true] {
+            engine
+                .prepare_order(&table, &key, &[(column.clone(), desc)])
+                .expect("prepare ordering");
+        }
+    }
     let mut changes = Vec::new();
     let mut issues: Vec<Row> = Vec::new();
     let mut labels: Vec<Row> = Vec::new();

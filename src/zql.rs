@@ -39,6 +39,43 @@ pub fn replica_schema(published: &PublishedSchema) -> Schema {
     }
 }
 
+/// Sorted indexes worth building while the replica loads, as `(table, key columns, ordering
+/// column)`: for each upstream index other than the primary key's that is not led by text, its
+/// last column under the columns before it. Such an index serves a filter on its leading
+/// columns and an ORDER BY on the last (issues of one state by modification time), the shape
+/// of a top-k query, whose first use would otherwise sort the whole table while every client
+/// waits. Postgres reads an index in either direction, so the server cannot tell which one the
+/// app's queries use: both are prepared (each costs a row pointer per row, about what the
+/// replica's copy of the upstream index costs on disk). Indexes led by text are the
+/// relationships' lookups (the sync server prepares lookups for those).
+pub fn order_hints(
+    published: &PublishedSchema,
+    schema: &Schema,
+) -> Vec<(String, Vec<String>, String)> {
+    let mut out = Vec::new();
+    for t in &published.tables {
+        let name = crate::schema::replica_name(&t.schema, &t.name);
+        let Some(ts) = schema.table(&name) else {
+            continue;
+        };
+        for idx in t.indexes.iter().filter(|i| !i.primary) {
+            let Some(((last, _), rest)) = idx.columns.split_last() else {
+                continue;
+            };
+            let text_led = idx.columns.first().is_some_and(|(c, _)| {
+                ts.column_index(c)
+                    .is_some_and(|i| ts.columns[i].ty == ColumnType::String)
+            });
+            let key: Vec<String> = rest.iter().map(|(c, _)| c.clone()).collect();
+            let hint = (name.clone(), key, last.clone());
+            if !text_led && !out.contains(&hint) {
+                out.push(hint);
+            }
+        }
+    }
+    out
+}
+
 fn column_type(t: ZqlType) -> ColumnType {
     match t {
         ZqlType::Number => ColumnType::Number,
@@ -81,6 +118,43 @@ pub fn read_table(conn: &Connection, t: &TableSchema) -> rusqlite::Result<Vec<Ro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sorted_index_hints_come_from_indexes_not_led_by_text() {
+        let col = |attnum: i32, name: &str, ty: &str, oid: i64| {
+            serde_json::json!({"attnum": attnum, "name": name, "type": ty, "typeOid": oid,
+                "elemOid": 0, "isEnum": false, "isArray": false, "notNull": true,
+                "maxLen": null, "default": null})
+        };
+        let index = |name: &str, primary: bool, cols: &[&str]| {
+            let cols: Vec<(&str, &str)> = cols.iter().map(|c| (*c, "ASC")).collect();
+            serde_json::json!({"name": name, "unique": primary, "primary": primary,
+                "columns": cols, "notNull": true})
+        };
+        let published: PublishedSchema = serde_json::from_value(serde_json::json!({"tables": [{
+            "oid": 1, "schema": "public", "name": "issue", "replicaIdentity": "d",
+            "columns": [col(1, "id", "text", 25), col(2, "open", "bool", 16),
+                col(3, "modified", "float8", 701), col(4, "creatorID", "text", 25)],
+            "indexes": [index("issue_pkey", true, &["id"]),
+                index("issue_modified", false, &["modified"]),
+                index("issue_open_modified", false, &["open", "modified"]),
+                index("issue_creator_modified", false, &["creatorID", "modified"]),
+                index("issue_modified_again", false, &["modified"])]
+        }]}))
+        .expect("published schema");
+        let schema = replica_schema(&published);
+        assert_eq!(
+            order_hints(&published, &schema),
+            vec![
+                ("issue".to_string(), vec![], "modified".to_string()),
+                (
+                    "issue".to_string(),
+                    vec!["open".to_string()],
+                    "modified".to_string()
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn replica_values_become_zql_values() {

@@ -354,6 +354,48 @@ impl Engine {
         })
     }
 
+    /// Builds the sorted index of `table` that a top-k query seeking `key` (equality on each
+    /// column) and ordered by `order` (column, descending) reads, unless one exists; the
+    /// ordering is completed with the primary key as queries' orderings are. Such an index
+    /// holds the whole table in ORDER BY order under each key, and building it on a shape's
+    /// first use sorts every row while that client and every other query's next version wait;
+    /// a host that can tell its app's orderings (say, from the upstream database's indexes)
+    /// calls this before loading rows, so the index fills as the table loads. Columns not in
+    /// the table are an [`EngineError::Unsupported`].
+    pub fn prepare_order(
+        &mut self,
+        table: &str,
+        key: &[String],
+        order: &[(String, bool)],
+    ) -> Result<(), EngineError> {
+        let t = self
+            .catalog
+            .table_id(table)
+            .ok_or_else(|| EngineError::UnknownTable(table.to_owned()))?;
+        let info = &self.catalog.tables[t];
+        let column = |c: &String| {
+            info.columns.iter().position(|n| n == c).ok_or_else(|| {
+                EngineError::Unsupported(format!("no column \"{c}\" in table \"{table}\""))
+            })
+        };
+        let cols = key.iter().map(column).collect::<Result<Vec<usize>, _>>()?;
+        let mut sort = Vec::new();
+        for (c, desc) in order {
+            let c = column(c)?;
+            if !sort.iter().any(|&(o, _)| o == c) {
+                sort.push((c, *desc));
+            }
+        }
+        for &pk in &info.pk {
+            if !sort.iter().any(|&(c, _)| c == pk) {
+                sort.push((pk, false));
+            }
+        }
+        self.send(&|| Cmd::EnsureSorted {
+            id: (t, cols.clone(), sort.clone()),
+        })
+    }
+
     /// The template of `shape`, creating its dataflow if there is none.
     fn template_for(&mut self, shape: Arc<QueryShape>) -> Result<u64, EngineError> {
         if let Some(t) = self.templates.get(&shape) {

@@ -45,6 +45,8 @@ pub(crate) enum Cmd {
     DropTemplate { tid: u64 },
     /// Build a lookup index (as of the last sealed version) if there is none.
     EnsureIndex { id: IndexId },
+    /// Build a sorted index (as of the last sealed version) if there is none.
+    EnsureSorted { id: SortedId },
     /// Report the size of every shared index.
     Stats(Sender<Vec<IndexStats>>),
 }
@@ -221,6 +223,7 @@ impl State {
                 self.compact();
             }
             Cmd::EnsureIndex { id } => self.ensure_index(worker, &id),
+            Cmd::EnsureSorted { id } => self.ensure_sorted(worker, &id),
             Cmd::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }

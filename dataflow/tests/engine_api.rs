@@ -315,3 +315,86 @@ fn a_prepared_lookup_index_fills_as_the_rows_load() {
         Err(EngineError::UnknownTable(_))
     ));
 }
+
+#[test]
+fn a_prepared_ordering_fills_as_the_rows_load_and_serves_its_top_k_queries() {
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
+    let q = |s: &str| parse_query(s, &schema).expect("query");
+    let sorted = |e: &Engine| -> Vec<(String, usize, usize)> {
+        e.index_stats()
+            .expect("stats")
+            .into_iter()
+            .filter(|s| s.name.contains("sorted"))
+            .map(|s| (s.name, s.keys, s.vals))
+            .collect()
+    };
+    assert!(sorted(&e).is_empty());
+    // Prepared before any row, as the sync server does with an upstream index on
+    // `(open, modified)`: the ordering is completed with the primary key.
+    e.prepare_order(
+        "issue",
+        &["open".to_string()],
+        &[("modified".to_string(), true)],
+    )
+    .expect("prepare ordering");
+    let mut closed = issue("i4", 4.0).to_vec();
+    closed[2] = Value::Bool(false);
+    e.apply(
+        1,
+        vec![
+            insert(issue("i1", 1.0)),
+            insert(issue("i2", 3.0)),
+            insert(issue("i3", 2.0)),
+            insert(Row::from(closed)),
+        ],
+    )
+    .expect("apply");
+    e.step_until(1).expect("step");
+    let built = vec![("issue[2] sorted [(3, true), (0, false)]".to_string(), 2, 4)];
+    assert_eq!(sorted(&e), built, "open and closed issues, all four rows");
+
+    // A top-k query seeking `open` ordered by `modified desc` reads that index: none is built.
+    e.add_query(
+        "top",
+        &q("issue.where('open', true).orderBy('modified', 'desc').limit(2)"),
+    )
+    .expect("add");
+    e.apply(2, vec![]).expect("apply");
+    let diffs = e.step_until(2).expect("step");
+    assert_eq!(sorted(&e), built);
+    let mut ids: Vec<Value> = diffs
+        .iter()
+        .flat_map(|d| &d.patches)
+        .filter_map(|p| match p {
+            RowPatch::Put { pk, .. } => Some(pk[0].clone()),
+            RowPatch::Del { .. } => None,
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![Value::from("i2"), Value::from("i3")]);
+
+    // The other direction is another index; preparing one that exists builds nothing.
+    e.prepare_order(
+        "issue",
+        &["open".to_string()],
+        &[("modified".to_string(), true)],
+    )
+    .expect("prepare ordering");
+    assert_eq!(sorted(&e).len(), 1);
+    e.prepare_order(
+        "issue",
+        &["open".to_string()],
+        &[("modified".to_string(), false)],
+    )
+    .expect("prepare ordering");
+    assert_eq!(sorted(&e).len(), 2);
+    assert!(matches!(
+        e.prepare_order("issue", &[], &[("nope".to_string(), false)]),
+        Err(EngineError::Unsupported(_))
+    ));
+    assert!(matches!(
+        e.prepare_order("nope", &[], &[("id".to_string(), false)]),
+        Err(EngineError::UnknownTable(_))
+    ));
+}

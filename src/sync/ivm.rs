@@ -930,6 +930,13 @@ fn new_slot(
             debug!(%table, %column, error = %e, "an upstream index's lookup could not be prepared");
         }
     }
+    for (table, key, column) in zql::order_hints(&ready.published, &schema) {
+        for desc in [false, true] {
+            if let Err(e) = engine.prepare_order(&table, &key, &[(column.clone(), desc)]) {
+                debug!(%table, %column, error = %e, "an upstream index's ordering could not be prepared");
+            }
+        }
+    }
     if !prepare.is_empty() {
         let t = std::time::Instant::now();
         for ast in prepare {
