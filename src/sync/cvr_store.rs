@@ -110,8 +110,15 @@ struct Wake {
 
 impl Wake {
     fn wake(&self) {
-        *self.pending.lock().expect("cvr wake") = true;
-        self.cv.notify_one();
+        {
+            // Ten thousand groups flush per version: only the first wake of a writer that is
+            // busy (or asleep) needs the futex.
+            let mut pending = self.pending.lock().expect("cvr wake");
+            if !*pending {
+                *pending = true;
+                self.cv.notify_one();
+            }
+        }
         self.notify.notify_one();
     }
 
