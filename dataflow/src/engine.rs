@@ -1,10 +1,13 @@
-//! The synchronous front of the engine: it owns the timely worker threads, turns queries into
+//! The synchronous front of the engine: it owns the timely workers, turns queries into
 //! template instances, feeds versions, and collects per-version, per-query row patches.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
+
+use timely::worker::Worker;
 
 use zero_queries::ast::Ast;
 use zero_queries::schema::Schema;
@@ -15,13 +18,14 @@ use crate::error::EngineError;
 use crate::plan::{Catalog, Param, QueryShape, TableId, compile};
 use crate::reference::{Tables, evaluate, view_json};
 use crate::render::{Diff, Inst, OutRec, Q, Time};
-use crate::worker::{Cmd, Out, TABLES, run};
+use crate::worker::{Cmd, Out, State, TABLES, run};
 
 /// How the engine runs; passed explicitly (no `Default`, see `style.md`).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Timely worker threads. Data is hash-partitioned across them; 1 is right for tests and
-    /// small machines, `cores - 2` for a server (one core for I/O, one spare).
+    /// Timely workers. Data is hash-partitioned across them; 1 is right for tests and small
+    /// machines, `cores - 2` for a server (one core for I/O, one spare). One worker runs on
+    /// the thread that calls the engine (no worker thread); more run on their own threads.
     pub workers: usize,
 }
 
@@ -165,10 +169,7 @@ struct Instance {
 pub struct Engine {
     catalog: Arc<Catalog>,
     workers: usize,
-    cmd_txs: Vec<Sender<Cmd>>,
-    threads: Vec<Thread>,
-    out_rx: Receiver<Out>,
-    guards: Option<timely::communication::initialize::WorkerGuards<()>>,
+    run: Workers,
     templates: HashMap<Arc<QueryShape>, u64>,
     template_info: HashMap<u64, TemplateInfo>,
     instances: HashMap<u64, Instance>,
@@ -187,67 +188,50 @@ pub struct Engine {
     next_instance: u64,
 }
 
+/// Where the timely workers run.
+enum Workers {
+    /// The one worker is stepped by the engine's caller, inside `step_until` / `poll`: a
+    /// version costs no thread hand-off (a command to a parked worker thread, then a wake-up
+    /// of the caller per step), which on a busy machine took as long as the version's work.
+    /// `RefCell` because reads such as [`Engine::index_stats`] take `&self`.
+    Inline(Box<RefCell<Inline>>),
+    /// Worker threads fed through channels, reporting each step's output.
+    Threads {
+        cmd_txs: Vec<Sender<Cmd>>,
+        threads: Vec<Thread>,
+        out_rx: Receiver<Out>,
+        guards: Option<timely::communication::initialize::WorkerGuards<()>>,
+    },
+}
+
+/// An inline worker; `state` is declared first so that it drops before the worker.
+struct Inline {
+    state: State,
+    worker: Worker,
+}
+
 impl Engine {
-    /// Starts the worker threads with one input per table of `schema`.
+    /// Starts the workers with one input per table of `schema`.
     pub fn new(config: EngineConfig, schema: &Schema) -> Result<Engine, EngineError> {
         let catalog = Arc::new(Catalog::new(schema));
         let workers = config.workers.max(1);
-        let (out_tx, out_rx) = mpsc::channel::<Out>();
-        let mut cmd_txs = Vec::new();
-        let mut cmd_rxs = Vec::new();
-        for _ in 0..workers {
-            let (t, r) = mpsc::channel::<Cmd>();
-            cmd_txs.push(t);
-            cmd_rxs.push(Some(r));
-        }
-        // `execute` wants a `Fn + Sync` closure, so receivers travel in a mutex.
-        let cmd_rxs = Arc::new(Mutex::new(cmd_rxs));
-        let (thr_tx, thr_rx) = mpsc::channel::<(usize, Thread)>();
-        let mut tconfig = timely::Config::process(workers);
-        // No idle merging: with it, every idle step spends effort merging the large initial
-        // batches of the shared indexes, which measured 10x slower single-row updates. Merges
-        // still progress in proportion to the updates inserted, which keeps traces compact.
-        differential_dataflow::configure(
-            &mut tconfig.worker,
-            &differential_dataflow::Config::default().idle_merge_effort(None),
-        );
-        let cat = Arc::clone(&catalog);
-        let out_tx = Mutex::new(out_tx);
-        let thr_tx = Mutex::new(thr_tx);
-        let guards = timely::execute(tconfig, move |worker| {
-            let rx = cmd_rxs
-                .lock()
-                .expect("no worker panics while holding this lock")[worker.index()]
-            .take()
-            .expect("each worker takes its own receiver once");
-            let out = out_tx
-                .lock()
-                .expect("no worker panics while holding this lock")
-                .clone();
-            let _ = thr_tx
-                .lock()
-                .expect("no worker panics while holding this lock")
-                .send((worker.index(), std::thread::current()));
-            run(worker, Arc::clone(&cat), rx, out);
-        })
-        .map_err(|_| EngineError::WorkersStopped)?;
-        let mut threads: Vec<Option<Thread>> = vec![None; workers];
-        for _ in 0..workers {
-            let (i, t) = thr_rx.recv().map_err(|_| EngineError::WorkersStopped)?;
-            threads[i] = Some(t);
-        }
-        let threads = threads
-            .into_iter()
-            .map(|t| t.ok_or(EngineError::WorkersStopped))
-            .collect::<Result<Vec<_>, _>>()?;
+        let run = if workers == 1 {
+            let mut wconfig = timely::WorkerConfig::default();
+            differential_config(&mut wconfig);
+            let alloc = timely::communication::Allocator::Thread(
+                timely::communication::allocator::thread::Thread::default(),
+            );
+            let mut worker = Worker::new(wconfig, alloc, Some(std::time::Instant::now()));
+            let state = State::new(&mut worker, Arc::clone(&catalog));
+            Workers::Inline(Box::new(RefCell::new(Inline { state, worker })))
+        } else {
+            start_threads(&catalog, workers)?
+        };
         let frontiers = (0..workers).map(|w| ((TABLES, w), Some(0))).collect();
         Ok(Engine {
             catalog,
             workers,
-            cmd_txs,
-            threads,
-            out_rx,
-            guards: Some(guards),
+            run,
             templates: HashMap::new(),
             template_info: HashMap::new(),
             instances: HashMap::new(),
@@ -264,7 +248,71 @@ impl Engine {
             next_instance: 0,
         })
     }
+}
 
+/// No idle merging: with it, every idle step spends effort merging the large initial batches
+/// of the shared indexes, which measured 10x slower single-row updates. Merges still progress
+/// in proportion to the updates inserted, which keeps traces compact.
+fn differential_config(config: &mut timely::WorkerConfig) {
+    differential_dataflow::configure(
+        config,
+        &differential_dataflow::Config::default().idle_merge_effort(None),
+    );
+}
+
+/// Starts `workers` worker threads.
+fn start_threads(catalog: &Arc<Catalog>, workers: usize) -> Result<Workers, EngineError> {
+    let (out_tx, out_rx) = mpsc::channel::<Out>();
+    let mut cmd_txs = Vec::new();
+    let mut cmd_rxs = Vec::new();
+    for _ in 0..workers {
+        let (t, r) = mpsc::channel::<Cmd>();
+        cmd_txs.push(t);
+        cmd_rxs.push(Some(r));
+    }
+    // `execute` wants a `Fn + Sync` closure, so receivers travel in a mutex.
+    let cmd_rxs = Arc::new(Mutex::new(cmd_rxs));
+    let (thr_tx, thr_rx) = mpsc::channel::<(usize, Thread)>();
+    let mut tconfig = timely::Config::process(workers);
+    differential_config(&mut tconfig.worker);
+    let cat = Arc::clone(catalog);
+    let out_tx = Mutex::new(out_tx);
+    let thr_tx = Mutex::new(thr_tx);
+    let guards = timely::execute(tconfig, move |worker| {
+        let rx = cmd_rxs
+            .lock()
+            .expect("no worker panics while holding this lock")[worker.index()]
+        .take()
+        .expect("each worker takes its own receiver once");
+        let out = out_tx
+            .lock()
+            .expect("no worker panics while holding this lock")
+            .clone();
+        let _ = thr_tx
+            .lock()
+            .expect("no worker panics while holding this lock")
+            .send((worker.index(), std::thread::current()));
+        run(worker, Arc::clone(&cat), rx, out);
+    })
+    .map_err(|_| EngineError::WorkersStopped)?;
+    let mut threads: Vec<Option<Thread>> = vec![None; workers];
+    for _ in 0..workers {
+        let (i, t) = thr_rx.recv().map_err(|_| EngineError::WorkersStopped)?;
+        threads[i] = Some(t);
+    }
+    let threads = threads
+        .into_iter()
+        .map(|t| t.ok_or(EngineError::WorkersStopped))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Workers::Threads {
+        cmd_txs,
+        threads,
+        out_rx,
+        guards: Some(guards),
+    })
+}
+
+impl Engine {
     /// The engine's view of the schema.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
@@ -304,9 +352,51 @@ impl Engine {
     }
 
     fn send(&self, mk: &dyn Fn() -> Cmd) -> Result<(), EngineError> {
-        for (tx, th) in self.cmd_txs.iter().zip(self.threads.iter()) {
-            tx.send(mk()).map_err(|_| EngineError::WorkersStopped)?;
-            th.unpark();
+        match &self.run {
+            Workers::Inline(w) => {
+                let w = &mut *w.borrow_mut();
+                w.state.handle(&mut w.worker, mk());
+            }
+            Workers::Threads {
+                cmd_txs, threads, ..
+            } => {
+                for (tx, th) in cmd_txs.iter().zip(threads.iter()) {
+                    tx.send(mk()).map_err(|_| EngineError::WorkersStopped)?;
+                    th.unpark();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes what the workers reported: with worker threads, waits for their next step's
+    /// report when `wait` (else takes only what is queued); inline, runs one worker step.
+    fn pump(&mut self, wait: bool) -> Result<(), EngineError> {
+        let msgs: Vec<Out> = match &self.run {
+            Workers::Inline(w) => {
+                let w = &mut *w.borrow_mut();
+                w.worker.step();
+                w.state.after_step()
+            }
+            Workers::Threads { out_rx, .. } => {
+                let mut msgs = Vec::new();
+                if wait {
+                    msgs.push(out_rx.recv().map_err(|_| EngineError::WorkersStopped)?);
+                }
+                loop {
+                    match out_rx.try_recv() {
+                        Ok(m) => msgs.push(m),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            return Err(EngineError::WorkersStopped);
+                        }
+                    }
+                }
+                msgs
+            }
+        };
+        for m in msgs {
+            self.receive(m);
         }
         Ok(())
     }
@@ -583,26 +673,25 @@ impl Engine {
             return Err(EngineError::VersionNotApplied(version));
         }
         while !self.complete(version) {
-            match self.out_rx.recv() {
-                Ok(msg) => self.receive(msg),
-                Err(_) => return Err(EngineError::WorkersStopped),
-            }
+            self.pump(true)?;
         }
-        while let Ok(msg) = self.out_rx.try_recv() {
-            self.receive(msg);
+        if matches!(self.run, Workers::Threads { .. }) {
+            self.pump(false)?;
         }
         Ok(self.finish_through(version))
     }
 
     /// Returns the patches of every applied version that is already complete, without
-    /// waiting; for callers that drive the engine from an event loop.
+    /// waiting for worker threads; for callers that drive the engine from an event loop. An
+    /// inline worker (one worker) is stepped until every applied version is complete.
     pub fn poll(&mut self) -> Result<Vec<QueryDiff>, EngineError> {
-        loop {
-            match self.out_rx.try_recv() {
-                Ok(msg) => self.receive(msg),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return Err(EngineError::WorkersStopped),
+        match self.run {
+            Workers::Inline(_) => {
+                while self.applied.last().is_some_and(|v| !self.complete(*v)) {
+                    self.pump(true)?;
+                }
             }
+            Workers::Threads { .. } => self.pump(false)?,
         }
         let done = self
             .applied
@@ -855,13 +944,26 @@ fn all_puts(catalog: &Catalog, inst: &Instance) -> Vec<RowPatch> {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.cmd_txs.clear();
-        for th in &self.threads {
-            th.unpark();
-        }
-        if let Some(g) = self.guards.take() {
-            // A worker that panicked already reported through a closed channel; nothing to add.
-            let _ = g.join();
+        match &mut self.run {
+            Workers::Inline(w) => {
+                let w = &mut *w.borrow_mut();
+                w.state.shutdown(&mut w.worker);
+            }
+            Workers::Threads {
+                cmd_txs,
+                threads,
+                guards,
+                ..
+            } => {
+                cmd_txs.clear();
+                for th in threads.iter() {
+                    th.unpark();
+                }
+                if let Some(g) = guards.take() {
+                    // A worker that panicked already reported through a closed channel.
+                    let _ = g.join();
+                }
+            }
         }
     }
 }

@@ -21,11 +21,14 @@
 //!   query, the row patches (put/del by table and primary key); a version's patches are
 //!   complete and atomic ([`Engine::poll`] is the non-blocking form). [`Engine::view`]
 //!   renders the current result as Zero's hierarchical view; [`Engine::rows`] lists it flat.
-//! * **Threads.** Timely workers run on their own threads ([`EngineConfig::workers`]); every
-//!   command goes to every worker in the same order, and each worker reports its output and
-//!   its frontiers on one channel, in one message per timely step (so the engine thread wakes
-//!   once per step, not per template), so the API is synchronous and the caller bridges it to
-//!   async code with channels or a blocking task.
+//! * **Threads.** With one worker ([`EngineConfig::workers`]) the caller's thread runs it:
+//!   [`Engine::step_until`] steps it until the version is complete, so a version costs no
+//!   thread hand-off, and the engine stays on the thread that created it (it is not `Send`).
+//!   With more, timely workers run on their own threads; every command goes to every worker
+//!   in the same order, and each worker reports its output and its frontiers on one channel,
+//!   in one message per timely step (so the engine thread wakes once per step, not per
+//!   template). Either way the API is synchronous and the caller bridges it to async code
+//!   with channels or a thread of its own.
 //!
 //! ```no_run
 //! # use zero_dataflow::{Engine, EngineConfig, TableChange, Op};
@@ -93,7 +96,7 @@
 //!
 //! # Layout
 //!
-//! * [`engine`]: the synchronous API; owns the worker threads and collects output.
+//! * [`engine`]: the synchronous API; owns the workers and collects output.
 //! * [`plan`]: AST → shape + parameters.
 //! * [`expr`]: row-level semantics (operators, LIKE, sort keys, start cursors).
 //! * `render`: shape → differential operators (seeks, lookups, (anti)semijoins, top-k,

@@ -973,6 +973,16 @@ fn window_diff(old: &[Row], new: &[Row]) -> Vec<(Row, Diff)> {
     out
 }
 
+/// Where `row` (equal by value) is in `window`, which is in `order`.
+fn window_position(order: &[(usize, bool)], window: &[Row], row: &Row) -> Option<usize> {
+    let from = window.partition_point(|w| compare_rows(order, w, row).is_lt());
+    window[from..]
+        .iter()
+        .take_while(|w| compare_rows(order, w, row).is_eq())
+        .position(|w| w == row)
+        .map(|i| from + i)
+}
+
 /// Whether a batch with this upper holds only updates at or before `as_of` (an import's
 /// replayed snapshot, whose times are advanced to `as_of`).
 fn snapshot_only(upper: AntichainRef<'_, Time>, as_of: Time) -> bool {
@@ -1186,7 +1196,7 @@ where
                             // instance's filter change exactly by the changed rows, so its
                             // new window is the old one minus deleted plus inserted rows,
                             // unless a full window shrinks and must be refilled by a walk.
-                            let mut updated: BTreeMap<u64, Vec<Row>> = BTreeMap::new();
+                            let mut updated: BTreeMap<u64, Vec<(Row, Diff)>> = BTreeMap::new();
                             if let Some(keys) = changed.remove(&t) {
                                 for (k, mut rows) in keys {
                                     let Some(qs) = interest.get(&k) else { continue };
@@ -1247,27 +1257,58 @@ where
                                         if ins.is_empty() && dels.is_empty() {
                                             continue;
                                         }
-                                        let mut window: Vec<Row> = old
+                                        // The window is in order, so deleted rows are found
+                                        // and new rows placed by binary search: the rows that
+                                        // stay are neither read nor cloned (on a cold cache,
+                                        // touching every row of every instance's window cost
+                                        // more than the rest of the update).
+                                        let mut gone_at: Vec<usize> = dels
                                             .iter()
-                                            .filter(|r| !dels.contains(r))
-                                            .cloned()
+                                            .filter_map(|r| window_position(&plan.order, old, r))
                                             .collect();
-                                        if full && window.len() + ins.len() < limit {
+                                        gone_at.sort_unstable();
+                                        gone_at.dedup();
+                                        if full && old.len() - gone_at.len() + ins.len() < limit {
                                             dirty.insert(*qid);
                                             continue;
                                         }
-                                        // The window is in order: each new row goes in by a
-                                        // binary search (after rows that compare equal, as a
-                                        // stable sort would put it) instead of sorting the
-                                        // whole window again for every instance of the shape.
+                                        let window = emitted.entry(*qid).or_default();
+                                        let mut diff: Vec<(Row, Diff)> = Vec::new();
+                                        for at in gone_at.into_iter().rev() {
+                                            diff.push((window.remove(at), -1));
+                                        }
+                                        // After rows that compare equal, as a stable sort
+                                        // would put it.
+                                        let mut added: Vec<usize> = Vec::new();
                                         for r in ins {
                                             let at = window.partition_point(|w| {
                                                 compare_rows(&plan.order, w, &r).is_le()
                                             });
+                                            added.push(r.addr());
                                             window.insert(at, r);
                                         }
-                                        window.truncate(limit);
-                                        updated.insert(*qid, window);
+                                        let cut: Vec<Row> = if window.len() > limit {
+                                            window.drain(limit..).collect()
+                                        } else {
+                                            Vec::new()
+                                        };
+                                        for r in cut {
+                                            match added.iter().position(|a| *a == r.addr()) {
+                                                Some(i) => {
+                                                    added.swap_remove(i);
+                                                }
+                                                None => diff.push((r, -1)),
+                                            }
+                                        }
+                                        for r in window.iter() {
+                                            if added.contains(&r.addr()) {
+                                                diff.push((r.clone(), 1));
+                                            }
+                                        }
+                                        if window.is_empty() {
+                                            emitted.remove(qid);
+                                        }
+                                        updated.insert(*qid, diff);
                                     }
                                 }
                             }
@@ -1354,16 +1395,12 @@ where
                                     emitted.insert(qid, new);
                                 }
                             }
-                            for (qid, new) in updated {
+                            for (qid, diff) in updated {
                                 let Some((q, _, _)) = live.get(&qid) else {
                                     continue;
                                 };
-                                let old = emitted.remove(&qid).unwrap_or_default();
-                                for (r, d) in window_diff(&old, &new) {
+                                for (r, d) in diff {
                                     session.give(((Arc::clone(q), r), t, d));
-                                }
-                                if !new.is_empty() {
-                                    emitted.insert(qid, new);
                                 }
                             }
                         }

@@ -81,7 +81,9 @@ struct Template {
     _buttons: Vec<PressOnDrop>,
 }
 
-struct State {
+/// One worker's dataflows and inputs; driven by [`run`] on a worker thread, or stepped by the
+/// engine's own thread when there is one worker (see `engine::Workers`).
+pub(crate) struct State {
     index: usize,
     peers: usize,
     catalog: Arc<Catalog>,
@@ -97,6 +99,8 @@ struct State {
     sealed: Time,
     /// Output of the current step, sent as one [`Out::Many`] after it.
     out: Rc<RefCell<Vec<Out>>>,
+    /// The tables' frontier as last reported.
+    reported: Option<Option<Time>>,
 }
 
 /// Runs one worker until the engine drops its command channel.
@@ -106,41 +110,7 @@ pub(crate) fn run(
     rx: Receiver<Cmd>,
     sender: Sender<Out>,
 ) {
-    let mut tables = Vec::new();
-    let mut indexes = Indexes::default();
-    let probe = ProbeHandle::new();
-    let tables_dataflow = worker.next_dataflow_index();
-    worker.dataflow_named::<Time, _, _>("tables", |scope| {
-        for (t, info) in catalog.tables.iter().enumerate() {
-            let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
-            let arranged = input
-                .to_collection(scope)
-                .arrange_named::<LeanBatcher<Row>, _>(
-                    &format!("Index({},pk)", info.name),
-                    LeanBatcher::new,
-                );
-            arranged.stream.clone().probe_with(&probe);
-            indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
-            tables.push(input);
-        }
-    });
-    let mut st = State {
-        index: worker.index(),
-        peers: worker.peers(),
-        catalog,
-        tables,
-        indexes,
-        index_dataflows: Vec::new(),
-        tables_dataflow,
-        probe,
-        templates: HashMap::new(),
-        sealed: 0,
-        out: Rc::new(RefCell::new(Vec::new())),
-    };
-    for id in st.catalog.relationship_indexes.clone() {
-        st.ensure_index(worker, &id);
-    }
-    let mut reported: Option<Option<Time>> = None;
+    let mut st = State::new(worker, catalog);
     loop {
         loop {
             match rx.try_recv() {
@@ -153,17 +123,7 @@ pub(crate) fn run(
             }
         }
         worker.step_or_park(None);
-        st.compact();
-        let f = st.probe.with_frontier(|f| f.first().copied());
-        if reported != Some(f) {
-            reported = Some(f);
-            st.out.borrow_mut().push(Out::Frontier {
-                tid: TABLES,
-                worker: st.index,
-                frontier: f,
-            });
-        }
-        let step = std::mem::take(&mut *st.out.borrow_mut());
+        let step = st.after_step();
         if !step.is_empty() {
             let _ = sender.send(Out::Many(step));
         }
@@ -171,11 +131,68 @@ pub(crate) fn run(
 }
 
 impl State {
+    /// Builds the table inputs, their primary-key indexes and the relationship indexes.
+    pub(crate) fn new(worker: &mut Worker, catalog: Arc<Catalog>) -> State {
+        let mut tables = Vec::new();
+        let mut indexes = Indexes::default();
+        let probe = ProbeHandle::new();
+        let tables_dataflow = worker.next_dataflow_index();
+        worker.dataflow_named::<Time, _, _>("tables", |scope| {
+            for (t, info) in catalog.tables.iter().enumerate() {
+                let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
+                let arranged = input
+                    .to_collection(scope)
+                    .arrange_named::<LeanBatcher<Row>, _>(
+                        &format!("Index({},pk)", info.name),
+                        LeanBatcher::new,
+                    );
+                arranged.stream.clone().probe_with(&probe);
+                indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
+                tables.push(input);
+            }
+        });
+        let mut st = State {
+            index: worker.index(),
+            peers: worker.peers(),
+            catalog,
+            tables,
+            indexes,
+            index_dataflows: Vec::new(),
+            tables_dataflow,
+            probe,
+            templates: HashMap::new(),
+            sealed: 0,
+            out: Rc::new(RefCell::new(Vec::new())),
+            reported: None,
+        };
+
+        for id in st.catalog.relationship_indexes.clone() {
+            st.ensure_index(worker, &id);
+        }
+        st
+    }
+
+    /// What a step produced, with the tables' frontier when it moved; lets the indexes
+    /// compact up to the last sealed version.
+    pub(crate) fn after_step(&mut self) -> Vec<Out> {
+        self.compact();
+        let f = self.probe.with_frontier(|f| f.first().copied());
+        if self.reported != Some(f) {
+            self.reported = Some(f);
+            self.out.borrow_mut().push(Out::Frontier {
+                tid: TABLES,
+                worker: self.index,
+                frontier: f,
+            });
+        }
+        std::mem::take(&mut *self.out.borrow_mut())
+    }
+
     fn mine(&self, h: u64) -> bool {
         usize::try_from(h % self.peers as u64).unwrap_or(0) == self.index
     }
 
-    fn handle(&mut self, worker: &mut Worker, cmd: Cmd) {
+    pub(crate) fn handle(&mut self, worker: &mut Worker, cmd: Cmd) {
         match cmd {
             Cmd::Advance {
                 version,
@@ -431,7 +448,7 @@ impl State {
         self.indexes.sorted.insert(id.clone(), trace);
     }
 
-    fn shutdown(&mut self, worker: &mut Worker) {
+    pub(crate) fn shutdown(&mut self, worker: &mut Worker) {
         for (_, t) in self.templates.drain() {
             let df = t.dataflow;
             drop(t);

@@ -146,28 +146,34 @@ impl EngineHandle {
     ) -> std::io::Result<EngineHandle> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let svc = Service {
-            replica_file,
-            internal: vec![format!("{app_id}."), format!("{shard_schema}.")],
-            permissions_table: format!("{app_id}.permissions"),
-            lmid_tables: [
-                format!("{shard_schema}.clients"),
-                format!("{shard_schema}.mutations"),
-            ],
-            workers: workers.max(1),
-            ready: None,
-            queries: HashMap::new(),
-            subs: BTreeMap::new(),
-            groups: HashMap::new(),
-            prepared: Vec::new(),
-            tail: None,
-            pending: Vec::new(),
-            seq: 0,
-            stats: stats.clone(),
-        };
+        let st = stats.clone();
+        let workers = workers.max(1);
+        // The service is built on its thread: an engine with one worker runs that worker on
+        // the calling thread, so it stays on the thread that created it.
         std::thread::Builder::new()
             .name("view-engine".into())
-            .spawn(move || svc.run(rx))?;
+            .spawn(move || {
+                let svc = Service {
+                    replica_file,
+                    internal: vec![format!("{app_id}."), format!("{shard_schema}.")],
+                    permissions_table: format!("{app_id}.permissions"),
+                    lmid_tables: [
+                        format!("{shard_schema}.clients"),
+                        format!("{shard_schema}.mutations"),
+                    ],
+                    workers,
+                    ready: None,
+                    queries: HashMap::new(),
+                    subs: BTreeMap::new(),
+                    groups: HashMap::new(),
+                    prepared: Vec::new(),
+                    tail: None,
+                    pending: Vec::new(),
+                    seq: 0,
+                    stats: st,
+                };
+                svc.run(rx)
+            })?;
         Ok(EngineHandle { tx, stats })
     }
 
