@@ -53,27 +53,59 @@ pub fn order_hints(
     schema: &Schema,
 ) -> Vec<(String, Vec<String>, String)> {
     let mut out = Vec::new();
-    for t in &published.tables {
-        let name = crate::schema::replica_name(&t.schema, &t.name);
-        let Some(ts) = schema.table(&name) else {
+    for (name, ts, columns) in secondary_indexes(published, schema) {
+        let Some(((last, _), rest)) = columns.split_last() else {
             continue;
         };
-        for idx in t.indexes.iter().filter(|i| !i.primary) {
-            let Some(((last, _), rest)) = idx.columns.split_last() else {
-                continue;
-            };
-            let text_led = idx.columns.first().is_some_and(|(c, _)| {
-                ts.column_index(c)
-                    .is_some_and(|i| ts.columns[i].ty == ColumnType::String)
-            });
-            let key: Vec<String> = rest.iter().map(|(c, _)| c.clone()).collect();
-            let hint = (name.clone(), key, last.clone());
-            if !text_led && !out.contains(&hint) {
-                out.push(hint);
-            }
+        let text_led = columns.first().is_some_and(|(c, _)| is_text(ts, c));
+        let key: Vec<String> = rest.iter().map(|(c, _)| c.clone()).collect();
+        let hint = (name, key, last.clone());
+        if !text_led && !out.contains(&hint) {
+            out.push(hint);
         }
     }
     out
+}
+
+/// Lookup indexes worth building while the replica loads, as `(table, column)`: the first
+/// column of each upstream index other than the primary key's, when it is text. An app indexes
+/// upstream the columns it correlates on (foreign keys such as `comment.issueID`), and text is
+/// where ids live; an index led by a number or boolean (a time, a flag) serves ordering or
+/// filtering, which needs a sorted index (see [`order_hints`]).
+pub fn lookup_hints(published: &PublishedSchema, schema: &Schema) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, ts, columns) in secondary_indexes(published, schema) {
+        let Some((col, _)) = columns.first() else {
+            continue;
+        };
+        let whole_key = ts.primary_key.len() == 1 && ts.primary_key[0] == *col;
+        if is_text(ts, col) && !whole_key && !out.contains(&(name.clone(), col.clone())) {
+            out.push((name, col.clone()));
+        }
+    }
+    out
+}
+
+/// Each non-primary upstream index of a published table the engine knows, as the table's
+/// replica name, its schema and the index's columns (with direction): the source of both kinds
+/// of hints, so they agree on which tables and indexes count.
+fn secondary_indexes<'a>(
+    published: &'a PublishedSchema,
+    schema: &'a Schema,
+) -> impl Iterator<Item = (String, &'a TableSchema, &'a [(String, String)])> + 'a {
+    published.tables.iter().flat_map(move |t| {
+        let name = crate::schema::replica_name(&t.schema, &t.name);
+        let ts = schema.table(&name);
+        t.indexes
+            .iter()
+            .filter(move |i| !i.primary && ts.is_some())
+            .filter_map(move |i| Some((name.clone(), ts?, i.columns.as_slice())))
+    })
+}
+
+fn is_text(ts: &TableSchema, column: &str) -> bool {
+    ts.column_index(column)
+        .is_some_and(|i| ts.columns[i].ty == ColumnType::String)
 }
 
 fn column_type(t: ZqlType) -> ColumnType {
@@ -120,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sorted_index_hints_come_from_indexes_not_led_by_text() {
+    fn index_hints_sorted_for_non_text_led_and_lookups_for_text_led() {
         let col = |attnum: i32, name: &str, ty: &str, oid: i64| {
             serde_json::json!({"attnum": attnum, "name": name, "type": ty, "typeOid": oid,
                 "elemOid": 0, "isEnum": false, "isArray": false, "notNull": true,
@@ -153,6 +185,12 @@ mod tests {
                     "modified".to_string()
                 ),
             ]
+        );
+        // The text-led index is a relationship's lookup instead (the primary key's column
+        // never is: the primary-key index serves it).
+        assert_eq!(
+            lookup_hints(&published, &schema),
+            vec![("issue".to_string(), "creatorID".to_string())]
         );
     }
 

@@ -931,7 +931,7 @@ fn new_slot(
         }
     }
     let mut engine = Engine::new(EngineConfig { workers }, &schema)?;
-    for (table, column) in lookup_hints(&ready.published, &schema) {
+    for (table, column) in zql::lookup_hints(&ready.published, &schema) {
         if let Err(e) = engine.prepare_index(&table, std::slice::from_ref(&column)) {
             debug!(%table, %column, error = %e, "an upstream index's lookup could not be prepared");
         }
@@ -973,34 +973,6 @@ fn new_slot(
         schema,
         engine,
     })
-}
-
-/// Lookup indexes worth building while the replica loads, as `(table, column)`: the first
-/// column of each upstream index other than the primary key's, when it is text. An app indexes
-/// upstream the columns it correlates on (foreign keys such as `comment.issueID`), and text is
-/// where ids live; an index led by a number or boolean (a time, a flag) serves ordering or
-/// filtering, which needs a sorted index of a direction the server cannot guess.
-fn lookup_hints(published: &PublishedSchema, schema: &Schema) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for t in &published.tables {
-        let name = crate::schema::replica_name(&t.schema, &t.name);
-        let Some(ts) = schema.table(&name) else {
-            continue;
-        };
-        for idx in t.indexes.iter().filter(|i| !i.primary) {
-            let Some((col, _)) = idx.columns.first() else {
-                continue;
-            };
-            let text = ts
-                .column_index(col)
-                .is_some_and(|i| ts.columns[i].ty == ColumnType::String);
-            let whole_key = ts.primary_key.len() == 1 && ts.primary_key[0] == *col;
-            if text && !whole_key && !out.contains(&(name.clone(), col.clone())) {
-                out.push((name.clone(), col.clone()));
-            }
-        }
-    }
-    out
 }
 
 /// Builds the indexes of `asts`' shapes in the default engine (queries the engine cannot run
