@@ -426,19 +426,7 @@ impl Engine {
     /// arrange the whole table while every other query waits. Columns not in the table are an
     /// [`EngineError::Unsupported`].
     pub fn prepare_index(&mut self, table: &str, columns: &[String]) -> Result<(), EngineError> {
-        let t = self
-            .catalog
-            .table_id(table)
-            .ok_or_else(|| EngineError::UnknownTable(table.to_owned()))?;
-        let info = &self.catalog.tables[t];
-        let cols = columns
-            .iter()
-            .map(|c| {
-                info.columns.iter().position(|n| n == c).ok_or_else(|| {
-                    EngineError::Unsupported(format!("no column \"{c}\" in table \"{table}\""))
-                })
-            })
-            .collect::<Result<Vec<usize>, _>>()?;
+        let (t, cols) = self.column_positions(table, columns)?;
         self.send(&|| Cmd::EnsureIndex {
             id: (t, cols.clone()),
         })
@@ -458,25 +446,16 @@ impl Engine {
         key: &[String],
         order: &[(String, bool)],
     ) -> Result<(), EngineError> {
-        let t = self
-            .catalog
-            .table_id(table)
-            .ok_or_else(|| EngineError::UnknownTable(table.to_owned()))?;
-        let info = &self.catalog.tables[t];
-        let column = |c: &String| {
-            info.columns.iter().position(|n| n == c).ok_or_else(|| {
-                EngineError::Unsupported(format!("no column \"{c}\" in table \"{table}\""))
-            })
-        };
-        let cols = key.iter().map(column).collect::<Result<Vec<usize>, _>>()?;
+        let (t, cols) = self.column_positions(table, key)?;
+        let names: Vec<String> = order.iter().map(|(c, _)| c.clone()).collect();
+        let (_, ordered) = self.column_positions(table, &names)?;
         let mut sort = Vec::new();
-        for (c, desc) in order {
-            let c = column(c)?;
+        for (c, (_, desc)) in ordered.into_iter().zip(order) {
             if !sort.iter().any(|&(o, _)| o == c) {
                 sort.push((c, *desc));
             }
         }
-        for &pk in &info.pk {
+        for &pk in &self.catalog.tables[t].pk {
             if !sort.iter().any(|&(c, _)| c == pk) {
                 sort.push((pk, false));
             }
@@ -484,6 +463,28 @@ impl Engine {
         self.send(&|| Cmd::EnsureSorted {
             id: (t, cols.clone(), sort.clone()),
         })
+    }
+
+    /// `table`'s id and the positions of `columns` in it, for the `prepare_*` calls.
+    fn column_positions(
+        &self,
+        table: &str,
+        columns: &[String],
+    ) -> Result<(TableId, Vec<usize>), EngineError> {
+        let t = self
+            .catalog
+            .table_id(table)
+            .ok_or_else(|| EngineError::UnknownTable(table.to_owned()))?;
+        let info = &self.catalog.tables[t];
+        let cols = columns
+            .iter()
+            .map(|c| {
+                info.columns.iter().position(|n| n == c).ok_or_else(|| {
+                    EngineError::Unsupported(format!("no column \"{c}\" in table \"{table}\""))
+                })
+            })
+            .collect::<Result<Vec<usize>, _>>()?;
+        Ok((t, cols))
     }
 
     /// The template of `shape`, creating its dataflow if there is none.

@@ -24,6 +24,19 @@ fn issue(id: &str, modified: f64) -> Row {
     ])
 }
 
+/// The first primary-key column of each put, sorted.
+fn put_ids<'a>(patches: impl IntoIterator<Item = &'a RowPatch>) -> Vec<Value> {
+    let mut ids: Vec<Value> = patches
+        .into_iter()
+        .filter_map(|p| match p {
+            RowPatch::Put { pk, .. } => Some(pk[0].clone()),
+            RowPatch::Del { .. } => None,
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
 fn insert(row: Row) -> TableChange {
     TableChange {
         table: "issue".into(),
@@ -251,15 +264,7 @@ fn a_prepared_shape_is_built_before_its_first_query_and_kept_after_its_last() {
     e.apply(4, vec![]).expect("apply");
     let diffs = e.step_until(4).expect("step");
     assert_eq!(diffs.len(), 1);
-    let mut ids: Vec<Value> = diffs[0]
-        .patches
-        .iter()
-        .filter_map(|p| match p {
-            RowPatch::Put { pk, .. } => Some(pk[0].clone()),
-            RowPatch::Del { .. } => None,
-        })
-        .collect();
-    ids.sort();
+    let ids = put_ids(&diffs[0].patches);
     assert_eq!(ids, vec![Value::from("i2"), Value::from("i3")]);
     // Preparing a shape that is already there changes nothing.
     e.prepare(&q("issue.orderBy('modified', 'desc').limit(9)"))
@@ -363,15 +368,7 @@ fn a_prepared_ordering_fills_as_the_rows_load_and_serves_its_top_k_queries() {
     e.apply(2, vec![]).expect("apply");
     let diffs = e.step_until(2).expect("step");
     assert_eq!(sorted(&e), built);
-    let mut ids: Vec<Value> = diffs
-        .iter()
-        .flat_map(|d| &d.patches)
-        .filter_map(|p| match p {
-            RowPatch::Put { pk, .. } => Some(pk[0].clone()),
-            RowPatch::Del { .. } => None,
-        })
-        .collect();
-    ids.sort();
+    let ids = put_ids(diffs.iter().flat_map(|d| &d.patches));
     assert_eq!(ids, vec![Value::from("i2"), Value::from("i3")]);
 
     // The other direction is another index; preparing one that exists builds nothing.

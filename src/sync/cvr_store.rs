@@ -1173,12 +1173,7 @@ impl SqliteBackend {
         w.since.get_or_insert_with(Instant::now);
         let mut unfolded = unfolded.lock().expect("cvr unfolded");
         for (seq, group, _) in &entries {
-            match unfolded.get_mut(*group) {
-                Some(s) => *s = *seq,
-                None => {
-                    unfolded.insert(group.to_string(), *seq);
-                }
-            }
+            unfolded.insert(group.to_string(), *seq);
         }
         Ok(())
     }
