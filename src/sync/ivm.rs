@@ -19,13 +19,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::Value as Json;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use zero_dataflow::{Engine, EngineConfig, Op, RowPatch, TableChange};
 use zero_queries::Row;
@@ -83,9 +83,12 @@ pub(crate) struct EngineMsg {
 #[derive(Debug)]
 pub(crate) enum Cmd {
     /// A group starts: it receives messages on `out`, first one at the current version.
+    /// While `connected` is set (the group has a client), its message of each version is sent
+    /// before those of groups nobody waits on, so the sync worker handles it first.
     Register {
         group: String,
         out: UnboundedSender<EngineMsg>,
+        connected: Arc<AtomicBool>,
     },
     /// Query `hash` of `group` is `ast`; `keys` are the client schema's primary keys. Replaces
     /// an earlier subscription of the same hash.
@@ -105,8 +108,6 @@ pub(crate) enum Cmd {
     /// shapes' indexes are built when the replica is loaded (or now, if it is), so the first
     /// client of a shape does not pay for them while every group waits.
     Prepare { asts: Vec<Ast> },
-    /// The replica has a new watermark.
-    Watermark,
     /// Stop the thread.
     Stop,
 }
@@ -130,7 +131,7 @@ pub(crate) struct EngineStats {
 /// The handle view-syncers use.
 #[derive(Debug, Clone)]
 pub(crate) struct EngineHandle {
-    tx: Sender<Cmd>,
+    tx: UnboundedSender<Cmd>,
     pub(crate) stats: Arc<EngineStats>,
 }
 
@@ -138,13 +139,16 @@ impl EngineHandle {
     /// Starts the service thread over the replica at `replica_file`. Tables of the app and
     /// shard schemas (`app_id.*`, `shard_schema.*`) are internal and stay out of the engine,
     /// but changes to `{shard}.clients` / `{shard}.mutations` are reported to their groups.
+    /// The thread waits on `watermarks` itself: a commit wakes it directly, with no task in
+    /// between to forward the news.
     pub(crate) fn start(
         replica_file: PathBuf,
         app_id: String,
         shard_schema: String,
         workers: usize,
+        watermarks: watch::Receiver<String>,
     ) -> std::io::Result<EngineHandle> {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let stats = Arc::new(EngineStats::default());
         let st = stats.clone();
         let workers = workers.max(1);
@@ -172,7 +176,7 @@ impl EngineHandle {
                     seq: 0,
                     stats: st,
                 };
-                svc.run(rx)
+                svc.run(rx, watermarks)
             })?;
         Ok(EngineHandle { tx, stats })
     }
@@ -241,7 +245,7 @@ struct Service {
     queries: HashMap<String, SvcQuery>,
     /// (group, hash) → engine query id (ordered, so that a group's subscriptions are a range).
     subs: BTreeMap<(String, String), String>,
-    groups: HashMap<String, UnboundedSender<EngineMsg>>,
+    groups: HashMap<String, Group>,
     /// The connection that reads each watermark's changes, with the replica file's inode.
     tail: Option<(Connection, u64)>,
     /// Query shapes to prepare whenever the engine is (re)built ([`Cmd::Prepare`]).
@@ -250,6 +254,20 @@ struct Service {
     pending: Vec<(String, String)>,
     seq: u64,
     stats: Arc<EngineStats>,
+}
+
+/// A registered group.
+struct Group {
+    out: UnboundedSender<EngineMsg>,
+    /// See [`Cmd::Register`].
+    connected: Arc<AtomicBool>,
+}
+
+/// What woke the service thread.
+enum Wake {
+    Cmd(Option<Cmd>),
+    /// A new watermark, or `false` when the replica's publisher is gone.
+    Watermark(bool),
 }
 
 /// Output of one step for the groups.
@@ -285,22 +303,59 @@ fn query_id(keys: &BTreeMap<String, Vec<String>>, ast: &Ast) -> String {
 }
 
 impl Service {
-    fn run(mut self, rx: Receiver<Cmd>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+    fn run(mut self, mut rx: UnboundedReceiver<Cmd>, watermarks: watch::Receiver<String>) {
+        let mut wm = Some(watermarks);
+        // The current watermark (if any) is read once at start, as after any later commit.
+        let mut first_round = true;
+        loop {
+            let wake = if first_round {
+                first_round = false;
+                Wake::Watermark(true)
+            } else {
+                futures::executor::block_on(async {
+                    tokio::select! {
+                        biased;
+                        c = rx.recv() => Wake::Cmd(c),
+                        r = async {
+                            match wm.as_mut() {
+                                Some(w) => w.changed().await.is_ok(),
+                                None => std::future::pending().await,
+                            }
+                        } => Wake::Watermark(r),
+                    }
+                })
+            };
+            let mut batch = Vec::new();
+            let mut watermark = false;
+            match wake {
+                Wake::Cmd(None) => return,
+                Wake::Cmd(Some(c)) => batch.push(c),
+                Wake::Watermark(true) => watermark = true,
+                Wake::Watermark(false) => wm = None,
+            }
             while let Ok(c) = rx.try_recv() {
                 batch.push(c);
             }
+            // Seen before the changes are read: a commit after this wakes the thread again.
+            if let Some(w) = wm.as_mut()
+                && w.has_changed().unwrap_or(false)
+            {
+                w.mark_unchanged();
+                watermark = true;
+            }
             let mut out = Outbox::default();
-            let mut watermark = false;
             let started = std::time::Instant::now();
             let commands = batch.len();
             for cmd in batch {
                 match cmd {
                     Cmd::Stop => return,
-                    Cmd::Watermark => watermark = true,
-                    Cmd::Register { group, out: tx } => {
-                        self.groups.insert(group.clone(), tx);
+                    Cmd::Register {
+                        group,
+                        out: tx,
+                        connected,
+                    } => {
+                        self.groups
+                            .insert(group.clone(), Group { out: tx, connected });
                         out.lmids.insert(group.clone());
                         out.touched.insert(group);
                     }
@@ -585,8 +640,15 @@ impl Service {
         let mut groups: BTreeSet<String> = msgs.keys().cloned().collect();
         groups.extend(touched);
         groups.extend(fetched.iter().cloned());
-        for g in groups {
-            let Some(tx) = self.groups.get(&g) else {
+        // Groups with a client first: the sync worker starts on the first message while later
+        // ones are still being sent, and a group nobody waits on must not take its turn.
+        let (connected, idle): (Vec<String>, Vec<String>) = groups.into_iter().partition(|g| {
+            self.groups
+                .get(g)
+                .is_some_and(|r| r.connected.load(Ordering::Relaxed))
+        });
+        for g in connected.into_iter().chain(idle) {
+            let Some(Group { out: tx, .. }) = self.groups.get(&g) else {
                 continue;
             };
             let msg = EngineMsg {
@@ -768,9 +830,14 @@ impl Service {
                 None => return Ok(Some(Vec::new())),
             },
         };
-        conn.execute_batch("BEGIN")?;
+        // Cached statements: `execute_batch` would compile them again on every watermark.
+        conn.prepare_cached("BEGIN")?.execute([])?;
         let r = self.read_changes_in(&conn, out);
-        if conn.execute_batch("COMMIT").is_ok() {
+        if conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut st| st.execute([]))
+            .is_ok()
+        {
             self.tail = Some((conn, ino));
         }
         r
@@ -781,24 +848,49 @@ impl Service {
         conn: &Connection,
         out: &mut Outbox,
     ) -> Result<Option<Vec<TableChange>>, LoadError> {
-        let Some(crate::replica::StoredState {
-            replica_version,
-            watermark,
-            schema: schema_text,
-            ..
-        }) = crate::replica::read_stored_state(conn)?
-        else {
-            return Ok(Some(Vec::new()));
-        };
         let ready = self.ready.as_mut().expect("ready");
+        // The common case in one statement that neither copies the schema text out nor scans
+        // `sqlite_master`: SQLite compares the stored schema with the loaded one in place.
+        let quick = conn
+            .prepare_cached(
+                r#"SELECT c."replicaVersion", s."stateVersion", u."schema" = ?1
+                   FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
+            )
+            .and_then(|mut st| {
+                st.query_row([&ready.published_text], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, bool>(2)?,
+                    ))
+                })
+                .optional()
+            });
+        let (replica_version, watermark) = match quick {
+            Ok(Some((replica_version, watermark, true))) => (replica_version, watermark),
+            _ => {
+                let Some(crate::replica::StoredState {
+                    replica_version,
+                    watermark,
+                    schema: schema_text,
+                    ..
+                }) = crate::replica::read_stored_state(conn)?
+                else {
+                    return Ok(Some(Vec::new()));
+                };
+                if replica_version == ready.replica_version && schema_text != ready.published_text {
+                    match serde_json::from_str::<PublishedSchema>(&schema_text) {
+                        Ok(schema) if schema == ready.published => {
+                            ready.published_text = schema_text
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+                (replica_version, watermark)
+            }
+        };
         if replica_version != ready.replica_version {
             return Ok(None);
-        }
-        if schema_text != ready.published_text {
-            match serde_json::from_str::<PublishedSchema>(&schema_text) {
-                Ok(schema) if schema == ready.published => ready.published_text = schema_text,
-                _ => return Ok(None),
-            }
         }
         if watermark <= ready.state_version {
             return Ok(Some(Vec::new()));

@@ -559,11 +559,13 @@ pub async fn bind(
     };
     let revalidate_interval = w.auth_revalidate_interval;
     let retransform_interval = w.auth_retransform_interval;
+    // Every new watermark reaches the engine directly; groups hear from the engine.
     let engine = ivm::EngineHandle::start(
         opts.replica_file.clone(),
         opts.app_id.clone(),
         opts.shard_schema.clone(),
         1,
+        watermarks.clone(),
     )?;
     // Shapes of the queries stored in the CVRs are prepared while the replica loads.
     match cvr.stored_asts().await {
@@ -577,21 +579,6 @@ pub async fn bind(
         Err(e) => {
             tracing::warn!(error = %e, "stored queries could not be read; their shapes are not prepared")
         }
-    }
-    {
-        // Every new watermark reaches the engine; groups hear from the engine.
-        let engine = engine.clone();
-        let mut wm = watermarks.clone();
-        tokio::spawn(async move {
-            loop {
-                if !engine.send(ivm::Cmd::Watermark) {
-                    break;
-                }
-                if wm.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
     }
     let readers = source::ReaderPool::new(opts.replica_file.clone(), opts.num_workers * 2 + 2);
     let shared = Arc::new(SyncShared {

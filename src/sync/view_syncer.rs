@@ -166,6 +166,8 @@ pub(crate) struct ViewSyncer {
     last_retransform: Instant,
     /// Messages from the view engine (in order: they move the group from version to version).
     engine_rx: mpsc::UnboundedReceiver<EngineMsg>,
+    /// Set while the group has a connection: the engine sends this group's messages first.
+    connected: Arc<std::sync::atomic::AtomicBool>,
     /// Queries subscribed in the engine, with the hash of the AST they run.
     subscribed: HashMap<String, String>,
     /// Subscribed queries whose rows have not arrived yet.
@@ -208,9 +210,11 @@ impl ViewSyncer {
             .unwrap_or_default();
         let source = Box::new(SqlViewSource::new(shared.readers.clone(), keys));
         let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         shared.engine.send(Cmd::Register {
             group: id.to_string(),
             out: engine_tx,
+            connected: connected.clone(),
         });
         Ok(ViewSyncer {
             id: id.to_string(),
@@ -230,6 +234,7 @@ impl ViewSyncer {
             last_revalidation: Instant::now(),
             last_retransform: Instant::now(),
             engine_rx,
+            connected,
             subscribed: HashMap::new(),
             awaiting: BTreeSet::new(),
             fetching: false,
@@ -346,6 +351,8 @@ impl ViewSyncer {
     /// Starts or stops the TTL clock as the group gains its first or loses its last
     /// connection; a stopped clock is stored so that it stays stopped across restarts.
     fn track_connected(&mut self) {
+        self.connected
+            .store(!self.conns.is_empty(), std::sync::atomic::Ordering::Relaxed);
         match (!self.conns.is_empty(), self.clock_since.is_some()) {
             (true, false) => self.clock_since = Some(Instant::now()),
             (false, true) => {
