@@ -302,10 +302,12 @@ async fn connection(
         );
     }
     let (sink, stream) = socket.split();
-    let writer = write_loop(sink, out_rx);
+    // The writer is a task of its own: a poke then wakes only it. Polled together with the
+    // reader in one task, every poke of every client also polled the reader (which locks the
+    // socket's halves and tries a read) and the shutdown watch.
+    let mut writer = tokio::spawn(write_loop(sink, out_rx));
     let reader = read_loop(&shared, stream, &out_tx, pusher, conn_id);
     let mut closing = shared.closing.subscribe();
-    tokio::pin!(writer);
     tokio::select! {
         _ = &mut writer => {}
         _ = reader => {}
@@ -315,6 +317,8 @@ async fn connection(
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
         }
     }
+    // When the reader ended first, the socket is done: drop the writer as before.
+    writer.abort();
     shared.dispatch(
         &group,
         GroupCmd::Disconnect {
