@@ -181,6 +181,25 @@ pub fn read_stored_state(conn: &Connection) -> Result<Option<StoredState>, Repli
         .optional()?)
 }
 
+/// The replica and state versions, read only if the stored upstream schema equals `schema`
+/// (compared inside SQLite, so the text is not copied out): the view engine's check on every
+/// commit. `None` when it differs; an error also when the metadata tables are missing.
+pub fn read_versions_if_schema(
+    conn: &Connection,
+    schema: &str,
+) -> Result<Option<(String, String)>, ReplicaError> {
+    Ok(conn
+        .prepare_cached(
+            r#"SELECT c."replicaVersion", s."stateVersion", u."schema" = ?1
+               FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
+        )?
+        .query_row([schema], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, bool>(2)?))
+        })
+        .optional()?
+        .and_then(|(replica_version, watermark, same)| same.then_some((replica_version, watermark))))
+}
+
 /// Reads the replica's state; `None` if the file is not a complete replica.
 pub fn read_state(conn: &Connection) -> Result<Option<ReplicaState>, ReplicaError> {
     let Some(StoredState {

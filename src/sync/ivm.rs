@@ -304,27 +304,23 @@ fn query_id(keys: &BTreeMap<String, Vec<String>>, ast: &Ast) -> String {
 
 impl Service {
     fn run(mut self, mut rx: UnboundedReceiver<Cmd>, watermarks: watch::Receiver<String>) {
-        let mut wm = Some(watermarks);
+        let mut watermarks = watermarks;
         // The current watermark (if any) is read once at start, as after any later commit.
-        let mut first_round = true;
+        watermarks.mark_changed();
+        let mut wm = Some(watermarks);
         loop {
-            let wake = if first_round {
-                first_round = false;
-                Wake::Watermark(true)
-            } else {
-                futures::executor::block_on(async {
-                    tokio::select! {
-                        biased;
-                        c = rx.recv() => Wake::Cmd(c),
-                        r = async {
-                            match wm.as_mut() {
-                                Some(w) => w.changed().await.is_ok(),
-                                None => std::future::pending().await,
-                            }
-                        } => Wake::Watermark(r),
-                    }
-                })
-            };
+            let wake = futures::executor::block_on(async {
+                tokio::select! {
+                    biased;
+                    c = rx.recv() => Wake::Cmd(c),
+                    r = async {
+                        match wm.as_mut() {
+                            Some(w) => w.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    } => Wake::Watermark(r),
+                }
+            });
             let mut batch = Vec::new();
             let mut watermark = false;
             match wake {
@@ -850,24 +846,10 @@ impl Service {
     ) -> Result<Option<Vec<TableChange>>, LoadError> {
         let ready = self.ready.as_mut().expect("ready");
         // The common case in one statement that neither copies the schema text out nor scans
-        // `sqlite_master`: SQLite compares the stored schema with the loaded one in place.
-        let quick = conn
-            .prepare_cached(
-                r#"SELECT c."replicaVersion", s."stateVersion", u."schema" = ?1
-                   FROM "_zero.replicationConfig" c, "_zero.replicationState" s, "_zero.upstreamSchema" u"#,
-            )
-            .and_then(|mut st| {
-                st.query_row([&ready.published_text], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, bool>(2)?,
-                    ))
-                })
-                .optional()
-            });
+        // `sqlite_master`; anything else takes the full read below.
+        let quick = crate::replica::read_versions_if_schema(conn, &ready.published_text);
         let (replica_version, watermark) = match quick {
-            Ok(Some((replica_version, watermark, true))) => (replica_version, watermark),
+            Ok(Some(versions)) => versions,
             _ => {
                 let Some(crate::replica::StoredState {
                     replica_version,
