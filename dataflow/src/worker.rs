@@ -172,10 +172,8 @@ impl State {
         st
     }
 
-    /// What a step produced, with the tables' frontier when it moved; lets the indexes
-    /// compact up to the last sealed version.
+    /// What a step produced, with the tables' frontier when it moved.
     pub(crate) fn after_step(&mut self) -> Vec<Out> {
-        self.compact();
         let f = self.probe.with_frontier(|f| f.first().copied());
         if self.reported != Some(f) {
             self.reported = Some(f);
@@ -301,7 +299,10 @@ impl State {
     /// Lets every shared index forget history before the last sealed version: new imports
     /// read as of that version, so nothing older can be asked for. Physical compaction never
     /// passes what the index has already built (a join that imports it asserts that), so it
-    /// trails by a step while the worker is still processing the version.
+    /// trails while the worker is still processing a version, and catches up at the next one.
+    /// Once per version, not after every worker step: a version takes several steps, and
+    /// adjusting every index's compaction frontiers in each of them was a measurable part of
+    /// a one-row update.
     fn compact(&mut self) {
         let sealed = [self.sealed];
         let mut upper = Antichain::new();
