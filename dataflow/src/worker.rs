@@ -75,6 +75,21 @@ pub(crate) enum Out {
     Many(Vec<Out>),
 }
 
+/// An index asked for before the tables' dataflow exists.
+#[derive(Clone, PartialEq)]
+enum Deferred {
+    Key(IndexId),
+    Sorted(SortedId),
+}
+
+impl Deferred {
+    fn table(&self) -> TableId {
+        match self {
+            Deferred::Key((t, _)) | Deferred::Sorted((t, _, _)) => *t,
+        }
+    }
+}
+
 struct Template {
     dataflow: usize,
     input: InputSession<Time, Q, Diff>,
@@ -91,7 +106,10 @@ pub(crate) struct State {
     indexes: Indexes,
     /// Dataflows (and import buttons) of lazily created indexes; kept for the engine's life.
     index_dataflows: Vec<(usize, PressOnDrop)>,
-    tables_dataflow: usize,
+    /// The dataflow arranging the tables, once built.
+    tables_dataflow: Option<usize>,
+    /// Indexes asked for before the tables' dataflow was built, to be arranged inside it.
+    deferred: Vec<Deferred>,
     /// Frontier of every shared index (tables and lazily built ones): a version is complete
     /// only once all of them have absorbed it.
     probe: ProbeHandle<Time>,
@@ -131,49 +149,109 @@ pub(crate) fn run(
 }
 
 impl State {
-    /// Builds the table inputs, their primary-key indexes and the relationship indexes.
+    /// Creates the table inputs and asks for the relationship indexes; the dataflow that
+    /// arranges the tables is built when first needed (see [`State::build_tables`]).
     pub(crate) fn new(worker: &mut Worker, catalog: Arc<Catalog>) -> State {
-        let mut tables = Vec::new();
-        let mut indexes = Indexes::default();
-        let probe = ProbeHandle::new();
-        let tables_dataflow = worker.next_dataflow_index();
-        worker.dataflow_named::<Time, _, _>("tables", |scope| {
-            for (t, info) in catalog.tables.iter().enumerate() {
-                let mut input: InputSession<Time, (Key, Row), Diff> = InputSession::new();
-                let arranged = input
-                    .to_collection(scope)
-                    .arrange_named::<LeanBatcher<Row>, _>(
-                        &format!("Index({},pk)", info.name),
-                        LeanBatcher::new,
-                    );
-                arranged.stream.clone().probe_with(&probe);
-                indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
-                tables.push(input);
-            }
-        });
+        let tables = catalog.tables.iter().map(|_| InputSession::new()).collect();
         let mut st = State {
             index: worker.index(),
             peers: worker.peers(),
             catalog,
             tables,
-            indexes,
+            indexes: Indexes::default(),
             index_dataflows: Vec::new(),
-            tables_dataflow,
-            probe,
+            tables_dataflow: None,
+            deferred: Vec::new(),
+            probe: ProbeHandle::new(),
             templates: HashMap::new(),
             sealed: 0,
             out: Rc::new(RefCell::new(Vec::new())),
             reported: None,
         };
-
         for id in st.catalog.relationship_indexes.clone() {
             st.ensure_index(worker, &id);
         }
         st
     }
 
+    /// Builds the dataflow of the table inputs: each table's primary-key index, and every
+    /// index asked for until now arranged from the same input. An index built later is a
+    /// dataflow of its own that imports the primary-key index, which costs every version a
+    /// hop between dataflows and the scheduling of one more dataflow; the indexes a host
+    /// prepares before loading the replica (relationships, upstream indexes) avoid both.
+    fn build_tables(&mut self, worker: &mut Worker) {
+        if self.tables_dataflow.is_some() {
+            return;
+        }
+        self.tables_dataflow = Some(worker.next_dataflow_index());
+        let deferred = std::mem::take(&mut self.deferred);
+        let (catalog, tables, indexes, probe) = (
+            &self.catalog,
+            &mut self.tables,
+            &mut self.indexes,
+            &self.probe,
+        );
+        worker.dataflow_named::<Time, _, _>("tables", |scope| {
+            for (t, (info, input)) in catalog.tables.iter().zip(tables.iter_mut()).enumerate() {
+                let rows = input.to_collection(scope);
+                let arranged = rows.clone().arrange_named::<LeanBatcher<Row>, _>(
+                    &format!("Index({},pk)", info.name),
+                    LeanBatcher::new,
+                );
+                arranged.stream.clone().probe_with(probe);
+                indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
+                for spec in deferred.iter().filter(|d| d.table() == t) {
+                    match spec.clone() {
+                        Deferred::Key((_, cols)) => {
+                            let name = format!("Index({},{cols:?})", info.name);
+                            let idx = rows
+                                .clone()
+                                .flat_map(move |(_pk, row): (Key, Row)| {
+                                    key_of(&row, &cols).map(|k| (k, row))
+                                })
+                                .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
+                            idx.stream.clone().probe_with(probe);
+                            if let Deferred::Key(id) = spec {
+                                indexes.by_key.insert(id.clone(), idx.trace);
+                            }
+                        }
+                        Deferred::Sorted((_, cols, order)) => {
+                            let name = format!("Sorted({},{cols:?},{order:?})", info.name);
+                            let order: Arc<Vec<(usize, bool)>> = Arc::new(order);
+                            let idx = rows
+                                .clone()
+                                .flat_map(move |(_pk, row): (Key, Row)| {
+                                    key_of(&row, &cols).map(|k| {
+                                        (
+                                            k,
+                                            SortedRow {
+                                                order: Arc::clone(&order),
+                                                row,
+                                            },
+                                        )
+                                    })
+                                })
+                                .arrange_named::<SortBatcher<SortedRow>, _>(
+                                    &name,
+                                    SortBatcher::new,
+                                );
+                            idx.stream.clone().probe_with(probe);
+                            if let Deferred::Sorted(id) = spec {
+                                indexes.sorted.insert(id.clone(), idx.trace);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// What a step produced, with the tables' frontier when it moved.
     pub(crate) fn after_step(&mut self) -> Vec<Out> {
+        if self.tables_dataflow.is_none() {
+            // Nothing arranged yet: an empty probe would read as "closed".
+            return std::mem::take(&mut *self.out.borrow_mut());
+        }
         let f = self.probe.with_frontier(|f| f.first().copied());
         if self.reported != Some(f) {
             self.reported = Some(f);
@@ -197,6 +275,7 @@ impl State {
                 changes,
                 params,
             } => {
+                self.build_tables(worker);
                 for input in &mut self.tables {
                     input.advance_to(version);
                 }
@@ -244,6 +323,7 @@ impl State {
             }
             Cmd::CreateTemplate { tid, shape } => {
                 self.ensure_indexes(worker, &shape);
+                self.build_tables(worker);
                 let dataflow = worker.next_dataflow_index();
                 let mut input: InputSession<Time, Q, Diff> = InputSession::new();
                 let sealed = self.sealed;
@@ -368,6 +448,13 @@ impl State {
         if self.indexes.by_key.contains_key(id) {
             return;
         }
+        if self.tables_dataflow.is_none() {
+            let d = Deferred::Key(id.clone());
+            if *id != (id.0, self.catalog.tables[id.0].pk.clone()) && !self.deferred.contains(&d) {
+                self.deferred.push(d);
+            }
+            return;
+        }
         let (table, cols) = id.clone();
         let pk_id = (table, self.catalog.tables[table].pk.clone());
         let pk = self
@@ -405,6 +492,13 @@ impl State {
     /// primary-key arrangement, as of the last sealed version.
     fn ensure_sorted(&mut self, worker: &mut Worker, id: &SortedId) {
         if self.indexes.sorted.contains_key(id) {
+            return;
+        }
+        if self.tables_dataflow.is_none() {
+            let d = Deferred::Sorted(id.clone());
+            if !self.deferred.contains(&d) {
+                self.deferred.push(d);
+            }
             return;
         }
         let (table, cols, order) = id.clone();
@@ -462,6 +556,8 @@ impl State {
             worker.drop_dataflow(df);
         }
         self.tables.clear();
-        worker.drop_dataflow(self.tables_dataflow);
+        if let Some(df) = self.tables_dataflow.take() {
+            worker.drop_dataflow(df);
+        }
     }
 }
