@@ -6,10 +6,11 @@
 //!
 //! * **Tables** are input collections of `(primary key, row)`, fed by committed change batches
 //!   ([`Engine::apply`]) at strictly increasing `u64` versions. Each table is arranged once by
-//!   primary key; the correlation indexes of the schema's relationships are built up front;
-//!   other arrangements (equality seeks, whole-table scans, sorted indexes for top-k) are
-//!   built when a shape first needs them. All are **shared** by every query. After each
-//!   version they are compacted to it, so memory stays bounded under a long update stream.
+//!   primary key; the correlation indexes of the schema's relationships, and those a host
+//!   prepares before the first version or shape, are arranged with the tables in one
+//!   dataflow; other arrangements (equality seeks, whole-table scans, sorted indexes for
+//!   top-k) are built when a shape first needs them. All are **shared** by every query. Each
+//!   new version compacts them to it, so memory stays bounded under a long update stream.
 //! * **Queries are data.** [`Engine::add_query`] validates the AST, completes its orderings,
 //!   and splits it into a *shape* (literals, limits and start cursors replaced by slots) and
 //!   parameters ([`plan`]). One dataflow (a *template*) runs per distinct shape; each distinct
