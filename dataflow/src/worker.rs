@@ -76,7 +76,7 @@ pub(crate) enum Out {
 }
 
 /// An index asked for before the tables' dataflow exists.
-#[derive(Clone, PartialEq)]
+#[derive(PartialEq)]
 enum Deferred {
     Key(IndexId),
     Sorted(SortedId),
@@ -201,9 +201,10 @@ impl State {
                 arranged.stream.clone().probe_with(probe);
                 indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
                 for spec in deferred.iter().filter(|d| d.table() == t) {
-                    match spec.clone() {
-                        Deferred::Key((_, cols)) => {
-                            let name = format!("Index({},{cols:?})", info.name);
+                    match spec {
+                        Deferred::Key(id) => {
+                            let name = format!("Index({},{:?})", info.name, id.1);
+                            let cols = id.1.clone();
                             let idx = rows
                                 .clone()
                                 .flat_map(move |(_pk, row): (Key, Row)| {
@@ -211,11 +212,10 @@ impl State {
                                 })
                                 .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
                             idx.stream.clone().probe_with(probe);
-                            if let Deferred::Key(id) = spec {
-                                indexes.by_key.insert(id.clone(), idx.trace);
-                            }
+                            indexes.by_key.insert(id.clone(), idx.trace);
                         }
-                        Deferred::Sorted((_, cols, order)) => {
+                        Deferred::Sorted(id) => {
+                            let (_, cols, order) = id.clone();
                             let name = format!("Sorted({},{cols:?},{order:?})", info.name);
                             let order: Arc<Vec<(usize, bool)>> = Arc::new(order);
                             let idx = rows
@@ -236,9 +236,7 @@ impl State {
                                     SortBatcher::new,
                                 );
                             idx.stream.clone().probe_with(probe);
-                            if let Deferred::Sorted(id) = spec {
-                                indexes.sorted.insert(id.clone(), idx.trace);
-                            }
+                            indexes.sorted.insert(id.clone(), idx.trace);
                         }
                     }
                 }
