@@ -318,7 +318,8 @@ impl Engine {
         &self.catalog
     }
 
-    /// The size of every shared index, summed over workers, largest first.
+    /// The size of every shared index, summed over workers, largest first; empty until the
+    /// first version or shape builds the tables' dataflow.
     pub fn index_stats(&self) -> Result<Vec<IndexStats>, EngineError> {
         let (tx, rx) = mpsc::channel();
         self.send(&|| Cmd::Stats(tx.clone()))?;
@@ -406,8 +407,8 @@ impl Engine {
     /// host that knows its app's common queries calls this while it loads the replica, so the
     /// first client query of such a shape hydrates like any later one instead of paying for
     /// arranging a whole table or rendering the shape's operators, which stops every other
-    /// query's next version meanwhile. Indexes the schema's relationships need are built by
-    /// [`Engine::new`] already.
+    /// query's next version meanwhile. Indexes the schema's relationships need are asked for
+    /// by [`Engine::new`] already.
     pub fn prepare(&mut self, ast: &Ast) -> Result<(), EngineError> {
         validate(ast, &self.catalog.schema)?;
         let ast = complete_ordering(ast, &self.catalog.schema)?;
@@ -419,11 +420,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Builds the lookup index of `table` on `columns` now, unless one exists. A host that knows
+    /// Builds the lookup index of `table` on `columns`, unless one exists. A host that knows
     /// its app's access paths without knowing its queries (say, from the upstream database's
     /// indexes) calls this before loading rows, so the index fills as the table loads and the
     /// first query that looks rows up by those columns (a relationship, an EXISTS) does not
-    /// arrange the whole table while every other query waits. Columns not in the table are an
+    /// arrange the whole table while every other query waits. Asked for before the first
+    /// version or shape, it is arranged with the tables, from their inputs (no dataflow of
+    /// its own); later, now, from the primary-key index. Columns not in the table are an
     /// [`EngineError::Unsupported`].
     pub fn prepare_index(&mut self, table: &str, columns: &[String]) -> Result<(), EngineError> {
         let (t, cols) = self.column_positions(table, columns)?;
@@ -438,7 +441,8 @@ impl Engine {
     /// holds the whole table in ORDER BY order under each key, and building it on a shape's
     /// first use sorts every row while that client and every other query's next version wait;
     /// a host that can tell its app's orderings (say, from the upstream database's indexes)
-    /// calls this before loading rows, so the index fills as the table loads. Columns not in
+    /// calls this before loading rows, so the index fills as the table loads (arranged with
+    /// the tables, as for [`Engine::prepare_index`]). Columns not in
     /// the table are an [`EngineError::Unsupported`].
     pub fn prepare_order(
         &mut self,

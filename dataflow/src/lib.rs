@@ -10,7 +10,8 @@
 //!   prepares before the first version or shape, are arranged with the tables in one
 //!   dataflow; other arrangements (equality seeks, whole-table scans, sorted indexes for
 //!   top-k) are built when a shape first needs them. All are **shared** by every query. Each
-//!   new version compacts them to it, so memory stays bounded under a long update stream.
+//!   new version compacts their history up to it (physically, up to the version before), so
+//!   memory stays bounded under a long update stream.
 //! * **Queries are data.** [`Engine::add_query`] validates the AST, completes its orderings,
 //!   and splits it into a *shape* (literals, limits and start cursors replaced by slots) and
 //!   parameters ([`plan`]). One dataflow (a *template*) runs per distinct shape; each distinct

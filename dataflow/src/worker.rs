@@ -43,9 +43,11 @@ pub(crate) enum Cmd {
     CreateTemplate { tid: u64, shape: Arc<QueryShape> },
     /// Drop a template's dataflow and its holds on the shared indexes.
     DropTemplate { tid: u64 },
-    /// Build a lookup index (as of the last sealed version) if there is none.
+    /// Build a lookup index (as of the last sealed version) if there is none; before the
+    /// tables' dataflow exists, have it arranged there.
     EnsureIndex { id: IndexId },
-    /// Build a sorted index (as of the last sealed version) if there is none.
+    /// Build a sorted index (as of the last sealed version) if there is none; before the
+    /// tables' dataflow exists, have it arranged there.
     EnsureSorted { id: SortedId },
     /// Report the size of every shared index.
     Stats(Sender<Vec<IndexStats>>),
@@ -377,7 +379,7 @@ impl State {
     /// Lets every shared index forget history before the last sealed version: new imports
     /// read as of that version, so nothing older can be asked for. Physical compaction never
     /// passes what the index has already built (a join that imports it asserts that), so it
-    /// trails while the worker is still processing a version, and catches up at the next one.
+    /// stays a version behind: it reaches a version when the next one is applied.
     /// Once per version, not after every worker step: a version takes several steps, and
     /// adjusting every index's compaction frontiers in each of them was a measurable part of
     /// a one-row update.
@@ -441,7 +443,8 @@ impl State {
         }
     }
 
-    /// Creates the index `id` from the primary-key arrangement, as of the last sealed version.
+    /// Creates the index `id` from the primary-key arrangement, as of the last sealed version;
+    /// before the tables' dataflow exists, records it to be arranged there.
     fn ensure_index(&mut self, worker: &mut Worker, id: &IndexId) {
         if self.indexes.by_key.contains_key(id) {
             return;
@@ -487,7 +490,8 @@ impl State {
     }
 
     /// Creates the sorted index `id` (rows under their key in ORDER BY order) from the
-    /// primary-key arrangement, as of the last sealed version.
+    /// primary-key arrangement, as of the last sealed version; before the tables' dataflow
+    /// exists, records it to be arranged there.
     fn ensure_sorted(&mut self, worker: &mut Worker, id: &SortedId) {
         if self.indexes.sorted.contains_key(id) {
             return;

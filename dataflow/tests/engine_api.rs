@@ -225,6 +225,58 @@ fn long_update_streams_keep_results_exact() {
 }
 
 #[test]
+fn indexes_prepared_before_loading_serve_queries_across_workers() {
+    // Asked for before the first version, the indexes are arranged in each worker's tables
+    // dataflow; every worker must build the same dataflows in the same order.
+    let schema = schema();
+    let mut e = Engine::new(EngineConfig { workers: 2 }, &schema).expect("engine");
+    e.prepare_index("issue", &["title".to_string()])
+        .expect("prepare index");
+    e.prepare_order("issue", &[], &[("modified".to_string(), true)])
+        .expect("prepare ordering");
+    let q = parse_query("issue.orderBy('modified', 'desc').limit(3)", &schema).expect("query");
+    e.add_query("top", &q).expect("add");
+    let mut rows: Vec<Row> = (0..20)
+        .map(|i| issue(&format!("i{i:02}"), f64::from(i)))
+        .collect();
+    e.apply(1, rows.iter().cloned().map(insert).collect())
+        .expect("apply");
+    e.step_until(1).expect("step");
+    for v in 2..60u32 {
+        let i = (v as usize * 7) % rows.len();
+        let old = rows[i].clone();
+        let new = issue(&format!("i{i:02}"), f64::from(v));
+        rows[i] = new.clone();
+        let change = TableChange {
+            table: "issue".into(),
+            op: Op::Delete,
+            row: old,
+        };
+        e.apply(u64::from(v), vec![change, insert(new)])
+            .expect("apply");
+        e.step_until(u64::from(v)).expect("step");
+        let mut want = rows.clone();
+        want.sort_by(|a, b| b.cmp_cols(3, a, 3));
+        want.truncate(3);
+        want.sort();
+        let got: Vec<Row> = e
+            .rows("top")
+            .expect("live")
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(got, want, "version {v}");
+    }
+    let stats = e.index_stats().expect("stats");
+    assert!(stats.iter().any(|s| s.name == "issue[1]" && s.vals >= 20));
+    assert!(
+        stats
+            .iter()
+            .any(|s| s.name.starts_with("issue[] sorted") && s.vals >= 20)
+    );
+}
+
+#[test]
 fn a_prepared_shape_is_built_before_its_first_query_and_kept_after_its_last() {
     let schema = schema();
     let mut e = Engine::new(EngineConfig { workers: 1 }, &schema).expect("engine");
