@@ -92,6 +92,38 @@ impl Deferred {
     }
 }
 
+fn index_name(table: &str, cols: &[usize]) -> String {
+    format!("Index({table},{cols:?})")
+}
+
+fn sorted_name(table: &str, cols: &[usize], order: &[(usize, bool)]) -> String {
+    format!("Sorted({table},{cols:?},{order:?})")
+}
+
+/// A row's entry in the lookup index on `cols`, whether the index is arranged from a table's
+/// input or from its primary-key index. Rows with a null in the key can never be looked up,
+/// so they have none (the whole-table index has no columns and keeps every row).
+fn index_entry(cols: Vec<usize>) -> impl Fn(&Row) -> Option<(Key, Row)> + 'static {
+    move |row| key_of(row, &cols).map(|k| (k, row.clone()))
+}
+
+/// A row's entry in the sorted index on `cols` ordered by `order` (see [`index_entry`]).
+fn sorted_entry(
+    cols: Vec<usize>,
+    order: Vec<(usize, bool)>,
+) -> impl Fn(&Row) -> Option<(Key, SortedRow)> + 'static {
+    let order = Arc::new(order);
+    move |row| {
+        key_of(row, &cols).map(|k| {
+            let row = SortedRow {
+                order: Arc::clone(&order),
+                row: row.clone(),
+            };
+            (k, row)
+        })
+    }
+}
+
 struct Template {
     dataflow: usize,
     input: InputSession<Time, Q, Diff>,
@@ -205,34 +237,22 @@ impl State {
                 for spec in deferred.iter().filter(|d| d.table() == t) {
                     match spec {
                         Deferred::Key(id) => {
-                            let name = format!("Index({},{:?})", info.name, id.1);
-                            let cols = id.1.clone();
+                            let name = index_name(&info.name, &id.1);
+                            let entry = index_entry(id.1.clone());
                             let idx = rows
                                 .clone()
-                                .flat_map(move |(_pk, row): (Key, Row)| {
-                                    key_of(&row, &cols).map(|k| (k, row))
-                                })
+                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row))
                                 .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
                             idx.stream.clone().probe_with(probe);
                             indexes.by_key.insert(id.clone(), idx.trace);
                         }
                         Deferred::Sorted(id) => {
                             let (_, cols, order) = id.clone();
-                            let name = format!("Sorted({},{cols:?},{order:?})", info.name);
-                            let order: Arc<Vec<(usize, bool)>> = Arc::new(order);
+                            let name = sorted_name(&info.name, &cols, &order);
+                            let entry = sorted_entry(cols, order);
                             let idx = rows
                                 .clone()
-                                .flat_map(move |(_pk, row): (Key, Row)| {
-                                    key_of(&row, &cols).map(|k| {
-                                        (
-                                            k,
-                                            SortedRow {
-                                                order: Arc::clone(&order),
-                                                row,
-                                            },
-                                        )
-                                    })
-                                })
+                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row))
                                 .arrange_named::<SortBatcher<SortedRow>, _>(
                                     &name,
                                     SortBatcher::new,
@@ -466,7 +486,7 @@ impl State {
         let sealed = self.sealed;
         let probe = &self.probe;
         let dataflow = worker.next_dataflow_index();
-        let name = format!("Index({},{cols:?})", self.catalog.tables[table].name);
+        let name = index_name(&self.catalog.tables[table].name, &cols);
         let (trace, button) = worker.dataflow_named::<Time, _, _>(&name, |scope| {
             let (arr, button) = pk.import_frontier_core(
                 scope,
@@ -474,13 +494,9 @@ impl State {
                 Antichain::from_elem(sealed),
                 Antichain::new(),
             );
-            let c = cols.clone();
+            let entry = index_entry(cols);
             let idx = arr
-                .flat_map_ref(move |_pk, row: &Row| {
-                    // Rows with a null in the key can never be looked up, so leave them out
-                    // (the whole-table index has no columns and keeps every row).
-                    key_of(row, &c).map(|k| (k, row.clone()))
-                })
+                .flat_map_ref(move |_pk, row: &Row| entry(row))
                 .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))
@@ -513,10 +529,7 @@ impl State {
         let sealed = self.sealed;
         let probe = &self.probe;
         let dataflow = worker.next_dataflow_index();
-        let name = format!(
-            "Sorted({},{cols:?},{order:?})",
-            self.catalog.tables[table].name
-        );
+        let name = sorted_name(&self.catalog.tables[table].name, &cols, &order);
         let (trace, button) = worker.dataflow_named::<Time, _, _>(&name, |scope| {
             let (arr, button) = pk.import_frontier_core(
                 scope,
@@ -524,19 +537,9 @@ impl State {
                 Antichain::from_elem(sealed),
                 Antichain::new(),
             );
-            let order: Arc<Vec<(usize, bool)>> = Arc::new(order);
+            let entry = sorted_entry(cols, order);
             let idx = arr
-                .flat_map_ref(move |_pk, row: &Row| {
-                    key_of(row, &cols).map(|k| {
-                        (
-                            k,
-                            SortedRow {
-                                order: Arc::clone(&order),
-                                row: row.clone(),
-                            },
-                        )
-                    })
-                })
+                .flat_map_ref(move |_pk, row: &Row| entry(row))
                 .arrange_named::<SortBatcher<SortedRow>, _>(&name, SortBatcher::new);
             idx.stream.clone().probe_with(probe);
             (idx.trace, PressOnDrop(button))

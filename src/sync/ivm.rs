@@ -303,8 +303,7 @@ fn query_id(keys: &BTreeMap<String, Vec<String>>, ast: &Ast) -> String {
 }
 
 impl Service {
-    fn run(mut self, mut rx: UnboundedReceiver<Cmd>, watermarks: watch::Receiver<String>) {
-        let mut watermarks = watermarks;
+    fn run(mut self, mut rx: UnboundedReceiver<Cmd>, mut watermarks: watch::Receiver<String>) {
         // The current watermark (if any) is read once at start, as after any later commit.
         watermarks.mark_changed();
         let mut wm = Some(watermarks);
