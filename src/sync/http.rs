@@ -105,6 +105,7 @@ async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Res
             "rows": shared.engine.stats.rows.load(std::sync::atomic::Ordering::Relaxed),
             "engines": shared.engine.stats.engines.load(std::sync::atomic::Ordering::Relaxed),
             "subscriptions": shared.engine.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
+            "version": *shared.engine.stats.version.lock().unwrap_or_else(|e| e.into_inner()),
         },
     });
     (

@@ -126,6 +126,9 @@ pub(crate) struct EngineStats {
     /// Engines (one per distinct set of client primary keys; each holds every row, so more
     /// than one costs the replica's memory again).
     pub engines: AtomicUsize,
+    /// The replica watermark the engine serves (empty until loaded). Behind the replica's own
+    /// watermark while a commit is being applied; a lasting gap means the engine lags.
+    pub version: std::sync::Mutex<String>,
 }
 
 /// The handle view-syncers use.
@@ -408,6 +411,12 @@ impl Service {
                 self.ready.as_ref().map_or(0, |r| r.slots.len()),
                 Ordering::Relaxed,
             );
+            if let Some(r) = &self.ready {
+                let mut v = self.stats.version.lock().unwrap_or_else(|e| e.into_inner());
+                if *v != r.state_version {
+                    v.clone_from(&r.state_version);
+                }
+            }
             self.stats.shapes.store(
                 self.ready.as_ref().map_or(0, |r| {
                     r.slots.iter().map(|s| s.engine.template_count()).sum()

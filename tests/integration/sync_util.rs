@@ -120,6 +120,30 @@ impl Server {
         self.repl.watermarks.borrow().clone()
     }
 
+    /// Waits until the view engine serves `version` (it reads each commit after the replicator
+    /// announces it, so a client connecting in between would see the version before).
+    pub async fn wait_engine_at(&self, version: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _, body) =
+                http_get(self.addr, "/statz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
+            assert_eq!(status, 200, "{body}");
+            let stats: Json = serde_json::from_str(&body).expect("statz json");
+            if stats["engine"]["version"]
+                .as_str()
+                .is_some_and(|v| v >= version)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the view engine stayed at {} (replica at {version})",
+                stats["engine"]["version"]
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until the watermark moves past `after`.
     pub async fn wait_watermark_after(&mut self, after: &str) -> String {
         let after = after.to_string();
@@ -151,7 +175,8 @@ pub async fn allow_all(db: &TestDb, server: &mut Server, tables: &[&str]) {
         json!({ "tables": rules })
     ))
     .await;
-    server.wait_watermark_after(&before).await;
+    let after = server.wait_watermark_after(&before).await;
+    server.wait_engine_at(&after).await;
 }
 
 /// A minimal HTTP/1.1 GET; returns status, headers and body.
