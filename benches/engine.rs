@@ -297,12 +297,19 @@ async fn main() {
     }
 
     // One-row update with Q1, Q2, Q3 live: an open issue moves to the top of Q1.
-    // ENGINE_BENCH_GAP_MS=N: N ms idle before each update (a server's engine is idle between
-    // commits, so its caches are colder than back-to-back updates leave them).
-    let gap = std::env::var("ENGINE_BENCH_GAP_MS")
+    // ENGINE_BENCH_GAP_MS=N (or ENGINE_BENCH_GAP_US=N): idle time before each update (a
+    // server's engine is idle between commits, so its caches are colder than back-to-back
+    // updates leave them); with ENGINE_BENCH_SPIN set the gap spins instead of sleeping.
+    let gap = std::env::var("ENGINE_BENCH_GAP_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis);
+        .map(std::time::Duration::from_micros)
+        .or_else(|| {
+            std::env::var("ENGINE_BENCH_GAP_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(std::time::Duration::from_millis)
+        });
     let mut times = Vec::new();
     let open: Vec<usize> = (0..issues.len())
         .filter(|&i| issues[i].get(open_col) == Value::Bool(true))
@@ -315,7 +322,14 @@ async fn main() {
         let new = Row::from(new);
         issues[i] = new.clone();
         if let Some(gap) = gap {
-            std::thread::sleep(gap);
+            if std::env::var("ENGINE_BENCH_SPIN").is_ok() {
+                let t = Instant::now();
+                while t.elapsed() < gap {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::sleep(gap);
+            }
         }
         times.push(b.change(update("issue", old, new)).0);
     }
