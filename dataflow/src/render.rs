@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::{Arranged, ShutdownButton, TraceAgent};
 use differential_dataflow::trace::cursor::cursor_list;
+use differential_dataflow::trace::implementations::{KeyBuilder, KeySpine};
 use differential_dataflow::trace::wrappers::frontier::TraceFrontier;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
@@ -297,16 +298,52 @@ const TOPK_BUCKETS: u64 = 16;
 /// How many rows an instance keeps per group.
 type LimitFn = Arc<dyn Fn(&Inst) -> usize>;
 
-/// The rows a level produced, and its EXISTS children (kept for witnesses).
+/// The rows a level produced, and its EXISTS children (kept for witnesses: their rows are
+/// the children kept per parent key, after the witness cap).
 struct LevelOut<'s> {
     rows: Coll<'s, (Q, Row)>,
-    exists: Vec<Option<ExistsOut<'s>>>,
+    exists: Vec<Option<LevelOut<'s>>>,
 }
 
-struct ExistsOut<'s> {
-    /// Child rows kept per parent key (the witness cap), keyed by `(instance, child key)`.
-    capped: Coll<'s, ((Q, Key), Row)>,
-    child: LevelOut<'s>,
+/// Distinct `(instance, key)` pairs, left arranged: a semijoin reads the arrangement that
+/// `distinct` builds anyway, where `distinct()` then `semijoin` would turn it back into a
+/// collection and arrange it again (two more operators per EXISTS, each costing every
+/// version its share of progress tracking, and one more trace).
+type KeySet<'s> = Arranged<'s, TraceAgent<KeySpine<(Q, Key), Time, Diff>>>;
+
+fn distinct_keys<'s>(keys: Coll<'s, (Q, Key)>) -> KeySet<'s> {
+    keys.arrange_by_self_named("Arrange: Distinct")
+        .reduce_abelian::<_, KeyBuilder<(Q, Key), Time, Diff>, KeySpine<(Q, Key), Time, Diff>, _, _>(
+            "Distinct",
+            |_key, _counts, out| out.push(((), 1)),
+            |buffer, key, updates| {
+                buffer.clear();
+                buffer.extend(updates.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
+            },
+        )
+}
+
+/// The rows of `rows` whose `(instance, key(row))` is in `keys` or, when `negated`, is not.
+/// One join straight to `(instance, row)`: DD's `semijoin` / `antijoin` would also arrange
+/// `keys` again and need a map back.
+fn semijoin_rows<'s>(
+    rows: Coll<'s, (Q, Row)>,
+    key: impl Fn(&Row) -> Key + 'static,
+    keys: KeySet<'s>,
+    negated: bool,
+) -> Coll<'s, (Q, Row)> {
+    let matched = rows
+        .clone()
+        .map(move |(q, row)| ((q, key(&row)), row))
+        .arrange_by_key()
+        .join_core(keys, |(q, _), row: &Row, _| {
+            Some((Arc::clone(q), row.clone()))
+        });
+    if negated {
+        rows.concat(matched.negate())
+    } else {
+        matched
+    }
 }
 
 /// Rendering context of one template dataflow.
@@ -488,9 +525,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
             // A superset of the parents is enough; `level` applies the full condition.
             let es = &shape.exists[i];
             let children = self.scan(&es.child, params);
-            let cc = es.child_cols.clone();
-            let keys = children.flat_map(move |(q, row)| key_of(&row, &cc).map(|k| (q, k)));
-            return self.lookup(keys, shape.table, &es.parent_cols, true);
+            return self.lookup(children, &es.child_cols, shape.table, &es.parent_cols, true);
         }
         match driving(shape) {
             Some((col, slot)) => {
@@ -532,17 +567,22 @@ impl<'s, 'a> Ctx<'s, 'a> {
     /// parent: every other consumer only asks whether a row is there (filters, semijoins on
     /// distinct keys, the output's positive count), and skipping the `distinct` saves a
     /// reduce and two arrangements per level, on hydration and on every version.
+    ///
+    /// The keys are `from_cols` of the rows in `from`, taken in the same operator that keys
+    /// them for the join: every operator costs each version its share of progress tracking.
     fn lookup(
         &mut self,
-        keys: Coll<'s, (Q, Key)>,
+        from: Coll<'s, (Q, Row)>,
+        from_cols: &[usize],
         table: TableId,
         cols: &[usize],
         dedup: bool,
     ) -> Coll<'s, (Q, Row)> {
         let index = self.import(&(table, cols.to_vec()));
+        let fc = from_cols.to_vec();
+        let keys = from.flat_map(move |(q, row)| key_of(&row, &fc).map(|k| (k, q)));
         let keys = if dedup { keys.distinct() } else { keys };
-        keys.map(|(q, k)| (k, q))
-            .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
+        keys.arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
             .join_core(index, |_k, q: &Q, row: &Row| {
                 Some((Arc::clone(q), row.clone()))
             })
@@ -578,21 +618,21 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 // A whole-instance group can be large (a feed over a big table). A first stage
                 // per hash bucket keeps each reduce small, so a change costs O(group / 16 + 16k)
                 // instead of O(group) (Materialize's hierarchical top-k, one level).
-                let staged = rows.map(|(q, row)| {
-                    let bucket = Value::Number((row.hashed() % TOPK_BUCKETS) as f64);
-                    let key: Key = Key::from(bucket);
-                    ((q, key), row)
-                });
-                let first = top_k(staged, shape.order.clone(), Arc::clone(&k))
-                    .map(move |((q, _), row)| ((q, Key::new()), row));
-                rows = top_k(first, shape.order.clone(), k).map(|((q, _), row)| (q, row));
+                let first = top_k(
+                    rows,
+                    |row| Key::from(Value::Number((row.hashed() % TOPK_BUCKETS) as f64)),
+                    shape.order.clone(),
+                    Arc::clone(&k),
+                );
+                rows = top_k(first, |_| Key::new(), shape.order.clone(), k);
             } else {
                 let g = group.to_vec();
-                let keyed = rows.map(move |(q, row)| {
-                    let key: Key = g.iter().map(|&c| row.get(c)).collect();
-                    ((q, key), row)
-                });
-                rows = top_k(keyed, shape.order.clone(), k).map(|((q, _), row)| (q, row));
+                rows = top_k(
+                    rows,
+                    move |row| g.iter().map(|&c| row.get(c)).collect(),
+                    shape.order.clone(),
+                    k,
+                );
             }
         }
         LevelOut { rows, exists }
@@ -603,7 +643,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         shape: &QueryShape,
         input: Coll<'s, (Q, Row)>,
         pred: &Pred,
-        exists: &mut Vec<Option<ExistsOut<'s>>>,
+        exists: &mut Vec<Option<LevelOut<'s>>>,
     ) -> Coll<'s, (Q, Row)> {
         self.apply_within(shape, input, pred, exists, None)
     }
@@ -617,7 +657,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         shape: &QueryShape,
         input: Coll<'s, (Q, Row)>,
         pred: &Pred,
-        exists: &mut Vec<Option<ExistsOut<'s>>>,
+        exists: &mut Vec<Option<LevelOut<'s>>>,
         scope: Option<&Coll<'s, (Q, Row)>>,
     ) -> Coll<'s, (Q, Row)> {
         if !pred.has_exists() {
@@ -649,33 +689,27 @@ impl<'s, 'a> Ctx<'s, 'a> {
             }
             Pred::Exists { index, negated } => {
                 let es = &shape.exists[*index];
-                let pc = es.parent_cols.clone();
-                let keys = scope
-                    .unwrap_or(&input)
-                    .clone()
-                    .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)));
+                let parents = scope.unwrap_or(&input).clone();
                 let dedup = es.cap.is_some() || es.child.limit.is_some();
-                let cand = self.lookup(keys, es.child.table, &es.child_cols, dedup);
+                let cand = self.lookup(
+                    parents,
+                    &es.parent_cols,
+                    es.child.table,
+                    &es.child_cols,
+                    dedup,
+                );
                 let child = self.level(&es.child, cand, &es.child_cols, es.cap);
                 let cc = es.child_cols.clone();
-                let capped = child.rows.clone().map(move |(q, row)| {
+                let child_keys = distinct_keys(child.rows.clone().map(move |(q, row)| {
                     let k: Key = cc.iter().map(|&c| row.get(c)).collect();
-                    ((q, k), row)
-                });
-                let child_keys = capped.clone().map(|(qk, _)| qk).distinct();
+                    (q, k)
+                }));
                 let pc = es.parent_cols.clone();
-                let keyed = input.map(move |(q, row)| {
-                    // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
-                    let k = key_of(&row, &pc).unwrap_or_else(|| Key::from(Value::Null));
-                    ((q, k), row)
-                });
-                let out = if *negated {
-                    keyed.antijoin(child_keys)
-                } else {
-                    keyed.semijoin(child_keys)
-                };
-                exists[*index] = Some(ExistsOut { capped, child });
-                out.map(|((q, _), row)| (q, row))
+                // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
+                let key =
+                    move |row: &Row| key_of(row, &pc).unwrap_or_else(|| Key::from(Value::Null));
+                exists[*index] = Some(child);
+                semijoin_rows(input, key, child_keys, *negated)
             }
             Pred::Const(_) | Pred::Cmp { .. } => unreachable!("has_exists is false for these"),
         }
@@ -692,29 +726,31 @@ impl<'s, 'a> Ctx<'s, 'a> {
         let table = shape.table;
         outs.push(out.clone().map(move |(q, row)| (q.id, table, row)));
         for (i, es) in shape.exists.iter().enumerate() {
-            let Some(eo) = &level.exists[i] else { continue };
+            let Some(child) = &level.exists[i] else {
+                continue;
+            };
             if !es.synced {
                 continue;
             }
             let pc = es.parent_cols.clone();
-            let parent_keys = out
-                .clone()
-                .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)))
-                .distinct();
-            let witnesses = eo
-                .capped
-                .clone()
-                .semijoin(parent_keys)
-                .map(|((q, _), row)| (q, row));
-            self.emit(&es.child, &eo.child, witnesses, outs);
+            let parent_keys = distinct_keys(
+                out.clone()
+                    .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k))),
+            );
+            let cc = es.child_cols.clone();
+            let key = move |row: &Row| cc.iter().map(|&c| row.get(c)).collect();
+            let witnesses = semijoin_rows(child.rows.clone(), key, parent_keys, false);
+            self.emit(&es.child, child, witnesses, outs);
         }
         for rel in &shape.related {
-            let pc = rel.parent_cols.clone();
-            let keys = out
-                .clone()
-                .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k)));
             let dedup = rel.child.limit.is_some();
-            let cand = self.lookup(keys, rel.child.table, &rel.child_cols, dedup);
+            let cand = self.lookup(
+                out.clone(),
+                &rel.parent_cols,
+                rel.child.table,
+                &rel.child_cols,
+                dedup,
+            );
             let child = self.level(&rel.child, cand, &rel.child_cols, None);
             let rows = child.rows.clone();
             self.emit(&rel.child, &child, rows, outs);
@@ -722,15 +758,16 @@ impl<'s, 'a> Ctx<'s, 'a> {
     }
 }
 
-/// The first `k(instance)` rows of each group in ORDER BY order, by `reduce`: correct for any
-/// group, O(group) work per change in the group.
+/// The first `k(instance)` rows of each group (`group(row)` within an instance) in ORDER BY
+/// order, by `reduce`: correct for any group, O(group) work per change in the group.
 fn top_k<'s>(
-    input: Coll<'s, ((Q, Key), Row)>,
+    input: Coll<'s, (Q, Row)>,
+    group: impl Fn(&Row) -> Key + 'static,
     order: Vec<(usize, bool)>,
     k: LimitFn,
-) -> Coll<'s, ((Q, Key), Row)> {
+) -> Coll<'s, (Q, Row)> {
     input
-        .map(move |(g, row)| (g, (sort_key(&order, &row), row)))
+        .map(move |(q, row)| ((q, group(&row)), (sort_key(&order, &row), row)))
         .reduce(
             move |g: &(Q, Key),
                   vals: &[(&(SortKey, Row), Diff)],
@@ -748,7 +785,7 @@ fn top_k<'s>(
                 }
             },
         )
-        .map(|(g, (_, row))| (g, row))
+        .map(|((q, _), (_, row))| (q, row))
 }
 
 /// What [`lookup_topk`] needs to know about the root level.
