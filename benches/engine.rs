@@ -310,6 +310,7 @@ async fn main() {
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(std::time::Duration::from_millis)
         });
+    let spin = std::env::var("ENGINE_BENCH_SPIN").is_ok();
     let mut times = Vec::new();
     let open: Vec<usize> = (0..issues.len())
         .filter(|&i| issues[i].get(open_col) == Value::Bool(true))
@@ -322,7 +323,7 @@ async fn main() {
         let new = Row::from(new);
         issues[i] = new.clone();
         if let Some(gap) = gap {
-            if std::env::var("ENGINE_BENCH_SPIN").is_ok() {
+            if spin {
                 let t = Instant::now();
                 while t.elapsed() < gap {
                     std::hint::spin_loop();

@@ -153,7 +153,22 @@ pub(crate) fn key_of(row: &Row, cols: &[usize]) -> Option<Key> {
     if cols.iter().any(|&c| row.is_null(c)) {
         return None;
     }
-    Some(cols.iter().map(|&c| row.get(c)).collect())
+    Some(cols_key(row, cols))
+}
+
+/// The key of `row` on `cols`, nulls included (for rows that came through a lookup on
+/// `cols`, whose keys are never null, and for grouping, where null is a group like any).
+fn cols_key(row: &Row, cols: &[usize]) -> Key {
+    cols.iter().map(|&c| row.get(c)).collect()
+}
+
+/// Joins instance-tagged keys with a shared index: the index's rows under each key, tagged
+/// with each instance that asked for the key.
+fn join_index<'s>(keys: Coll<'s, (Key, Q)>, index: Imported<'s>) -> Coll<'s, (Q, Row)> {
+    keys.arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
+        .join_core(index, |_k, q: &Q, row: &Row| {
+            Some((Arc::clone(q), row.clone()))
+        })
 }
 
 /// The top-level `col = $slot` or `col IN $slot` conjunct used to seek the root table's index.
@@ -530,37 +545,29 @@ impl<'s, 'a> Ctx<'s, 'a> {
         match driving(shape) {
             Some((col, slot)) => {
                 let index = self.import(&(shape.table, vec![col]));
-                params
-                    .flat_map(move |q: Q| {
-                        let mut keys: Vec<Value> = match &q.params[slot] {
-                            Param::Value(v) if !v.is_null() => vec![v.clone()],
-                            Param::List(items) => items.clone(),
-                            _ => vec![],
-                        };
-                        keys.sort();
-                        keys.dedup();
-                        keys.into_iter()
-                            .map(move |k| (Key::from(k), Arc::clone(&q)))
-                            .collect::<Vec<_>>()
-                    })
-                    .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
-                    .join_core(index, |_k, q: &Q, row: &Row| {
-                        Some((Arc::clone(q), row.clone()))
-                    })
+                let keys = params.flat_map(move |q: Q| {
+                    let mut keys: Vec<Value> = match &q.params[slot] {
+                        Param::Value(v) if !v.is_null() => vec![v.clone()],
+                        Param::List(items) => items.clone(),
+                        _ => vec![],
+                    };
+                    keys.sort();
+                    keys.dedup();
+                    keys.into_iter()
+                        .map(move |k| (Key::from(k), Arc::clone(&q)))
+                        .collect::<Vec<_>>()
+                });
+                join_index(keys, index)
             }
             None => {
                 let index = self.import(&(shape.table, vec![]));
-                params
-                    .map(move |q| (Key::new(), q))
-                    .arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
-                    .join_core(index, |_k, q: &Q, row: &Row| {
-                        Some((Arc::clone(q), row.clone()))
-                    })
+                join_index(params.map(move |q| (Key::new(), q)), index)
             }
         }
     }
 
-    /// Child rows of `table` whose `cols` equal one of `keys` (null keys never match).
+    /// Rows of `table` whose `cols` equal `from_cols` of a row of `from`, tagged with that
+    /// row's instance (null keys never match).
     ///
     /// With `dedup`, each row comes once per instance however many parents share its key,
     /// which a limit (`top_k` counts multiplicities) needs. Without it a row counts once per
@@ -582,10 +589,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
         let fc = from_cols.to_vec();
         let keys = from.flat_map(move |(q, row)| key_of(&row, &fc).map(|k| (k, q)));
         let keys = if dedup { keys.distinct() } else { keys };
-        keys.arrange_named::<LeanBatcher<Q>, LeanSpine<Q>>("ArrangeByKey", LeanBatcher::new)
-            .join_core(index, |_k, q: &Q, row: &Row| {
-                Some((Arc::clone(q), row.clone()))
-            })
+        join_index(keys, index)
     }
 
     /// Applies `start`, `where` and the limit (per `group` key) to candidate rows.
@@ -627,12 +631,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 rows = top_k(first, |_| Key::new(), shape.order.clone(), k);
             } else {
                 let g = group.to_vec();
-                rows = top_k(
-                    rows,
-                    move |row| g.iter().map(|&c| row.get(c)).collect(),
-                    shape.order.clone(),
-                    k,
-                );
+                rows = top_k(rows, move |row| cols_key(row, &g), shape.order.clone(), k);
             }
         }
         LevelOut { rows, exists }
@@ -700,10 +699,12 @@ impl<'s, 'a> Ctx<'s, 'a> {
                 );
                 let child = self.level(&es.child, cand, &es.child_cols, es.cap);
                 let cc = es.child_cols.clone();
-                let child_keys = distinct_keys(child.rows.clone().map(move |(q, row)| {
-                    let k: Key = cc.iter().map(|&c| row.get(c)).collect();
-                    (q, k)
-                }));
+                let child_keys = distinct_keys(
+                    child
+                        .rows
+                        .clone()
+                        .map(move |(q, row)| (q, cols_key(&row, &cc))),
+                );
                 let pc = es.parent_cols.clone();
                 // A null key becomes a key no child has: EXISTS fails, NOT EXISTS passes.
                 let key =
@@ -738,7 +739,7 @@ impl<'s, 'a> Ctx<'s, 'a> {
                     .flat_map(move |(q, row)| key_of(&row, &pc).map(|k| (q, k))),
             );
             let cc = es.child_cols.clone();
-            let key = move |row: &Row| cc.iter().map(|&c| row.get(c)).collect();
+            let key = move |row: &Row| cols_key(row, &cc);
             let witnesses = semijoin_rows(child.rows.clone(), key, parent_keys, false);
             self.emit(&es.child, child, witnesses, outs);
         }

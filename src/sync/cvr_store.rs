@@ -778,8 +778,8 @@ fn log_insert(n: usize) -> String {
     )
 }
 
-/// Folds up to `limit` of the oldest log entries into the tables (one transaction); true when
-/// entries are left.
+/// Folds the oldest log entries into the tables in one transaction: up to `limit` entries,
+/// and no more once [`FOLD_ROWS`] row records are taken. True when entries may be left.
 fn fold(
     w: &mut Writer,
     unfolded: &Mutex<HashMap<String, i64>>,
@@ -797,7 +797,8 @@ fn fold(
     let mut taken = 0;
     let mut last = 0;
     // Entries are read one by one up to the row cap: a hydration's entry holds hundreds of
-    // rows, so reading `limit` entries to fold only the first few would read the whole log.
+    // rows, so reading `limit` entries first would read up to 2,048 entries' text to fold a
+    // handful.
     let mut more = false;
     {
         let mut st = tx.prepare_cached(
@@ -811,11 +812,8 @@ fn fold(
             }
             let seq: i64 = r.get(0)?;
             let group: String = r.get(1)?;
-            let text = r
-                .get_ref(2)?
-                .as_str()
-                .map_err(|e| CvrError::Data(e.to_string()))?;
-            let mut e: LogEntry = serde_json::from_str(text).map_err(data_err)?;
+            let text: String = r.get(2)?;
+            let mut e: LogEntry = serde_json::from_str(&text).map_err(data_err)?;
             taken += 1;
             last = seq;
             let rows = std::mem::take(&mut e.6);
@@ -1797,8 +1795,6 @@ mod tests {
         assert!(store.drain(Duration::from_secs(5)).await);
     }
 
-    /// Small batches go to the log, loads apply it, a large batch and a reopen fold it, and
-    /// every way of reading gives the record as it was written last.
     /// A fold stops at [`FOLD_ROWS`] (so a poke's write waits for a short transaction only)
     /// and the next one resumes after the last entry it took; loads in between see the
     /// folded tables with the rest of the log applied over them.
@@ -1815,9 +1811,19 @@ mod tests {
         let backend = SqliteBackend::open(&file).unwrap();
         let mut cvr = Cvr::new("g");
         cvr.add_client("c1");
-        // Three versions, each replacing the query's rows with FOLD_ROWS / 2 + 1 others: the
-        // first fold reaches the cap with the second entry.
+        let mut other = Cvr::new("h");
+        other.add_client("c2");
+        // Three versions of g, each replacing the query's rows with FOLD_ROWS / 2 + 1 others
+        // (the first fold reaches the cap with the second entry), and before the third one
+        // an entry of another group, left for the second fold.
         for v in 1..=3 {
+            if v == 3 {
+                let version = CvrVersion::parse("03").unwrap();
+                let id: RowId = ("t".into(), r#"{"id":1}"#.into());
+                other.set_query_rows("q1", &BTreeMap::from([(id, "03".into())]), &version);
+                other.version = version;
+                backend.write(Arc::new(other.take_delta())).await.unwrap();
+            }
             let version = CvrVersion::parse(&format!("0{v}")).unwrap();
             let rows: BTreeMap<RowId, String> = (0..FOLD_ROWS / 2 + 1)
                 .map(|i| {
@@ -1830,7 +1836,7 @@ mod tests {
             cvr.processed = Some(format!("0{v}"));
             backend.write(Arc::new(cvr.take_delta())).await.unwrap();
         }
-        assert_eq!(log_len(), 3);
+        assert_eq!(log_len(), 4);
         let loaded = backend.load("g").await.unwrap();
         assert_eq!((&loaded.version, &loaded.rows), (&cvr.version, &cvr.rows));
         let more = {
@@ -1838,10 +1844,15 @@ mod tests {
             fold(&mut w, &backend.unfolded, FOLD_CHUNK).unwrap()
         };
         assert!(more, "the cap leaves entries for the next fold");
-        assert_eq!(log_len(), 1, "two entries reach the cap");
+        assert_eq!(log_len(), 2, "two entries reach the cap");
         let loaded = backend.load("g").await.unwrap();
         assert_eq!((&loaded.version, &loaded.rows), (&cvr.version, &cvr.rows));
         assert_eq!(loaded.processed, cvr.processed);
+        let loaded = backend.load("h").await.unwrap();
+        assert_eq!(
+            (&loaded.version, &loaded.rows),
+            (&other.version, &other.rows)
+        );
         {
             let mut w = backend.conn.lock().unwrap();
             while fold(&mut w, &backend.unfolded, FOLD_CHUNK).unwrap() {}
@@ -1855,8 +1866,16 @@ mod tests {
             FOLD_ROWS / 2 + 1,
             "only the last version's rows are live"
         );
+        let loaded = backend.load("h").await.unwrap();
+        assert_eq!(
+            (&loaded.version, &loaded.rows),
+            (&other.version, &other.rows)
+        );
+        assert_eq!(loaded.clients, other.clients);
     }
 
+    /// Small batches go to the log, loads apply it, a large batch and a reopen fold it, and
+    /// every way of reading gives the record as it was written last.
     #[tokio::test]
     async fn sqlite_log_entries_load_fold_and_keep_their_order() {
         let dir = tempfile::tempdir().unwrap();

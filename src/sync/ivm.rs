@@ -126,7 +126,7 @@ pub(crate) struct EngineStats {
     /// Engines (one per distinct set of client primary keys; each holds every row, so more
     /// than one costs the replica's memory again).
     pub engines: AtomicUsize,
-    /// The replica watermark the engine serves (empty until loaded). Behind the replica's own
+    /// The replica watermark the engine serves (empty while not loaded). Behind the replica's own
     /// watermark while a commit is being applied; a lasting gap means the engine lags.
     pub version: std::sync::Mutex<String>,
 }
@@ -411,10 +411,14 @@ impl Service {
                 self.ready.as_ref().map_or(0, |r| r.slots.len()),
                 Ordering::Relaxed,
             );
-            if let Some(r) = &self.ready {
+            {
+                // Empty while the engine is not loaded (before the first load, or rebuilding
+                // after a failed step): no version is served then.
+                let serving = self.ready.as_ref().map_or("", |r| r.state_version.as_str());
                 let mut v = self.stats.version.lock().unwrap_or_else(|e| e.into_inner());
-                if *v != r.state_version {
-                    v.clone_from(&r.state_version);
+                if *v != serving {
+                    v.clear();
+                    v.push_str(serving);
                 }
             }
             self.stats.shapes.store(
