@@ -74,7 +74,8 @@ async fn set_permissions(db: &TestDb, server: &mut Server, item_rules: Json) {
         json!({"tables": {"item": item_rules}})
     ))
     .await;
-    server.wait_watermark_after(&before).await;
+    let after = server.wait_watermark_after(&before).await;
+    server.wait_engine_at(&after).await;
 }
 
 fn owner_is(field: &str) -> Json {
