@@ -300,16 +300,10 @@ async fn main() {
     // ENGINE_BENCH_GAP_MS=N (or ENGINE_BENCH_GAP_US=N): idle time before each update (a
     // server's engine is idle between commits, so its caches are colder than back-to-back
     // updates leave them); with ENGINE_BENCH_SPIN set the gap spins instead of sleeping.
-    let gap = std::env::var("ENGINE_BENCH_GAP_US")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
+    let env_u64 = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let gap = env_u64("ENGINE_BENCH_GAP_US")
         .map(std::time::Duration::from_micros)
-        .or_else(|| {
-            std::env::var("ENGINE_BENCH_GAP_MS")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(std::time::Duration::from_millis)
-        });
+        .or_else(|| env_u64("ENGINE_BENCH_GAP_MS").map(std::time::Duration::from_millis));
     let spin = std::env::var("ENGINE_BENCH_SPIN").is_ok();
     let mut times = Vec::new();
     let open: Vec<usize> = (0..issues.len())

@@ -575,8 +575,8 @@ impl<'s, 'a> Ctx<'s, 'a> {
     /// distinct keys, the output's positive count), and skipping the `distinct` saves a
     /// reduce and two arrangements per level, on hydration and on every version.
     ///
-    /// The keys are `from_cols` of the rows in `from`, taken in the same operator that keys
-    /// them for the join: every operator costs each version its share of progress tracking.
+    /// The keys are taken in the same operator that keys them for the join: every operator
+    /// costs each version its share of progress tracking.
     fn lookup(
         &mut self,
         from: Coll<'s, (Q, Row)>,

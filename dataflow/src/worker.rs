@@ -11,9 +11,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
-use differential_dataflow::Hashable;
 use differential_dataflow::input::InputSession;
 use differential_dataflow::trace::TraceReader;
+use differential_dataflow::{Hashable, VecCollection};
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Operator, Probe};
@@ -26,8 +26,8 @@ use crate::engine::IndexStats;
 use crate::lean::LeanBatcher;
 use crate::plan::{Catalog, QueryShape, TableId};
 use crate::render::{
-    Ctx, Diff, IndexId, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, SortedRow, Time, key_of,
-    needed_indexes,
+    Ctx, Diff, IndexId, IndexTrace, Indexes, Key, OutRec, PressOnDrop, Q, SortedId, SortedRow,
+    SortedTrace, Time, key_of, needed_indexes,
 };
 use crate::sort_batcher::SortBatcher;
 
@@ -122,6 +122,29 @@ fn sorted_entry(
             (k, row)
         })
     }
+}
+
+/// Arranges a lookup index's entries, on the probe that tells when every shared index has
+/// absorbed a version.
+fn arrange_lookup(
+    entries: VecCollection<'_, Time, (Key, Row), Diff>,
+    name: &str,
+    probe: &ProbeHandle<Time>,
+) -> IndexTrace {
+    let idx = entries.arrange_named::<LeanBatcher<Row>, _>(name, LeanBatcher::new);
+    idx.stream.clone().probe_with(probe);
+    idx.trace
+}
+
+/// [`arrange_lookup`] for a sorted index.
+fn arrange_sorted(
+    entries: VecCollection<'_, Time, (Key, SortedRow), Diff>,
+    name: &str,
+    probe: &ProbeHandle<Time>,
+) -> SortedTrace {
+    let idx = entries.arrange_named::<SortBatcher<SortedRow>, _>(name, SortBatcher::new);
+    idx.stream.clone().probe_with(probe);
+    idx.trace
 }
 
 struct Template {
@@ -228,37 +251,28 @@ impl State {
         worker.dataflow_named::<Time, _, _>("tables", |scope| {
             for (t, (info, input)) in catalog.tables.iter().zip(tables.iter_mut()).enumerate() {
                 let rows = input.to_collection(scope);
-                let arranged = rows.clone().arrange_named::<LeanBatcher<Row>, _>(
-                    &format!("Index({},pk)", info.name),
-                    LeanBatcher::new,
-                );
-                arranged.stream.clone().probe_with(probe);
-                indexes.by_key.insert((t, info.pk.clone()), arranged.trace);
+                let pk = arrange_lookup(rows.clone(), &format!("Index({},pk)", info.name), probe);
+                indexes.by_key.insert((t, info.pk.clone()), pk);
                 for spec in deferred.iter().filter(|d| d.table() == t) {
                     match spec {
                         Deferred::Key(id) => {
                             let name = index_name(&info.name, &id.1);
                             let entry = index_entry(id.1.clone());
-                            let idx = rows
+                            let entries = rows
                                 .clone()
-                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row))
-                                .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
-                            idx.stream.clone().probe_with(probe);
-                            indexes.by_key.insert(id.clone(), idx.trace);
+                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row));
+                            let idx = arrange_lookup(entries, &name, probe);
+                            indexes.by_key.insert(id.clone(), idx);
                         }
                         Deferred::Sorted(id) => {
                             let (_, cols, order) = id.clone();
                             let name = sorted_name(&info.name, &cols, &order);
                             let entry = sorted_entry(cols, order);
-                            let idx = rows
+                            let entries = rows
                                 .clone()
-                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row))
-                                .arrange_named::<SortBatcher<SortedRow>, _>(
-                                    &name,
-                                    SortBatcher::new,
-                                );
-                            idx.stream.clone().probe_with(probe);
-                            indexes.sorted.insert(id.clone(), idx.trace);
+                                .flat_map(move |(_pk, row): (Key, Row)| entry(&row));
+                            let idx = arrange_sorted(entries, &name, probe);
+                            indexes.sorted.insert(id.clone(), idx);
                         }
                     }
                 }
@@ -495,11 +509,8 @@ impl State {
                 Antichain::new(),
             );
             let entry = index_entry(cols);
-            let idx = arr
-                .flat_map_ref(move |_pk, row: &Row| entry(row))
-                .arrange_named::<LeanBatcher<Row>, _>(&name, LeanBatcher::new);
-            idx.stream.clone().probe_with(probe);
-            (idx.trace, PressOnDrop(button))
+            let entries = arr.flat_map_ref(move |_pk, row: &Row| entry(row));
+            (arrange_lookup(entries, &name, probe), PressOnDrop(button))
         });
         self.index_dataflows.push((dataflow, button));
         self.indexes.by_key.insert(id.clone(), trace);
@@ -538,11 +549,8 @@ impl State {
                 Antichain::new(),
             );
             let entry = sorted_entry(cols, order);
-            let idx = arr
-                .flat_map_ref(move |_pk, row: &Row| entry(row))
-                .arrange_named::<SortBatcher<SortedRow>, _>(&name, SortBatcher::new);
-            idx.stream.clone().probe_with(probe);
-            (idx.trace, PressOnDrop(button))
+            let entries = arr.flat_map_ref(move |_pk, row: &Row| entry(row));
+            (arrange_sorted(entries, &name, probe), PressOnDrop(button))
         });
         self.index_dataflows.push((dataflow, button));
         self.indexes.sorted.insert(id.clone(), trace);

@@ -1770,6 +1770,14 @@ mod tests {
     use super::*;
     use crate::sync::cvr::RowId;
 
+    /// Entries in the CVR file's log (not yet folded).
+    fn log_len(file: &Path) -> i64 {
+        Connection::open(file)
+            .unwrap()
+            .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn sqlite_store_round_trips_and_loads_after_queued_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -1802,12 +1810,6 @@ mod tests {
     async fn sqlite_folds_stop_at_the_row_cap_and_resume_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cvr.db");
-        let log_len = || -> i64 {
-            Connection::open(&file)
-                .unwrap()
-                .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
-                .unwrap()
-        };
         let backend = SqliteBackend::open(&file).unwrap();
         let mut cvr = Cvr::new("g");
         cvr.add_client("c1");
@@ -1836,7 +1838,7 @@ mod tests {
             cvr.processed = Some(format!("0{v}"));
             backend.write(Arc::new(cvr.take_delta())).await.unwrap();
         }
-        assert_eq!(log_len(), 4);
+        assert_eq!(log_len(&file), 4);
         let loaded = backend.load("g").await.unwrap();
         assert_eq!((&loaded.version, &loaded.rows), (&cvr.version, &cvr.rows));
         let more = {
@@ -1844,7 +1846,7 @@ mod tests {
             fold(&mut w, &backend.unfolded, FOLD_CHUNK).unwrap()
         };
         assert!(more, "the cap leaves entries for the next fold");
-        assert_eq!(log_len(), 2, "two entries reach the cap");
+        assert_eq!(log_len(&file), 2, "two entries reach the cap");
         let loaded = backend.load("g").await.unwrap();
         assert_eq!((&loaded.version, &loaded.rows), (&cvr.version, &cvr.rows));
         assert_eq!(loaded.processed, cvr.processed);
@@ -1857,7 +1859,7 @@ mod tests {
             let mut w = backend.conn.lock().unwrap();
             while fold(&mut w, &backend.unfolded, FOLD_CHUNK).unwrap() {}
         }
-        assert_eq!(log_len(), 0);
+        assert_eq!(log_len(&file), 0);
         let loaded = backend.load("g").await.unwrap();
         assert_eq!((&loaded.version, &loaded.rows), (&cvr.version, &cvr.rows));
         assert_eq!(loaded.clients, cvr.clients);
@@ -1880,12 +1882,6 @@ mod tests {
     async fn sqlite_log_entries_load_fold_and_keep_their_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("cvr.db");
-        let log_len = |file: &Path| -> i64 {
-            Connection::open(file)
-                .unwrap()
-                .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
-                .unwrap()
-        };
         let same = |a: &Cvr, b: &Cvr| {
             assert!(b.stored);
             assert_eq!(a.version, b.version);

@@ -74,8 +74,7 @@ async fn set_permissions(db: &TestDb, server: &mut Server, item_rules: Json) {
         json!({"tables": {"item": item_rules}})
     ))
     .await;
-    let after = server.wait_watermark_after(&before).await;
-    server.wait_engine_at(&after).await;
+    server.wait_served_after(&before).await;
 }
 
 fn owner_is(field: &str) -> Json {

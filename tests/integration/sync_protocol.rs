@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::support::{TestDb, test_db};
 use crate::sync_util::{
     ADMIN_PASSWORD, Client, ConnectOpts, Connected, Server, allow_all, connect, connect_raw,
-    http_get, init, start_server,
+    engine_stats, http_get, init, start_server,
 };
 use zero_cache::sync::connect::encode_sec_protocol;
 
@@ -533,13 +533,6 @@ async fn clients_of_a_group_share_rows_and_see_each_others_desires() {
     }
     c1.close().await;
     server.stop_sync().await.stop().await.expect("stop");
-}
-
-async fn engine_stats(addr: std::net::SocketAddr) -> serde_json::Value {
-    let (s, _, body) = http_get(addr, "/statz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
-    assert_eq!(s, 200);
-    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
-    stats["engine"].clone()
 }
 
 /// Waits until the engine's counters are `(queries, subscriptions)`; panics with the last

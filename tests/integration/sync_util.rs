@@ -120,25 +120,24 @@ impl Server {
         self.repl.watermarks.borrow().clone()
     }
 
-    /// Waits until the view engine serves `version` (it reads each commit after the replicator
-    /// announces it, so a client connecting in between would see the version before).
-    pub async fn wait_engine_at(&self, version: &str) {
+    /// Waits until the watermark moves past `before` and the view engine serves that commit
+    /// (it reads each commit after the replicator announces it, so a client connecting in
+    /// between would be served the version before).
+    pub async fn wait_served_after(&mut self, before: &str) {
+        let version = self.wait_watermark_after(before).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let (status, _, body) =
-                http_get(self.addr, "/statz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
-            assert_eq!(status, 200, "{body}");
-            let stats: Json = serde_json::from_str(&body).expect("statz json");
-            if stats["engine"]["version"]
+            let engine = engine_stats(self.addr).await;
+            if engine["version"]
                 .as_str()
-                .is_some_and(|v| v >= version)
+                .is_some_and(|v| v >= version.as_str())
             {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the view engine stayed at {} (replica at {version})",
-                stats["engine"]["version"]
+                engine["version"]
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -175,8 +174,15 @@ pub async fn allow_all(db: &TestDb, server: &mut Server, tables: &[&str]) {
         json!({ "tables": rules })
     ))
     .await;
-    let after = server.wait_watermark_after(&before).await;
-    server.wait_engine_at(&after).await;
+    server.wait_served_after(&before).await;
+}
+
+/// The `engine` section of the server's `/statz`.
+pub async fn engine_stats(addr: SocketAddr) -> Json {
+    let (s, _, body) = http_get(addr, "/statz", Some(&format!("a:{ADMIN_PASSWORD}"))).await;
+    assert_eq!(s, 200, "{body}");
+    let stats: Json = serde_json::from_str(&body).expect("statz json");
+    stats["engine"].clone()
 }
 
 /// A minimal HTTP/1.1 GET; returns status, headers and body.
