@@ -198,6 +198,7 @@ async fn main() {
         hydration_stats: false,
         slow_hydrate_ms: 100.0,
         cvr_gc: Default::default(),
+        server_version: None,
     };
     let server = sync::bind(opts, wm_rx.clone()).await.expect("bind");
     let addr = server.addr;

@@ -270,6 +270,7 @@ async fn connection(
             auth: auth.clone(),
             user_id: params.user_id.clone(),
             request: request.clone(),
+            protocol_version: params.protocol_version,
             out: out_tx.clone(),
         })),
     );

@@ -74,6 +74,9 @@ pub(crate) struct EngineMsg {
     pub fetched: bool,
     /// `{app}.permissions` changed in this version: legacy queries must be transformed again.
     pub permissions: bool,
+    /// How long the engine took to apply this version (ms; 0 when it had nothing to apply):
+    /// the inspector's per-query update time.
+    pub step_ms: f64,
     /// The group's `clients` / `mutations` rows may have changed since its previous message
     /// (always set on its first message and after a rebuild): only then does it read them.
     pub lmids: bool,
@@ -108,8 +111,36 @@ pub(crate) enum Cmd {
     /// shapes' indexes are built when the replica is loaded (or now, if it is), so the first
     /// client of a shape does not pay for them while every group waits.
     Prepare { asts: Vec<Ast> },
+    /// The inspector's `analyze-query`: hydrate `ast` once (or read it, when an identical
+    /// query already runs) and answer with its rows and the time taken.
+    Analyze {
+        ast: Box<Ast>,
+        keys: Arc<BTreeMap<String, Vec<String>>>,
+        reply: tokio::sync::oneshot::Sender<Result<Analysis, String>>,
+    },
     /// Stop the thread.
     Stop,
+}
+
+/// What an `analyze-query` found.
+#[derive(Debug)]
+pub(crate) struct Analysis {
+    /// The rows a client would receive.
+    pub rows: Vec<SyncedRow>,
+    /// From the request reaching the engine to the rows being read (ms).
+    pub elapsed_ms: f64,
+    /// An identical query was already running, so its rows were read, not hydrated.
+    pub already_running: bool,
+}
+
+/// An `analyze-query` waiting for the next step.
+struct PendingAnalysis {
+    qid: String,
+    keys: Arc<BTreeMap<String, Vec<String>>>,
+    /// The query was added for this analysis and is removed after it.
+    own: bool,
+    started: std::time::Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Analysis, String>>,
 }
 
 /// Counters of the service, for `/statz` and tests.
@@ -176,6 +207,7 @@ impl EngineHandle {
                     prepared: Vec::new(),
                     tail: None,
                     pending: Vec::new(),
+                    analyses: Vec::new(),
                     seq: 0,
                     stats: st,
                 };
@@ -255,6 +287,8 @@ struct Service {
     prepared: Vec<Ast>,
     /// Subscriptions that need their full rows at the next step.
     pending: Vec<(String, String)>,
+    /// Analyses answered at the next step.
+    analyses: Vec<PendingAnalysis>,
     seq: u64,
     stats: Arc<EngineStats>,
 }
@@ -367,6 +401,7 @@ impl Service {
                     Cmd::Fetch { group } => {
                         out.fetched.insert(group);
                     }
+                    Cmd::Analyze { ast, keys, reply } => self.analyze(*ast, keys, reply),
                     Cmd::Prepare { asts } => {
                         if let Some(ready) = self.ready.as_mut() {
                             prepare_shapes(ready, &asts);
@@ -388,8 +423,9 @@ impl Service {
                 warn!(error = %e, "view engine could not advance; rebuilding at the next watermark");
                 self.ready = None;
             }
+            self.finish_analyses();
             let step_ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.send(out);
+            self.send(out, step_ms - commands_ms);
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             if ms >= 20.0 {
                 debug!(commands, commands_ms, step_ms, ms, "slow view engine round");
@@ -472,6 +508,85 @@ impl Service {
         self.pending.push(key);
     }
 
+    /// Queues an analysis for the next step, adding the query to the engine unless an
+    /// identical one runs.
+    fn analyze(
+        &mut self,
+        ast: Ast,
+        keys: Arc<BTreeMap<String, Vec<String>>>,
+        reply: tokio::sync::oneshot::Sender<Result<Analysis, String>>,
+    ) {
+        let started = std::time::Instant::now();
+        let Some(ready) = self.ready.as_mut() else {
+            let _ = reply.send(Err("the replica is not loaded yet".into()));
+            return;
+        };
+        let shared = query_id(&keys, &ast);
+        if self.queries.get(&shared).is_some_and(|q| q.running) {
+            self.analyses.push(PendingAnalysis {
+                qid: shared,
+                keys,
+                own: false,
+                started,
+                reply,
+            });
+            return;
+        }
+        // Its own id: a client may subscribe the same query before the step.
+        let qid = format!("analyze:{}:{shared}", self.analyses.len());
+        let q = SvcQuery {
+            keys: keys.clone(),
+            ast,
+            subscribers: BTreeSet::new(),
+            running: false,
+        };
+        match start_query(ready, self.workers, self.seq, &qid, &q) {
+            Ok(()) => self.analyses.push(PendingAnalysis {
+                qid,
+                keys,
+                own: true,
+                started,
+                reply,
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Answers the queued analyses once their queries are hydrated.
+    fn finish_analyses(&mut self) {
+        for a in std::mem::take(&mut self.analyses) {
+            let Some(slot) = self
+                .ready
+                .as_mut()
+                .and_then(|r| r.slots.iter_mut().find(|s| s.keys == a.keys))
+            else {
+                let _ = a
+                    .reply
+                    .send(Err("the view engine was rebuilt; try again".into()));
+                continue;
+            };
+            let Some(rows) = full_rows(slot, &a.qid) else {
+                let _ = a
+                    .reply
+                    .send(Err("the view engine was rebuilt; try again".into()));
+                continue;
+            };
+            let elapsed_ms = a.started.elapsed().as_secs_f64() * 1000.0;
+            if a.own
+                && let Err(e) = slot.engine.remove_query(&a.qid)
+            {
+                warn!(error = %e, "removing an analyzed query from the engine failed");
+            }
+            let _ = a.reply.send(Ok(Analysis {
+                rows,
+                elapsed_ms,
+                already_running: !a.own,
+            }));
+        }
+    }
+
     fn unsubscribe(&mut self, group: &str, hash: &str) {
         let key = (group.to_string(), hash.to_string());
         self.pending.retain(|k| *k != key);
@@ -525,7 +640,8 @@ impl Service {
             }
         }
         let ready = self.ready.as_mut().expect("loaded above");
-        let needs_step = !changes.is_empty() || !self.pending.is_empty();
+        let needs_step =
+            !changes.is_empty() || !self.pending.is_empty() || !self.analyses.is_empty();
         let mut diffs = Vec::new();
         let started = std::time::Instant::now();
         let n_changes = changes.len();
@@ -623,7 +739,7 @@ impl Service {
                         .iter()
                         .find(|s| s.keys == q.keys)
                         .expect("running queries have a slot");
-                    let rows = Arc::new(full_rows(slot, qid));
+                    let rows = Arc::new(full_rows(slot, qid).unwrap_or_default());
                     cache.insert(qid.clone(), rows.clone());
                     rows
                 }
@@ -633,7 +749,7 @@ impl Service {
         Ok(())
     }
 
-    fn send(&mut self, out: Outbox) {
+    fn send(&mut self, out: Outbox, step_ms: f64) {
         let Some(ready) = self.ready.as_ref() else {
             return;
         };
@@ -666,6 +782,7 @@ impl Service {
                 fetched: fetched.contains(&g),
                 permissions,
                 lmids: all_lmids || lmids.contains(&g),
+                step_ms,
             };
             if tx.send(msg).is_err() {
                 debug!(client_group = %g, "view-syncer gone");
@@ -1174,11 +1291,11 @@ fn patch_row(schema: &Schema, p: &RowPatch) -> Option<PatchRow> {
     }
 }
 
-fn full_rows(slot: &Slot, qid: &str) -> Vec<SyncedRow> {
-    let Some(rows) = slot.engine.rows(qid) else {
-        return Vec::new();
-    };
-    rows.into_iter()
+/// The query's current rows as synced rows; `None` when the engine does not run it.
+fn full_rows(slot: &Slot, qid: &str) -> Option<Vec<SyncedRow>> {
+    let rows = slot.engine.rows(qid)?;
+    let rows = rows
+        .into_iter()
         .filter_map(|(table, row)| {
             let t = slot.schema.table(&table)?;
             let (key, version, value) = row_parts(t, &row);
@@ -1189,5 +1306,6 @@ fn full_rows(slot: &Slot, qid: &str) -> Vec<SyncedRow> {
                 value,
             })
         })
-        .collect()
+        .collect();
+    Some(rows)
 }

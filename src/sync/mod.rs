@@ -33,6 +33,7 @@ pub mod cvr_gc;
 pub mod cvr_store;
 pub mod fetch;
 pub mod http;
+mod inspect;
 pub(crate) mod ivm;
 pub mod mutate;
 pub mod protocol;
@@ -109,6 +110,8 @@ pub struct SyncOptions {
     pub slow_hydrate_ms: f64,
     /// `ZERO_CVR_GARBAGE_COLLECTION_*`.
     pub cvr_gc: cvr_gc::CvrGcOptions,
+    /// `ZERO_SERVER_VERSION`: the version the inspector reports (default: this build's).
+    pub server_version: Option<String>,
 }
 
 /// The settings of API calls beyond URL and key, of auth, and of CRUD mutations.
@@ -281,6 +284,7 @@ impl SyncOptions {
                 ),
                 batch: config.cvr_garbage_collection_initial_batch_size as usize,
             },
+            server_version: config.compat.server_version.clone(),
         }
     }
 }
@@ -311,6 +315,10 @@ pub(crate) struct SyncShared {
     pub(crate) connections: AtomicUsize,
     pub(crate) hydration_stats: bool,
     pub(crate) slow_hydrate_ms: f64,
+    /// The version the inspector reports.
+    pub(crate) server_version: String,
+    /// Inspector logins and server-wide time digests.
+    pub(crate) inspector: inspect::Inspector,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,
     conn_ids: std::sync::atomic::AtomicU64,
@@ -600,6 +608,10 @@ pub async fn bind(
         connections: AtomicUsize::new(0),
         hydration_stats: opts.hydration_stats,
         slow_hydrate_ms: opts.slow_hydrate_ms,
+        server_version: opts
+            .server_version
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+        inspector: inspect::Inspector::default(),
         closing: watch::channel(false).0,
         conn_ids: std::sync::atomic::AtomicU64::new(1),
         registry: Mutex::new(HashMap::new()),

@@ -164,16 +164,72 @@ pub struct UpdateAuthBody {
     pub auth: String,
 }
 
-/// Body of `inspect` (kept as JSON; `op` and `id` are read by the handler).
+/// Body of `inspect`: the inspector's request id and operation.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct InspectBody {
     /// Request id, echoed in the reply.
     pub id: String,
-    /// Operation name.
-    pub op: String,
-    /// Everything else.
+    /// What is asked.
     #[serde(flatten)]
-    pub rest: serde_json::Map<String, Json>,
+    pub op: InspectOp,
+}
+
+/// The inspector's operations (`op`); any other is an invalid message, as in zero-cache.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "op")]
+pub enum InspectOp {
+    /// The group's queries (one client's when `clientID` is given).
+    #[serde(rename = "queries")]
+    Queries {
+        /// Only this client's desires.
+        #[serde(rename = "clientID", default)]
+        client_id: Option<String>,
+    },
+    /// Server-wide hydration and update time digests.
+    #[serde(rename = "metrics")]
+    Metrics {},
+    /// The server's version.
+    #[serde(rename = "version")]
+    Version {},
+    /// The admin password, for the other operations.
+    #[serde(rename = "authenticate")]
+    Authenticate {
+        /// The password.
+        value: String,
+    },
+    /// Hydrate one query and report its rows and time.
+    #[serde(rename = "analyze-query")]
+    AnalyzeQuery {
+        /// The query's AST.
+        #[serde(default)]
+        ast: Option<Json>,
+        /// The AST (older clients).
+        #[serde(default)]
+        value: Option<Json>,
+        /// A custom query's name (with `args`): transformed by the API server first.
+        #[serde(default)]
+        name: Option<String>,
+        /// A custom query's arguments.
+        #[serde(default)]
+        args: Option<Vec<Json>>,
+        /// What to include in the result.
+        #[serde(default)]
+        options: Option<AnalyzeOptions>,
+    },
+}
+
+/// `analyze-query` options.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct AnalyzeOptions {
+    /// Include the synced rows (default true).
+    #[serde(rename = "syncedRows", default)]
+    pub synced_rows: Option<bool>,
+    /// Include the rows read (zero-cache's SQLite reads; this server reads none).
+    #[serde(rename = "vendedRows", default)]
+    pub vended_rows: Option<bool>,
+    /// Include the join planner's events (this server has no cost-based planner).
+    #[serde(rename = "joinPlans", default)]
+    pub join_plans: Option<bool>,
 }
 
 /// A message from the client.

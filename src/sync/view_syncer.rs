@@ -21,14 +21,18 @@ use zero_queries::sql::SqlValue;
 
 use super::SyncShared;
 use super::auth::{Auth, TokenType, token_type};
+use super::connect::PROTOCOL_VERSION;
+use super::custom::QueryResult;
 use super::cvr::{Cvr, CvrError, CvrVersion, DesireRecord, QueryRecord, RowId};
 use super::cvr_store::Release;
 use super::fetch::{CallContext, RequestInfo};
+use super::inspect::{self, QueryMetrics};
 use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
-    DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind, InitConnectionBody,
-    MAX_TTL_MS, MutationPatchOp, PART_MAX_ENTRIES, PokeEndBody, PokePartBody, PokeStartBody,
-    QueriesPatchOp, RowJson, RowPatchOp, UpQueriesPatchOp, Upstream,
+    AnalyzeOptions, DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind,
+    InitConnectionBody, InspectBody, InspectOp, MAX_TTL_MS, MutationPatchOp, PART_MAX_ENTRIES,
+    PokeEndBody, PokePartBody, PokeStartBody, QueriesPatchOp, RowJson, RowPatchOp,
+    UpQueriesPatchOp, Upstream,
 };
 use super::schema_check::check_client_schema;
 use super::source::{SourceError, SqlViewSource, SyncedRow, ViewSource};
@@ -65,6 +69,8 @@ pub struct Connect {
     pub user_id: Option<String>,
     /// The upgrade request (headers forwarded to the API server).
     pub request: RequestInfo,
+    /// The sync protocol version the client connected with.
+    pub protocol_version: u32,
     /// Messages to the socket.
     pub out: mpsc::UnboundedSender<Outbound>,
 }
@@ -125,6 +131,7 @@ struct Conn {
     poked: bool,
     auth: Option<Auth>,
     request: RequestInfo,
+    protocol_version: u32,
 }
 
 impl Conn {
@@ -182,6 +189,8 @@ pub(crate) struct ViewSyncer {
     clock_since: Option<Instant>,
     /// When each awaited subscription was sent (hydration time, `ZERO_QUERY_HYDRATION_STATS`).
     hydrating: HashMap<String, Instant>,
+    /// Server times of each subscribed query, for the inspector.
+    query_metrics: HashMap<String, QueryMetrics>,
     /// Completes when the latest queued CVR write is stored: `pokeEnd` (which makes the client
     /// adopt the new cookie) waits for it, the poke's parts do not.
     durable: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -242,6 +251,7 @@ impl ViewSyncer {
             client_keys: Arc::new(BTreeMap::new()),
             clock_since: None,
             hydrating: HashMap::new(),
+            query_metrics: HashMap::new(),
             durable: None,
             handoff: None,
             lmid_since: None,
@@ -419,6 +429,7 @@ impl ViewSyncer {
                     poked: false,
                     auth: c.auth,
                     request: c.request,
+                    protocol_version: c.protocol_version,
                 };
                 if let Some(None) = base {
                     conn.close(Some(ErrorBody::new(
@@ -509,11 +520,10 @@ impl ViewSyncer {
                         Ok(())
                     }
                     Upstream::Inspect(body) => {
+                        let reply = self.inspect(&client_id, body).await;
                         self.settle().await;
                         if let Some(c) = self.conns.get(&client_id) {
-                            c.send(Downstream::Inspect(serde_json::json!({
-                                "id": body.id, "op": "error", "value": "inspect is not supported"
-                            })));
+                            c.send(Downstream::Inspect(reply));
                         }
                         Ok(())
                     }
@@ -926,6 +936,171 @@ impl ViewSyncer {
         }
     }
 
+    /// Answers an inspector request; the result is the reply's body.
+    async fn inspect(&mut self, client_id: &str, body: InspectBody) -> Json {
+        let shared = self.shared.clone();
+        let id = body.id;
+        if !matches!(body.op, InspectOp::Authenticate { .. })
+            && !shared.inspector.allowed(&self.id, shared.development)
+        {
+            info!(client_group = %self.id, client = %client_id, "inspector request before authentication: sending the challenge");
+            return serde_json::json!({"id": id, "op": "authenticated", "value": false});
+        }
+        let r: Result<(&str, Json), String> = match body.op {
+            InspectOp::Authenticate { value } => {
+                let ok = shared.inspector.authenticate(
+                    &self.id,
+                    &value,
+                    shared.admin_password.as_deref(),
+                    shared.development,
+                );
+                if !ok {
+                    warn!(client_group = %self.id, client = %client_id, "inspector authentication failed");
+                }
+                Ok(("authenticated", Json::Bool(ok)))
+            }
+            InspectOp::Version {} => Ok(("version", Json::String(shared.server_version.clone()))),
+            InspectOp::Metrics {} => Ok(("metrics", shared.inspector.metrics_json())),
+            InspectOp::Queries { client_id: only } => {
+                let protocol = self
+                    .conns
+                    .get(client_id)
+                    .map_or(PROTOCOL_VERSION, |c| c.protocol_version);
+                let server_asts =
+                    |h: &str| self.custom.get(h).and_then(|r| r.as_ref().ok().cloned());
+                let rows = inspect::query_rows(
+                    &self.cvr,
+                    only.as_deref(),
+                    self.ttl_now(),
+                    &self.query_metrics,
+                    &server_asts,
+                    protocol,
+                );
+                Ok(("queries", Json::Array(rows)))
+            }
+            InspectOp::AnalyzeQuery {
+                ast,
+                value,
+                name,
+                args,
+                options,
+            } => self
+                .analyze(
+                    client_id,
+                    ast.or(value),
+                    name,
+                    args,
+                    options.unwrap_or_default(),
+                )
+                .await
+                .map(|v| ("analyze-query", v)),
+        };
+        match r {
+            Ok((op, value)) => serde_json::json!({"id": id, "op": op, "value": value}),
+            Err(e) => {
+                warn!(client_group = %self.id, client = %client_id, error = %e, "inspector request failed");
+                serde_json::json!({"id": id, "op": "error", "value": e})
+            }
+        }
+    }
+
+    /// `analyze-query`: the query as this group would run it (legacy queries with the read
+    /// permissions and the group's token, custom ones as the API server transforms them),
+    /// hydrated once by the view engine.
+    async fn analyze(
+        &mut self,
+        client_id: &str,
+        ast: Option<Json>,
+        name: Option<String>,
+        args: Option<Vec<Json>>,
+        options: AnalyzeOptions,
+    ) -> Result<Json, String> {
+        let started_ms = crate::replica::now_ms() as f64;
+        let mut warnings = Vec::new();
+        let mut after_permissions = None;
+        let ast: Ast = match (name, args) {
+            (Some(name), Some(args)) => {
+                let endpoint = self.shared.query_endpoint.clone().ok_or(
+                    "Custom query transformation requested but ZERO_QUERY_URL is not configured",
+                )?;
+                let args = Json::Array(args);
+                let hash = zero_queries::hash::hash_of_name_and_args(&name, &args);
+                let ctx = self.query_context(Some(client_id));
+                // Boxed (see `validate_connection`).
+                let results = Box::pin(endpoint.transform(&ctx, &[(hash, name.clone(), args)]))
+                    .await
+                    .map_err(|f| f.to_string())?;
+                match results.into_iter().next() {
+                    Some((_, QueryResult::Ast(a))) => serde_json::from_value(a)
+                        .map_err(|e| format!("the API server returned an invalid AST: {e}"))?,
+                    Some((_, QueryResult::Error(e))) => {
+                        return Err(format!(
+                            "Error transforming custom query {name} ({}): {} {}",
+                            e["error"].as_str().unwrap_or("app"),
+                            e["message"]
+                                .as_str()
+                                .unwrap_or("Unknown application error from custom query"),
+                            e.get("details").map_or("undefined".into(), Json::to_string),
+                        ));
+                    }
+                    None => return Err("No transformation result returned".into()),
+                }
+            }
+            _ => {
+                let ast = ast.ok_or(
+                    "AST is required for analyze-query operation. Either provide an AST directly or ensure custom query transformation is configured.",
+                )?;
+                let ast: Ast =
+                    serde_json::from_value(ast).map_err(|e| format!("invalid query AST: {e}"))?;
+                let loaded = self.load_permissions();
+                self.source.end();
+                loaded.map_err(|e| e.to_string())?;
+                if self.permissions_text.is_some() {
+                    let auth_data = self.auth.as_ref().and_then(Auth::claims);
+                    if auth_data.is_none() {
+                        warnings.push("No auth data provided. Permission rules will compare to `NULL` wherever an auth data field is referenced.".to_string());
+                    }
+                    let t = permissions::transform_query(&ast, &self.permissions, auth_data);
+                    after_permissions = Some(t.to_json_string());
+                    t
+                } else {
+                    warnings.push(
+                        "No permissions are deployed: the query was analyzed without read permissions."
+                            .to_string(),
+                    );
+                    ast
+                }
+            }
+        };
+        if options.vended_rows == Some(true) {
+            warnings.push("Rows read are not reported: this server hydrates queries from in-memory indexes, not SQLite scans.".to_string());
+        }
+        if options.join_plans == Some(true) {
+            warnings.push(
+                "Join plans are not reported: this server has no cost-based join planner."
+                    .to_string(),
+            );
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.shared.engine.send(Cmd::Analyze {
+            ast: Box::new(ast),
+            keys: self.client_keys.clone(),
+            reply: tx,
+        }) {
+            return Err("the view engine is not running".into());
+        }
+        let analysis = rx
+            .await
+            .map_err(|_| "the view engine stopped".to_string())??;
+        Ok(inspect::analysis_json(
+            &analysis,
+            started_ms,
+            options.synced_rows != Some(false),
+            after_permissions,
+            warnings,
+        ))
+    }
+
     async fn delete_clients(
         &mut self,
         client_id: &str,
@@ -1283,6 +1458,7 @@ impl ViewSyncer {
         }
         self.awaiting.remove(hash);
         self.hydrating.remove(hash);
+        self.query_metrics.remove(hash);
     }
 
     /// Applies every engine message that is already queued after `first`, then flushes the CVR
@@ -1355,6 +1531,7 @@ impl ViewSyncer {
             self.cvr.version.next_config()
         };
         let mut patched = false;
+        let mut updated = 0;
         for (h, u) in msg.updates {
             if !self.subscribed.contains_key(&h) {
                 // Unsubscribed meanwhile.
@@ -1363,10 +1540,15 @@ impl ViewSyncer {
             match u {
                 QueryUpdate::Full(rows) => {
                     self.awaiting.remove(&h);
-                    let ms = self
+                    let hydrated = self
                         .hydrating
                         .remove(&h)
-                        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
+                        .map(|t| t.elapsed().as_secs_f64() * 1000.0);
+                    if let Some(ms) = hydrated {
+                        self.query_metrics.entry(h.clone()).or_default().hydrate_ms = Some(ms);
+                        self.shared.inspector.hydrated(ms);
+                    }
+                    let ms = hydrated.unwrap_or(0.0);
                     if ms >= self.shared.slow_hydrate_ms {
                         warn!(client_group = %self.id, query = %h, rows = rows.len(), hydrate_ms = ms, "slow query hydration");
                     } else if self.shared.hydration_stats {
@@ -1400,6 +1582,12 @@ impl ViewSyncer {
                         }
                     }
                     patched |= self.cvr.patch_query_rows(&h, &puts, &dels, &new_version);
+                    self.query_metrics
+                        .entry(h.clone())
+                        .or_default()
+                        .update
+                        .add(msg.step_ms);
+                    updated += 1;
                 }
                 QueryUpdate::Failed(e) => {
                     warn!(client_group = %self.id, query = %h, error = %e, "query could not be hydrated");
@@ -1407,6 +1595,9 @@ impl ViewSyncer {
                     self.subscribed.remove(&h);
                 }
             }
+        }
+        if updated > 0 {
+            self.shared.inspector.updated(msg.step_ms, updated);
         }
         if self.lmid_since.is_none() {
             self.lmid_since = Some(msg.state_version.clone());

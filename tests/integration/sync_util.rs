@@ -55,6 +55,7 @@ pub fn options(db: &TestDb) -> SyncOptions {
         hydration_stats: true,
         slow_hydrate_ms: 100.0,
         cvr_gc: Default::default(),
+        server_version: None,
     }
 }
 
