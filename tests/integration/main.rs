@@ -49,6 +49,9 @@ mod sync_trace;
 /// Custom queries, pushes and TTLs with fake API servers.
 mod sync_api;
 
+/// The inspector protocol: authentication, queries, metrics, version, analyze-query.
+mod sync_inspect;
+
 /// `server::run` with the sync server on `ZERO_PORT`.
 mod sync_server;
 

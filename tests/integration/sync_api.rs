@@ -19,7 +19,7 @@ const ISSUES: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text);
      INSERT INTO issue VALUES ('a', 'first'), ('b', 'second');";
 
 /// `byId(id)` → the issue with that id; anything else → an app error.
-async fn transform(AxumJson(body): AxumJson<Json>) -> AxumJson<Json> {
+pub(crate) async fn transform(AxumJson(body): AxumJson<Json>) -> AxumJson<Json> {
     assert_eq!(body[0], "transform");
     let queries: Vec<Json> = body[1]
         .as_array()
