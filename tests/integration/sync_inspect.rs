@@ -8,6 +8,7 @@ use crate::support::test_db;
 use crate::sync_util::{
     ADMIN_PASSWORD, Client, ConnectOpts, allow_all, connect, init, serve_api, start_server_with,
 };
+use crate::writes_e2e::NodeProc;
 
 fn issue_schema() -> Json {
     json!({"tables": {"issue": {"columns": {
@@ -303,4 +304,68 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
     let r = ask(&mut c, "7", json!({"op": "version"})).await;
     assert_eq!(r["value"], env!("CARGO_PKG_VERSION"));
     c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_clients_inspector_works_against_this_server() {
+    let db = test_db().await;
+    db.exec(
+        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
+         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL),
+                                  ('i3', 'three', true, 3, NULL);
+         INSERT INTO comment VALUES ('c1', 'i1', 'hello'), ('c2', 'i3', 'world');",
+    )
+    .await;
+    let mut server = start_server_with(&db, |_| {}).await;
+    allow_all(&db, &mut server, &["issue", "comment"]).await;
+    let mut node = NodeProc::start(
+        "inspect.mjs",
+        &[
+            format!("http://{}", server.addr),
+            ADMIN_PASSWORD.to_string(),
+        ],
+    );
+    step(&mut node, "hydrated").await;
+    let r = step(&mut node, "before-auth").await;
+    assert!(r.get("error").is_some(), "{r}");
+    assert_eq!(step(&mut node, "auth-wrong").await["value"], false);
+    assert_eq!(step(&mut node, "auth").await["value"], true);
+    assert_eq!(
+        step(&mut node, "version").await["value"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let r = step(&mut node, "queries").await;
+    let qs = r["value"].as_array().expect("queries");
+    assert_eq!(qs.len(), 1, "{r}");
+    assert_eq!(qs[0]["got"], true, "{r}");
+    assert_eq!(qs[0]["deleted"], false, "{r}");
+    // Two open issues and their two comments.
+    assert_eq!(qs[0]["rowCount"], 4, "{r}");
+    assert!(
+        qs[0]["serverZQL"]
+            .as_str()
+            .is_some_and(|z| z.starts_with("issue")),
+        "{r}"
+    );
+    assert!(qs[0]["hydrateServer"].as_f64().is_some(), "{r}");
+    let r = step(&mut node, "metrics").await;
+    assert!(r["hydrations"].as_f64().is_some_and(|n| n >= 1.0), "{r}");
+    let r = step(&mut node, "analyze").await;
+    let a = &r["value"];
+    assert_eq!(a["syncedRowCount"], 2, "{r}");
+    assert_eq!(
+        a["syncedRows"]["issue"]
+            .as_array()
+            .map(|rows| rows.iter().map(|x| x["id"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!("i1"), json!("i3")]),
+        "{r}"
+    );
+    node.stop().await;
+}
+
+/// The next line of the inspector script's `name` step.
+async fn step(node: &mut NodeProc, name: &str) -> Json {
+    node.wait(30, &format!("inspector step {name}"), |v| v["step"] == name)
+        .await
 }
