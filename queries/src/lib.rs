@@ -54,6 +54,7 @@ pub mod normalize;
 pub mod parse;
 pub mod permissions;
 pub mod plan;
+pub mod print;
 pub mod row;
 pub mod schema;
 pub mod sql;

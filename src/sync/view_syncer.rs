@@ -1061,7 +1061,7 @@ impl ViewSyncer {
                         warnings.push("No auth data provided. Permission rules will compare to `NULL` wherever an auth data field is referenced.".to_string());
                     }
                     let t = permissions::transform_query(&ast, &self.permissions, auth_data);
-                    after_permissions = Some(t.to_json_string());
+                    after_permissions = Some(zero_queries::print::to_zql(&t));
                     t
                 } else {
                     warnings.push(

@@ -243,7 +243,7 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
     assert!(
         v["afterPermissions"]
             .as_str()
-            .is_some_and(|s| s.contains("issue")),
+            .is_some_and(|s| s.starts_with("issue")),
         "{v}"
     );
     assert!(
