@@ -1583,7 +1583,7 @@ impl ViewSyncer {
                     }
                     patched |= self.cvr.patch_query_rows(&h, &puts, &dels, &new_version);
                     self.query_metrics
-                        .entry(h.clone())
+                        .entry(h)
                         .or_default()
                         .update
                         .add(msg.step_ms);
