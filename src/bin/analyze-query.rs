@@ -1,5 +1,6 @@
 //! `analyze-query`: hydrates one query over a replica file with the incremental engine and
-//! reports what it synced, how many rows it read, how long hydration took and the plan.
+//! reports the query as ZQL, what it synced, how many rows it read, how long hydration took and
+//! the plan.
 //!
 //! ```text
 //! analyze-query --replica-file FILE (--query 'ZQL' --schema FILE | --ast FILE|-)
@@ -241,6 +242,8 @@ fn run(args: Args) -> Result<(), Failure> {
         .map(|(t, rows)| (t.to_string(), rows.len()))
         .collect();
     let synced_count: usize = rows_by_table.values().sum();
+    // The query as ZQL: an AST given as JSON is easier to recognize this way.
+    let zql = zero_queries::print::to_zql(&ast);
     let plan = format!(
         "incremental dataflow: {} template(s), {} instance(s); tables {}",
         engine.template_count(),
@@ -250,6 +253,7 @@ fn run(args: Args) -> Result<(), Failure> {
 
     if args.json {
         let mut out = serde_json::json!({
+            "query": zql,
             "syncedRowCount": synced_count,
             "rowsByTable": rows_by_table,
             "rowsRead": rows_read,
@@ -266,6 +270,7 @@ fn run(args: Args) -> Result<(), Failure> {
         }
         println!("{out}");
     } else {
+        println!("query: {zql}");
         println!("plan: {plan}");
         println!("rows read: {rows_read} (loaded in {load_ms:.1} ms)");
         println!("synced rows: {synced_count}");

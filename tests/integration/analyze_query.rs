@@ -180,4 +180,8 @@ async fn analyze_query_matches_the_sql_oracle_and_rejects_bad_input() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(report["syncedRowCount"], 3);
     assert_eq!(report["view"][0]["name"], "bug");
+    assert_eq!(
+        report["query"], "label.orderBy('name', 'asc').limit(3)",
+        "{report}"
+    );
 }
