@@ -102,6 +102,7 @@ async fn statz(State(shared): State<Arc<SyncShared>>, headers: HeaderMap) -> Res
         "engine": {
             "queries": shared.engine.stats.queries.load(std::sync::atomic::Ordering::Relaxed),
             "shapes": shared.engine.stats.shapes.load(std::sync::atomic::Ordering::Relaxed),
+            "instances": shared.engine.stats.instances.load(std::sync::atomic::Ordering::Relaxed),
             "rows": shared.engine.stats.rows.load(std::sync::atomic::Ordering::Relaxed),
             "engines": shared.engine.stats.engines.load(std::sync::atomic::Ordering::Relaxed),
             "subscriptions": shared.engine.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed),

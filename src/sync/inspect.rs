@@ -2,14 +2,15 @@
 //! client asks a running server — the group's queries with their row counts and server times,
 //! server-wide time digests, the server version, and one-off query analyses.
 //!
-//! Everything but `authenticate` and `version` needs the admin password first
-//! (`ZERO_ADMIN_PASSWORD`, or nothing in development mode). As in zero-cache, a group that
-//! authenticated once stays authenticated in this process, whichever of its clients asks.
+//! Everything but `authenticate` needs the admin password first (`ZERO_ADMIN_PASSWORD`, or
+//! nothing in development mode). As in zero-cache, a group that authenticated once stays
+//! authenticated in this process, whichever of its clients asks, until a wrong password.
 //!
 //! Times are in milliseconds, as t-digests in Zero's wire form (`[compression, mean, weight,
-//! …]`). A query's hydration time runs from its subscription to its rows reaching the group; its
-//! update time is the engine's time for each version that changed its rows (the engine applies
-//! a version for every query at once).
+//! …]`), and belong to the client group, as zero-cache keeps them per view-syncer. A query's
+//! hydration time runs from its subscription to its rows reaching the group; its update time is
+//! the engine's time to apply each version that changed its rows (the engine applies a version
+//! for every query at once, so queries updated together share the figure).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -21,10 +22,11 @@ use tdigest::TDigest;
 use super::cvr::Cvr;
 use super::ivm::Analysis;
 
-/// Centroids a digest keeps.
-const DIGEST_SIZE: usize = 100;
+/// Centroids a digest keeps: enough for the medians and tails the inspector shows, small
+/// enough for one digest per query in every group (about 0.8 KB at most).
+const DIGEST_SIZE: usize = 32;
 /// Samples buffered before they are merged into the centroids.
-const DIGEST_BATCH: usize = 64;
+const DIGEST_BATCH: usize = 32;
 
 /// A t-digest of times that takes one sample at a time.
 #[derive(Debug, Default, Clone)]
@@ -41,8 +43,12 @@ impl Digest {
         }
         self.pending.push(v);
         if self.pending.len() >= DIGEST_BATCH {
-            self.merged = Some(self.with_pending());
-            self.pending.clear();
+            let base = self
+                .merged
+                .take()
+                .unwrap_or_else(|| TDigest::new_with_size(DIGEST_SIZE));
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(DIGEST_BATCH));
+            self.merged = Some(base.merge_unsorted(batch));
         }
     }
 
@@ -52,21 +58,17 @@ impl Digest {
         self.merged.as_ref().map_or(0, |d| d.count() as usize) + self.pending.len()
     }
 
-    fn with_pending(&self) -> TDigest {
+    /// Zero's wire form: the compression, then each centroid's mean and weight.
+    pub(crate) fn to_json(&self) -> Json {
         let base = self
             .merged
             .clone()
             .unwrap_or_else(|| TDigest::new_with_size(DIGEST_SIZE));
-        if self.pending.is_empty() {
+        let d = if self.pending.is_empty() {
             base
         } else {
             base.merge_unsorted(self.pending.clone())
-        }
-    }
-
-    /// Zero's wire form: the compression, then each centroid's mean and weight.
-    pub(crate) fn to_json(&self) -> Json {
-        let d = self.with_pending();
+        };
         let mut out = Vec::with_capacity(1 + 2 * d.centroids().len());
         out.push(json!(DIGEST_SIZE));
         for c in d.centroids() {
@@ -110,23 +112,17 @@ impl QueryMetrics {
     }
 }
 
-/// Process-wide inspector state.
+/// Who may use the inspector: the groups that gave the admin password (process-wide, as in
+/// zero-cache).
 #[derive(Debug, Default)]
 pub(crate) struct Inspector {
     authenticated: Mutex<HashSet<String>>,
-    totals: Mutex<Totals>,
-}
-
-#[derive(Debug, Default)]
-struct Totals {
-    hydrate: Digest,
-    update: Digest,
 }
 
 impl Inspector {
     /// Whether `group` may use the inspector.
     pub(crate) fn allowed(&self, group: &str, development: bool) -> bool {
-        development || self.lock_auth().contains(group)
+        development || self.lock().contains(group)
     }
 
     /// Checks `password` against `ZERO_ADMIN_PASSWORD` in constant time and records the
@@ -138,12 +134,12 @@ impl Inspector {
         expected: Option<&str>,
         development: bool,
     ) -> bool {
-        let ok = match expected {
-            // Zero lets an empty password in only in development mode.
+        let ok = match expected.filter(|e| !e.is_empty()) {
+            // Zero lets an empty password in only in development mode, with no admin password.
             None => development && password.is_empty(),
             Some(e) => bool::from(password.as_bytes().ct_eq(e.as_bytes())),
         };
-        let mut set = self.lock_auth();
+        let mut set = self.lock();
         if ok {
             set.insert(group.to_string());
         } else {
@@ -152,34 +148,27 @@ impl Inspector {
         ok
     }
 
-    /// Records a hydration (ms) in the server-wide digest.
-    pub(crate) fn hydrated(&self, ms: f64) {
-        self.lock_totals().hydrate.add(ms);
-    }
-
-    /// Records `n` query updates that took `ms` each.
-    pub(crate) fn updated(&self, ms: f64, n: usize) {
-        let mut t = self.lock_totals();
-        for _ in 0..n {
-            t.update.add(ms);
-        }
-    }
-
-    /// The `metrics` reply's value.
-    pub(crate) fn metrics_json(&self) -> Json {
-        let t = self.lock_totals();
-        json!({
-            "query-materialization-server": t.hydrate.to_json(),
-            "query-update-server": t.update.to_json(),
-        })
-    }
-
-    fn lock_auth(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.authenticated.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    fn lock_totals(&self) -> std::sync::MutexGuard<'_, Totals> {
-        self.totals.lock().unwrap_or_else(|e| e.into_inner())
+/// A group's hydration and update times over all of its queries (the `metrics` reply).
+#[derive(Debug, Default)]
+pub(crate) struct GroupMetrics {
+    /// Every hydration.
+    pub hydrate: Digest,
+    /// Every query update.
+    pub update: Digest,
+}
+
+impl GroupMetrics {
+    /// The `metrics` reply's value.
+    pub(crate) fn to_json(&self) -> Json {
+        json!({
+            "query-materialization-server": self.hydrate.to_json(),
+            "query-update-server": self.update.to_json(),
+        })
     }
 }
 
@@ -302,6 +291,8 @@ mod tests {
         assert!(!i.authenticate("g", "", None, false));
         assert!(i.authenticate("g", "", None, true));
         assert!(!i.authenticate("g", "x", None, true));
+        // An empty admin password is no password.
+        assert!(!i.authenticate("g", "", Some(""), false));
     }
 
     #[test]
@@ -313,9 +304,12 @@ mod tests {
         m.update.add(1.0);
         let new = m.to_json(51);
         assert_eq!(new["query-hydration-server-ms"], json!(3.5));
-        assert_eq!(new["query-update-server"], json!([100, 1.0, 1.0]));
+        assert_eq!(new["query-update-server"], json!([DIGEST_SIZE, 1.0, 1.0]));
         let old = m.to_json(50);
-        assert_eq!(old["query-materialization-server"], json!([100, 3.5, 1.0]));
+        assert_eq!(
+            old["query-materialization-server"],
+            json!([DIGEST_SIZE, 3.5, 1.0])
+        );
         assert!(old.get("query-hydration-server-ms").is_none());
     }
 }

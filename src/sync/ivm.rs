@@ -74,8 +74,8 @@ pub(crate) struct EngineMsg {
     pub fetched: bool,
     /// `{app}.permissions` changed in this version: legacy queries must be transformed again.
     pub permissions: bool,
-    /// How long the engine took to apply this version (ms; 0 when it had nothing to apply):
-    /// the inspector's per-query update time.
+    /// The engine's time to apply and step this version, for every query at once (ms; 0 when
+    /// no step ran): the inspector's update time of the queries it changed.
     pub step_ms: f64,
     /// The group's `clients` / `mutations` rows may have changed since its previous message
     /// (always set on its first message and after a rebuild): only then does it read them.
@@ -127,9 +127,9 @@ pub(crate) enum Cmd {
 pub(crate) struct Analysis {
     /// The rows a client would receive.
     pub rows: Vec<SyncedRow>,
-    /// From the request reaching the engine to the rows being read (ms).
+    /// Adding the query, the engine step that hydrated it and reading its rows (ms).
     pub elapsed_ms: f64,
-    /// An identical query was already running, so its rows were read, not hydrated.
+    /// An identical query was already running and hydrated, so its rows were only read.
     pub already_running: bool,
 }
 
@@ -139,7 +139,8 @@ struct PendingAnalysis {
     keys: Arc<BTreeMap<String, Vec<String>>>,
     /// The query was added for this analysis and is removed after it.
     own: bool,
-    started: std::time::Instant,
+    /// Time spent adding the query to the engine (ms).
+    add_ms: f64,
     reply: tokio::sync::oneshot::Sender<Result<Analysis, String>>,
 }
 
@@ -152,6 +153,9 @@ pub(crate) struct EngineStats {
     pub subscriptions: AtomicUsize,
     /// Dataflows (query shapes) running.
     pub shapes: AtomicUsize,
+    /// Query instances in the engines: the distinct queries, plus any the inspector's
+    /// `analyze-query` holds for the moment.
+    pub instances: AtomicUsize,
     /// Rows loaded in the engine (0 until the replica is loaded).
     pub rows: AtomicUsize,
     /// Engines (one per distinct set of client primary keys; each holds every row, so more
@@ -208,6 +212,7 @@ impl EngineHandle {
                     tail: None,
                     pending: Vec::new(),
                     analyses: Vec::new(),
+                    step_ms: 0.0,
                     seq: 0,
                     stats: st,
                 };
@@ -289,6 +294,9 @@ struct Service {
     pending: Vec<(String, String)>,
     /// Analyses answered at the next step.
     analyses: Vec<PendingAnalysis>,
+    /// The engine's time to apply and step the latest version (ms; 0 when it had nothing to
+    /// apply).
+    step_ms: f64,
     seq: u64,
     stats: Arc<EngineStats>,
 }
@@ -425,7 +433,7 @@ impl Service {
             }
             self.finish_analyses();
             let step_ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.send(out, step_ms - commands_ms);
+            self.send(out, self.step_ms);
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             if ms >= 20.0 {
                 debug!(commands, commands_ms, step_ms, ms, "slow view engine round");
@@ -457,6 +465,12 @@ impl Service {
                     v.push_str(serving);
                 }
             }
+            self.stats.instances.store(
+                self.ready.as_ref().map_or(0, |r| {
+                    r.slots.iter().map(|s| s.engine.instance_count()).sum()
+                }),
+                Ordering::Relaxed,
+            );
             self.stats.shapes.store(
                 self.ready.as_ref().map_or(0, |r| {
                     r.slots.iter().map(|s| s.engine.template_count()).sum()
@@ -508,28 +522,50 @@ impl Service {
         self.pending.push(key);
     }
 
-    /// Queues an analysis for the next step, adding the query to the engine unless an
-    /// identical one runs.
+    /// Answers an analysis now when an identical query runs and is hydrated; otherwise adds
+    /// the query to the engine (unless a subscription of this batch did) and answers after
+    /// the next step.
     fn analyze(
         &mut self,
         ast: Ast,
         keys: Arc<BTreeMap<String, Vec<String>>>,
         reply: tokio::sync::oneshot::Sender<Result<Analysis, String>>,
     ) {
-        let started = std::time::Instant::now();
         let Some(ready) = self.ready.as_mut() else {
             let _ = reply.send(Err("the replica is not loaded yet".into()));
             return;
         };
+        let started = std::time::Instant::now();
         let shared = query_id(&keys, &ast);
         if self.queries.get(&shared).is_some_and(|q| q.running) {
-            self.analyses.push(PendingAnalysis {
-                qid: shared,
-                keys,
-                own: false,
-                started,
-                reply,
-            });
+            // Subscribed in this batch: hydrated by the next step, like the analysis.
+            let hydrating = self
+                .pending
+                .iter()
+                .any(|k| self.subs.get(k) == Some(&shared));
+            if hydrating {
+                self.analyses.push(PendingAnalysis {
+                    qid: shared,
+                    keys,
+                    own: false,
+                    add_ms: 0.0,
+                    reply,
+                });
+                return;
+            }
+            let rows = ready
+                .slots
+                .iter()
+                .find(|s| s.keys == keys)
+                .and_then(|slot| full_rows(slot, &shared));
+            let _ = reply.send(
+                rows.ok_or_else(|| "the query is not running".into())
+                    .map(|rows| Analysis {
+                        rows,
+                        elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+                        already_running: true,
+                    }),
+            );
             return;
         }
         // Its own id: a client may subscribe the same query before the step.
@@ -545,7 +581,7 @@ impl Service {
                 qid,
                 keys,
                 own: true,
-                started,
+                add_ms: started.elapsed().as_secs_f64() * 1000.0,
                 reply,
             }),
             Err(e) => {
@@ -554,26 +590,26 @@ impl Service {
         }
     }
 
-    /// Answers the queued analyses once their queries are hydrated.
+    /// Answers the queued analyses once their queries are hydrated. An analysis's time is its
+    /// query's set-up, the step that hydrated it (shared with whatever else that step did) and
+    /// reading its rows.
     fn finish_analyses(&mut self) {
         for a in std::mem::take(&mut self.analyses) {
-            let Some(slot) = self
+            let started = std::time::Instant::now();
+            let slot = self
                 .ready
                 .as_mut()
-                .and_then(|r| r.slots.iter_mut().find(|s| s.keys == a.keys))
+                .and_then(|r| r.slots.iter_mut().find(|s| s.keys == a.keys));
+            let Some((slot, rows)) =
+                slot.and_then(|slot| full_rows(slot, &a.qid).map(|rows| (slot, rows)))
             else {
-                let _ = a
-                    .reply
-                    .send(Err("the view engine was rebuilt; try again".into()));
+                let _ = a.reply.send(Err(
+                    "the query stopped before it could be read (the view engine was rebuilt, or its last subscriber left); try again"
+                        .into(),
+                ));
                 continue;
             };
-            let Some(rows) = full_rows(slot, &a.qid) else {
-                let _ = a
-                    .reply
-                    .send(Err("the view engine was rebuilt; try again".into()));
-                continue;
-            };
-            let elapsed_ms = a.started.elapsed().as_secs_f64() * 1000.0;
+            let elapsed_ms = a.add_ms + self.step_ms + started.elapsed().as_secs_f64() * 1000.0;
             if a.own
                 && let Err(e) = slot.engine.remove_query(&a.qid)
             {
@@ -582,7 +618,7 @@ impl Service {
             let _ = a.reply.send(Ok(Analysis {
                 rows,
                 elapsed_ms,
-                already_running: !a.own,
+                already_running: false,
             }));
         }
     }
@@ -613,6 +649,7 @@ impl Service {
     /// Applies what the replica committed since the last step (when `watermark`), hydrates
     /// pending subscriptions, and fills `out`.
     fn step(&mut self, watermark: bool, out: &mut Outbox) -> Result<(), LoadError> {
+        self.step_ms = 0.0;
         let mut changes: Vec<TableChange> = Vec::new();
         if self.ready.is_none() {
             if !(watermark || !self.pending.is_empty() || !out.touched.is_empty()) {
@@ -659,6 +696,7 @@ impl Service {
             for slot in ready.slots.iter_mut() {
                 diffs.push(slot.engine.step_until(self.seq)?);
             }
+            self.step_ms = started.elapsed().as_secs_f64() * 1000.0;
         }
         let pending: HashSet<(String, String)> =
             std::mem::take(&mut self.pending).into_iter().collect();

@@ -26,7 +26,7 @@ use super::custom::QueryResult;
 use super::cvr::{Cvr, CvrError, CvrVersion, DesireRecord, QueryRecord, RowId};
 use super::cvr_store::Release;
 use super::fetch::{CallContext, RequestInfo};
-use super::inspect::{self, QueryMetrics};
+use super::inspect::{self, GroupMetrics, QueryMetrics};
 use super::ivm::{Cmd, EngineMsg, QueryUpdate};
 use super::protocol::{
     AnalyzeOptions, DEFAULT_TTL_MS, DeletedClients, Downstream, ErrorBody, ErrorKind,
@@ -191,6 +191,8 @@ pub(crate) struct ViewSyncer {
     hydrating: HashMap<String, Instant>,
     /// Server times of each subscribed query, for the inspector.
     query_metrics: HashMap<String, QueryMetrics>,
+    /// Server times of all of the group's queries, for the inspector.
+    group_metrics: GroupMetrics,
     /// Completes when the latest queued CVR write is stored: `pokeEnd` (which makes the client
     /// adopt the new cookie) waits for it, the poke's parts do not.
     durable: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -252,6 +254,7 @@ impl ViewSyncer {
             clock_since: None,
             hydrating: HashMap::new(),
             query_metrics: HashMap::new(),
+            group_metrics: GroupMetrics::default(),
             durable: None,
             handoff: None,
             lmid_since: None,
@@ -960,7 +963,7 @@ impl ViewSyncer {
                 Ok(("authenticated", Json::Bool(ok)))
             }
             InspectOp::Version {} => Ok(("version", Json::String(shared.server_version.clone()))),
-            InspectOp::Metrics {} => Ok(("metrics", shared.inspector.metrics_json())),
+            InspectOp::Metrics {} => Ok(("metrics", self.group_metrics.to_json())),
             InspectOp::Queries { client_id: only } => {
                 let protocol = self
                     .conns
@@ -1531,7 +1534,6 @@ impl ViewSyncer {
             self.cvr.version.next_config()
         };
         let mut patched = false;
-        let mut updated = 0;
         for (h, u) in msg.updates {
             if !self.subscribed.contains_key(&h) {
                 // Unsubscribed meanwhile.
@@ -1546,7 +1548,7 @@ impl ViewSyncer {
                         .map(|t| t.elapsed().as_secs_f64() * 1000.0);
                     if let Some(ms) = hydrated {
                         self.query_metrics.entry(h.clone()).or_default().hydrate_ms = Some(ms);
-                        self.shared.inspector.hydrated(ms);
+                        self.group_metrics.hydrate.add(ms);
                     }
                     let ms = hydrated.unwrap_or(0.0);
                     if ms >= self.shared.slow_hydrate_ms {
@@ -1587,7 +1589,7 @@ impl ViewSyncer {
                         .or_default()
                         .update
                         .add(msg.step_ms);
-                    updated += 1;
+                    self.group_metrics.update.add(msg.step_ms);
                 }
                 QueryUpdate::Failed(e) => {
                     warn!(client_group = %self.id, query = %h, error = %e, "query could not be hydrated");
@@ -1595,9 +1597,6 @@ impl ViewSyncer {
                     self.subscribed.remove(&h);
                 }
             }
-        }
-        if updated > 0 {
-            self.shared.inspector.updated(msg.step_ms, updated);
         }
         if self.lmid_since.is_none() {
             self.lmid_since = Some(msg.state_version.clone());

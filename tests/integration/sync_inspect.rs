@@ -135,13 +135,29 @@ async fn inspector_needs_the_admin_password_and_reports_queries_metrics_and_vers
     assert_eq!(row["rowCount"], 3, "{r}");
     assert_eq!(digest_count(&row["metrics"]["query-update-server"]), 1.0);
 
-    // A dropped query is listed as deleted until its TTL runs out.
-    c.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del", "hash": "q1"}]}]))
+    // A dropped query is listed as deleted until its TTL runs out; then it is left out.
+    let q2 = json!({"table": "issue", "where": {"type": "simple", "op": "=",
+        "left": {"type": "column", "name": "id"}, "right": {"type": "literal", "value": "a"}},
+        "orderBy": [["id", "asc"]]});
+    c.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [
+        {"op": "put", "hash": "q2", "ttl": 1, "ast": q2}]}]))
+        .await;
+    c.pokes_until(|p| {
+        p.all("gotQueriesPatch")
+            .contains(&json!({"op": "put", "hash": "q2"}))
+    })
+    .await;
+    c.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [
+        {"op": "del", "hash": "q1"}, {"op": "del", "hash": "q2"}]}]))
         .await;
     c.poke().await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let r = ask(&mut c, "q4", json!({"op": "queries"})).await;
-    assert_eq!(r["value"][0]["deleted"], true, "{r}");
-    assert!(r["value"][0]["inactivatedAt"].as_f64().is_some(), "{r}");
+    let rows = r["value"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "only q1 is left: {r}");
+    assert_eq!(rows[0]["queryID"], "q1", "{r}");
+    assert_eq!(rows[0]["deleted"], true, "{r}");
+    assert!(rows[0]["inactivatedAt"].as_f64().is_some(), "{r}");
 
     // Authentication is per client group.
     let mut other = connect(
@@ -156,6 +172,21 @@ async fn inspector_needs_the_admin_password_and_reports_queries_metrics_and_vers
         (r["op"].clone(), r["value"].clone()),
         (json!("authenticated"), json!(false))
     );
+    // Metrics are the group's own, as zero-cache keeps them per view-syncer.
+    let r = ask(
+        &mut other,
+        "o2",
+        json!({"op": "authenticate", "value": ADMIN_PASSWORD}),
+    )
+    .await;
+    assert_eq!(r["value"], true);
+    let r = ask(&mut other, "o3", json!({"op": "metrics"})).await;
+    assert_eq!(
+        digest_count(&r["value"]["query-materialization-server"]),
+        0.0,
+        "{r}"
+    );
+    assert_eq!(digest_count(&r["value"]["query-update-server"]), 0.0, "{r}");
     // A wrong password revokes the group's earlier success.
     let r = ask(&mut c, "a3", json!({"op": "authenticate", "value": "nope"})).await;
     assert_eq!(r["value"], false);
@@ -298,9 +329,28 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
             .contains("AST is required")
     );
 
-    // The analyses left nothing running in the engine, and the connection still works.
+    // The analyses left nothing running in the engine.
     let stats = crate::sync_util::engine_stats(server.addr).await;
-    assert_eq!(stats["queries"], 0, "{stats}");
+    assert_eq!(stats["instances"], 0, "{stats}");
+
+    // A query the group runs already is read, not hydrated again, and keeps running.
+    let all = json!({"table": "issue", "orderBy": [["id", "asc"]]});
+    c.send(json!(["changeDesiredQueries", {"desiredQueriesPatch": [
+        {"op": "put", "hash": "q1", "ast": all}]}]))
+        .await;
+    c.pokes_until(|p| p.puts().len() == 2).await;
+    let r = ask(&mut c, "8", json!({"op": "analyze-query", "ast": all})).await;
+    let v = &r["value"];
+    assert_eq!(v["syncedRowCount"], 2, "{v}");
+    let warned = v["warnings"].as_array().is_some_and(|w| {
+        w.iter()
+            .any(|w| w.as_str().unwrap_or_default().contains("already running"))
+    });
+    assert!(warned, "{v}");
+    let stats = crate::sync_util::engine_stats(server.addr).await;
+    assert_eq!(stats["instances"], 1, "{stats}");
+
+    // The connection still works.
     let r = ask(&mut c, "7", json!({"op": "version"})).await;
     assert_eq!(r["value"], env!("CARGO_PKG_VERSION"));
     c.close().await;
