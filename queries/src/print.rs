@@ -275,6 +275,15 @@ mod tests {
         );
         // Behind a junction, the relationship prints once (parsing it back would reject the
         // junction's ordering, as Zero's client does).
+        let ast = parse_query(
+            "issue.whereExists('labels', l => l.where('name', 'bug'))",
+            &zbugs(),
+        )
+        .expect("parse");
+        assert_eq!(
+            to_zql(&ast),
+            "issue.whereExists('labels', q => q.where('name', 'bug').orderBy('id', 'asc')).orderBy('id', 'asc')"
+        );
         let ast = parse_query("issue.related('labels')", &zbugs()).expect("parse");
         assert_eq!(
             to_zql(&ast),
