@@ -7,7 +7,7 @@ use serde_json::{Value as Json, json};
 
 use crate::support::test_db;
 use crate::sync_util::{
-    ConnectOpts, allow_all, connect, init, serve_api, start_server, start_server_with,
+    ConnectOpts, allow_all, connect, connect_idle, init, serve_api, start_server, start_server_with,
 };
 
 fn issue_schema() -> Json {
@@ -93,13 +93,7 @@ async fn pushes_are_forwarded_and_failures_close_the_connection() {
 
     // No ZERO_MUTATE_URL.
     let server = start_server(&db).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    c.poke().await;
+    let mut c = connect_idle(server.addr, "c1", "g1", issue_schema()).await;
     c.send(push("g1")).await;
     c.expect_error("InvalidPush").await;
     let repl = server.stop_sync().await;
@@ -131,13 +125,7 @@ async fn pushes_are_forwarded_and_failures_close_the_connection() {
         ]
     })
     .await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    c.poke().await;
+    let mut c = connect_idle(server.addr, "c1", "g1", issue_schema()).await;
     c.send(push("g1")).await;
     let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
         .await

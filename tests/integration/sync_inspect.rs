@@ -6,7 +6,8 @@ use serde_json::{Value as Json, json};
 
 use crate::support::test_db;
 use crate::sync_util::{
-    ADMIN_PASSWORD, Client, ConnectOpts, allow_all, connect, init, serve_api, start_server_with,
+    ADMIN_PASSWORD, Client, ConnectOpts, allow_all, connect, connect_idle, init, serve_api,
+    start_server_with,
 };
 use crate::writes_e2e::NodeProc;
 
@@ -160,13 +161,7 @@ async fn inspector_needs_the_admin_password_and_reports_queries_metrics_and_vers
     assert!(rows[0]["inactivatedAt"].as_f64().is_some(), "{r}");
 
     // Authentication is per client group.
-    let mut other = connect(
-        server.addr,
-        ConnectOpts::new("c9", "g9", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    other.poke().await;
+    let mut other = connect_idle(server.addr, "c9", "g9", issue_schema()).await;
     let r = ask(&mut other, "o1", json!({"op": "queries"})).await;
     assert_eq!(
         (r["op"].clone(), r["value"].clone()),
@@ -217,13 +212,7 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
         o.query_urls = vec![format!("http://{api}/query")];
     })
     .await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    c.poke().await;
+    let mut c = connect_idle(server.addr, "c1", "g1", issue_schema()).await;
     let r = ask(
         &mut c,
         "a",

@@ -4,8 +4,8 @@ use serde_json::json;
 
 use crate::support::{TestDb, test_db};
 use crate::sync_util::{
-    ADMIN_PASSWORD, Client, ConnectOpts, Connected, Server, allow_all, connect, connect_raw,
-    engine_stats, http_get, init, start_server,
+    ADMIN_PASSWORD, Client, ConnectOpts, Connected, Server, allow_all, connect, connect_idle,
+    connect_raw, engine_stats, http_get, init, start_server,
 };
 use zero_cache::sync::connect::encode_sec_protocol;
 
@@ -176,13 +176,7 @@ async fn handshake_errors_close_with_1002_or_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_invalid_message_and_ping_gets_pong() {
     let (_db, server) = issues_server(false).await;
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c1", "g1", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    c.poke().await;
+    let mut c = connect_idle(server.addr, "c1", "g1", issue_schema()).await;
     c.send(json!(["ping", {}])).await;
     // The idle pongs are skipped by the helper; a ping must be answered at once.
     c.send_text("[\"ping\",{}]".into()).await;
@@ -195,25 +189,13 @@ async fn bad_messages_get_invalid_message_and_ping_gets_pong() {
         json!(["noSuchMessage", {}]),
         json!(["changeDesiredQueries", {"desiredQueriesPatch": [], "extra": 1}]),
     ] {
-        let mut c = connect(
-            server.addr,
-            ConnectOpts::new("c2", "g2", init(json!([]), Some(issue_schema()))),
-        )
-        .await
-        .ok();
-        c.poke().await;
+        let mut c = connect_idle(server.addr, "c2", "g2", issue_schema()).await;
         c.send(bad).await;
         c.expect_error("InvalidMessage").await;
     }
 
     // Oversize frames (the test server allows 64 KiB).
-    let mut c = connect(
-        server.addr,
-        ConnectOpts::new("c3", "g3", init(json!([]), Some(issue_schema()))),
-    )
-    .await
-    .ok();
-    c.poke().await;
+    let mut c = connect_idle(server.addr, "c3", "g3", issue_schema()).await;
     let big = format!(
         "[\"changeDesiredQueries\",{{\"desiredQueriesPatch\":[],\"traceparent\":\"{}\"}}]",
         "x".repeat(100_000)

@@ -398,6 +398,19 @@ pub async fn connect(addr: SocketAddr, o: ConnectOpts<'_>) -> Connected {
     connect_raw(addr, &url, Some(&proto)).await
 }
 
+/// Connects `client` of `group` with no queries and the client schema `schema`, and reads its
+/// first (config) poke.
+pub async fn connect_idle(addr: SocketAddr, client: &str, group: &str, schema: Json) -> Client {
+    let mut c = connect(
+        addr,
+        ConnectOpts::new(client, group, init(json!([]), Some(schema))),
+    )
+    .await
+    .ok();
+    c.poke().await;
+    c
+}
+
 /// What arrives on a connection.
 pub enum Event {
     /// A JSON message.
