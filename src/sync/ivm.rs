@@ -433,7 +433,7 @@ impl Service {
             }
             self.finish_analyses();
             let step_ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.send(out, self.step_ms);
+            self.send(out);
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             if ms >= 20.0 {
                 debug!(commands, commands_ms, step_ms, ms, "slow view engine round");
@@ -787,7 +787,7 @@ impl Service {
         Ok(())
     }
 
-    fn send(&mut self, out: Outbox, step_ms: f64) {
+    fn send(&mut self, out: Outbox) {
         let Some(ready) = self.ready.as_ref() else {
             return;
         };
@@ -820,7 +820,7 @@ impl Service {
                 fetched: fetched.contains(&g),
                 permissions,
                 lmids: all_lmids || lmids.contains(&g),
-                step_ms,
+                step_ms: self.step_ms,
             };
             if tx.send(msg).is_err() {
                 debug!(client_group = %g, "view-syncer gone");

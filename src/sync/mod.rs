@@ -317,7 +317,7 @@ pub(crate) struct SyncShared {
     pub(crate) slow_hydrate_ms: f64,
     /// The version the inspector reports.
     pub(crate) server_version: String,
-    /// Inspector logins and server-wide time digests.
+    /// Inspector logins (the time digests live in each view-syncer).
     pub(crate) inspector: inspect::Inspector,
     /// Set when the server shuts down: every connection closes.
     pub(crate) closing: watch::Sender<bool>,

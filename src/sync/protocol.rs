@@ -185,7 +185,7 @@ pub enum InspectOp {
         #[serde(rename = "clientID", default)]
         client_id: Option<String>,
     },
-    /// Server-wide hydration and update time digests.
+    /// The group's hydration and update time digests.
     #[serde(rename = "metrics")]
     Metrics {},
     /// The server's version.

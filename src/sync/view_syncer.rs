@@ -1059,11 +1059,10 @@ impl ViewSyncer {
                 self.source.end();
                 loaded.map_err(|e| e.to_string())?;
                 if self.permissions_text.is_some() {
-                    let auth_data = self.auth.as_ref().and_then(Auth::claims);
-                    if auth_data.is_none() {
+                    if self.auth.as_ref().and_then(Auth::claims).is_none() {
                         warnings.push("No auth data provided. Permission rules will compare to `NULL` wherever an auth data field is referenced.".to_string());
                     }
-                    let t = permissions::transform_query(&ast, &self.permissions, auth_data);
+                    let t = self.with_permissions(&ast);
                     after_permissions = Some(zero_queries::print::to_zql(&t));
                     t
                 } else {
@@ -1304,6 +1303,12 @@ impl ViewSyncer {
         Ok(())
     }
 
+    /// A legacy query with the read permissions, bound to the group's token claims.
+    fn with_permissions(&self, ast: &Ast) -> Ast {
+        let auth_data = self.auth.as_ref().and_then(Auth::claims);
+        permissions::transform_query(ast, &self.permissions, auth_data)
+    }
+
     /// The server-side AST of a query, or `None` when it cannot be hydrated (yet).
     fn transform(&self, hash: &str, q: &QueryRecord) -> Option<Ast> {
         let Some(ast_json) = q.ast.as_ref() else {
@@ -1323,12 +1328,7 @@ impl ViewSyncer {
                 if !unreadable.is_empty() {
                     debug!(query = %hash, tables = ?unreadable, "no select permission; no rows will be returned");
                 }
-                let auth_data = self.auth.as_ref().and_then(Auth::claims);
-                Some(permissions::transform_query(
-                    &ast,
-                    &self.permissions,
-                    auth_data,
-                ))
+                Some(self.with_permissions(&ast))
             }
             Err(e) => {
                 warn!(client_group = %self.id, query = %hash, error = %e, "invalid query AST");

@@ -33,6 +33,10 @@ impl ViewProcess {
     }
 }
 
+/// The `issue` and `comment` tables of the real-client tests (`tests/e2e/issues.mjs`).
+pub(crate) const ISSUE_TABLES: &str = "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
+     CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);";
+
 pub(crate) fn issue(id: &str, title: &str, n: Option<i64>, meta: Json, comments: Json) -> Json {
     json!({"id": id, "title": title, "open": true, "n": n, "meta": meta, "comments": comments})
 }
@@ -40,10 +44,9 @@ pub(crate) fn issue(id: &str, title: &str, n: Option<i64>, meta: Json, comments:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_client_view_follows_upstream_changes() {
     let db = test_db().await;
+    db.exec(ISSUE_TABLES).await;
     db.exec(
-        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
-         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
-         INSERT INTO issue VALUES ('i1', 'one', true, 1, '{\"tags\": [\"a\"]}'), ('i2', 'two', false, 2, NULL),
+        "INSERT INTO issue VALUES ('i1', 'one', true, 1, '{\"tags\": [\"a\"]}'), ('i2', 'two', false, 2, NULL),
                                   ('i3', 'three', true, NULL, '[1, 2]');
          INSERT INTO comment VALUES ('c1', 'i1', 'hello'), ('c2', 'i1', 'world'), ('c3', 'i2', 'hidden');",
     )
@@ -153,12 +156,9 @@ async fn real_client_catches_up_after_a_server_restart_with_cvr_in_postgres() {
 async fn restart_scenario(cvr_in_pg: bool) {
     let db = test_db().await;
     let cvr_db = cvr_in_pg.then(|| db.uri.clone());
-    db.exec(
-        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
-         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
-         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', true, 2, NULL);",
-    )
-    .await;
+    db.exec(ISSUE_TABLES).await;
+    db.exec("INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', true, 2, NULL);")
+        .await;
     let c = cvr_db.clone();
     let mut server = start_server_with(&db, |o| o.cvr_db = c).await;
     allow_all(&db, &mut server, &["issue", "comment"]).await;
@@ -232,10 +232,9 @@ impl ManyProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_real_clients_at_once() {
     let db = test_db().await;
+    db.exec(ISSUE_TABLES).await;
     db.exec(
-        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
-         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
-         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL);
+        "INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL);
          INSERT INTO comment VALUES ('c1', 'i1', 'hello');",
     )
     .await;

@@ -5,6 +5,7 @@ use axum::routing::post;
 use serde_json::{Value as Json, json};
 
 use crate::support::test_db;
+use crate::sync_e2e::ISSUE_TABLES;
 use crate::sync_util::{
     ADMIN_PASSWORD, Client, ConnectOpts, allow_all, connect, connect_idle, init, serve_api,
     start_server_with,
@@ -36,6 +37,16 @@ async fn ask(c: &mut Client, id: &str, body: Json) -> Json {
             "unexpected {m}"
         );
     }
+}
+
+/// Authenticates the client's group with the admin password; returns the reply's body.
+async fn login(c: &mut Client, id: &str) -> Json {
+    ask(
+        c,
+        id,
+        json!({"op": "authenticate", "value": ADMIN_PASSWORD}),
+    )
+    .await
 }
 
 /// Total weight of a t-digest in Zero's wire form (`[compression, mean, weight, ...]`).
@@ -79,12 +90,7 @@ async fn inspector_needs_the_admin_password_and_reports_queries_metrics_and_vers
     );
     let r = ask(&mut c, "v0", json!({"op": "version"})).await;
     assert_eq!(r["op"], "authenticated");
-    let r = ask(
-        &mut c,
-        "a2",
-        json!({"op": "authenticate", "value": ADMIN_PASSWORD}),
-    )
-    .await;
+    let r = login(&mut c, "a2").await;
     assert_eq!(r["value"], true, "{r}");
 
     let r = ask(&mut c, "v1", json!({"op": "version"})).await;
@@ -168,12 +174,7 @@ async fn inspector_needs_the_admin_password_and_reports_queries_metrics_and_vers
         (json!("authenticated"), json!(false))
     );
     // Metrics are the group's own, as zero-cache keeps them per view-syncer.
-    let r = ask(
-        &mut other,
-        "o2",
-        json!({"op": "authenticate", "value": ADMIN_PASSWORD}),
-    )
-    .await;
+    let r = login(&mut other, "o2").await;
     assert_eq!(r["value"], true);
     let r = ask(&mut other, "o3", json!({"op": "metrics"})).await;
     assert_eq!(
@@ -213,12 +214,7 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
     })
     .await;
     let mut c = connect_idle(server.addr, "c1", "g1", issue_schema()).await;
-    let r = ask(
-        &mut c,
-        "a",
-        json!({"op": "authenticate", "value": ADMIN_PASSWORD}),
-    )
-    .await;
+    let r = login(&mut c, "a").await;
     assert_eq!(r["value"], true);
     let by_id = json!({"table": "issue", "where": {"type": "simple", "op": "=",
         "left": {"type": "column", "name": "id"}, "right": {"type": "literal", "value": "b"}},
@@ -348,10 +344,9 @@ async fn analyze_query_hydrates_legacy_queries_with_permissions_and_custom_ones_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_clients_inspector_works_against_this_server() {
     let db = test_db().await;
+    db.exec(ISSUE_TABLES).await;
     db.exec(
-        "CREATE TABLE issue (id text PRIMARY KEY, title text NOT NULL, open bool NOT NULL, n int4, meta jsonb);
-         CREATE TABLE comment (id text PRIMARY KEY, \"issueID\" text NOT NULL, body text NOT NULL);
-         INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL),
+        "INSERT INTO issue VALUES ('i1', 'one', true, 1, NULL), ('i2', 'two', false, 2, NULL),
                                   ('i3', 'three', true, 3, NULL);
          INSERT INTO comment VALUES ('c1', 'i1', 'hello'), ('c2', 'i3', 'world');",
     )
